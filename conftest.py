@@ -1,0 +1,27 @@
+"""Repo-root pytest set-up: choose Numba's CUDA simulator before anything imports numba.
+
+Tests run the ``cuda`` backend in the simulator unless the caller chose (``NUMBA_ENABLE_CUDASIM``
+set) or asked for the GPU tests (``pytest -m gpu``, as ``../shared/gpu/run.sh`` does), in which
+case kvlab.backends decides from the driver. Tests marked ``gpu`` are skipped without a real GPU.
+"""
+import os
+
+import pytest
+
+
+def pytest_configure(config):
+    markexpr = config.option.markexpr or ""
+    wants_gpu = "gpu" in markexpr and "not gpu" not in markexpr
+    if "NUMBA_ENABLE_CUDASIM" not in os.environ and not wants_gpu:
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    from kvlab.backends import cuda_mode
+
+    if cuda_mode() == "gpu":
+        return
+    skip = pytest.mark.skip(reason="needs a real CUDA GPU (this run uses the simulator)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

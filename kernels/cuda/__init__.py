@@ -1,0 +1,85 @@
+"""Numba CUDA kernels, one module per stage, each mirroring ``kvlab.ref.<stage>``.
+
+Runs on a real GPU when the driver reports one, else in Numba's CUDA simulator: the choice is made
+by :func:`kvlab.backends.cuda_mode` *before* numba is imported here.
+
+Every kernel is declared with :func:`kernel`, which is ``numba.cuda.jit`` plus a record of the
+argument types the kernel is compiled for. The simulator runs any Python, so the test suite also
+compiles every recorded kernel to PTX for real (``kvlab.kernels.cuda.ptx``) — no GPU needed.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from kvlab.backends import cuda_mode
+
+MODE = cuda_mode()  # must run before the first `import numba`
+
+from numba import cuda  # noqa: E402  (after the simulator decision, on purpose)
+
+DESCRIPTION = "Numba CUDA simulator" if MODE == "simulator" else "Numba CUDA on a GPU"
+
+
+@dataclass(frozen=True)
+class RegisteredKernel:
+    """A kernel's Python source function and the signatures the PTX-compile test builds."""
+
+    name: str
+    py_func: Callable
+    signatures: tuple[str, ...]
+
+
+REGISTRY: list[RegisteredKernel] = []
+
+
+def kernel(*signatures: str) -> Callable:
+    """Decorator: ``cuda.jit`` the function (lazily, any types) and register ``signatures``.
+
+    Signatures are Numba type strings such as ``"void(float16[:, :, :, ::1], int32[::1])"``;
+    give one per dtype combination the launch wrapper can pass.
+    """
+    if not signatures:
+        raise ValueError("kernel() needs at least one signature for the PTX-compile test")
+
+    def register(func: Callable) -> Any:
+        REGISTRY.append(RegisteredKernel(f"{func.__module__}.{func.__name__}", func, signatures))
+        return cuda.jit(func)
+
+    return register
+
+
+def load_all_stages() -> list[str]:
+    """Import every stage module in this package (so REGISTRY is complete); return their names."""
+    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    stages = [n for n in names if n != "ptx"]
+    for stage in stages:
+        importlib.import_module(f"{__name__}.{stage}")
+    return stages
+
+
+def check_available() -> None:
+    """Raise a clear error when this process was set up for a GPU that is not there."""
+    if MODE == "gpu" and not cuda.is_available():
+        raise RuntimeError(
+            "numba was imported with NUMBA_ENABLE_CUDASIM=0 but finds no usable GPU; restart and "
+            "let kvlab.backends.cuda_mode() choose (or set NUMBA_ENABLE_CUDASIM=1)"
+        )
+
+
+def asarray(array: Any, device: str | None = None) -> Any:
+    """Copy a NumPy array to the device (dtype and shape kept)."""
+    return cuda.to_device(np.ascontiguousarray(array))
+
+
+def to_numpy(array: Any) -> np.ndarray:
+    """Copy a device array back to the host."""
+    return array.copy_to_host()
+
+
+def synchronize(device: str | None = None) -> None:
+    cuda.synchronize()

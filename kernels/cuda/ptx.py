@@ -1,0 +1,42 @@
+"""Compile every registered CUDA kernel to PTX with NVRTC — a real compile, no GPU needed.
+
+The simulator runs any Python (even lists inside a kernel), so passing it proves little about the
+real compiler. Run as ``NUMBA_ENABLE_CUDASIM=0 python -m kvlab.kernels.cuda.ptx [--cc 9.0]``; it
+prints one JSON line ``{"kernel name": ptx_bytes, ...}`` and exits non-zero on the first failure.
+(``numba.cuda.compile_ptx`` does not exist in the simulator, hence a process of its own.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, int]:
+    """Compile each (kernel, signature) pair; return ``{"module.kernel[i]": len(ptx)}``."""
+    from kvlab.kernels import cuda as kcuda
+
+    if kcuda.MODE != "gpu":
+        raise RuntimeError("PTX compilation needs NUMBA_ENABLE_CUDASIM=0 (no GPU is needed)")
+    from numba.cuda import compile_ptx
+
+    kcuda.load_all_stages()
+    sizes = {}
+    for entry in kcuda.REGISTRY:
+        for i, signature in enumerate(entry.signatures):
+            ptx, _ = compile_ptx(entry.py_func, signature, cc=cc)
+            sizes[f"{entry.name}[{i}]"] = len(ptx)
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cc", default="9.0", help="compute capability, e.g. 8.0 or 9.0")
+    args = parser.parse_args(argv)
+    major, minor = (int(p) for p in args.cc.split("."))
+    print(json.dumps(compile_all((major, minor))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
