@@ -1,0 +1,273 @@
+"""Argument checks that every backend's ops call first, so each error reads the same everywhere.
+
+The three backends take different arrays (``numpy.ndarray``, Numba device arrays, ``torch.Tensor``),
+so the checks are duck-typed: they read only ``.shape``, ``.dtype`` and, for index arrays, the
+values themselves. This module imports NumPy alone (never numba or torch), like ``kvlab.ref``.
+
+Every check runs before an op writes anything: an op that raises leaves every array as it was.
+A wrong dtype, or something that is not an array or an int, raises ``TypeError``; a wrong shape or
+an out-of-range value raises ``ValueError``. Each message names the argument and what was expected.
+"""
+from __future__ import annotations
+
+from numbers import Integral
+from typing import Any, Sequence
+
+import numpy as np
+
+# Pools hold fp16 (the seed engine's KvFp16) or fp32 (handy for teaching). Quantised (int8) pools
+# belong to a later stage, whose ops bring checks of their own.
+POOL_DTYPES = ("float16", "float32")
+INDEX_DTYPE = "int32"  # block tables, slot mappings, positions, context lengths, block ids
+
+
+# --- one array at a time ---------------------------------------------------------------------
+
+def dtype_name(x: Any) -> str:
+    """The NumPy name of an array's dtype, or of a dtype: ``"float16"`` for ``np.float16``,
+    ``np.dtype("float16")``, ``torch.float16`` or any array holding float16."""
+    dtype = x.dtype if hasattr(x, "shape") else x  # an array carries a dtype; a dtype is itself
+    text = str(dtype)
+    if text.startswith("torch."):  # torch.float16 prints as "torch.float16"
+        return text[len("torch."):]
+    return np.dtype(dtype).name
+
+
+def shape_of(x: Any) -> list[int]:
+    """An array's shape as a plain list of ints (``torch.Size`` and tuples alike), for messages."""
+    return [int(n) for n in x.shape]
+
+
+def check_array(name: str, x: Any, dims: Sequence[str], shape: Sequence[int | None] | None = None,
+                dtypes: Sequence[str] | None = None, matching: str = "") -> None:
+    """Check that ``x`` is an array with ``len(dims)`` axes, the given sizes and one of ``dtypes``.
+
+    name: the argument's name, as the caller wrote it (``"k"``).
+    dims: the axes' names, e.g. ``("T", "num_kv_heads", "head_dim")``: they give the number of axes
+        and the wording of the messages.
+    shape: the expected size of each axis, ``None`` where any size will do.
+    dtypes: the accepted dtype names (see :func:`dtype_name`).
+    matching: what the expectation comes from, e.g. ``"k_pool"``, added to the messages.
+
+    Raises TypeError (not an array, wrong dtype) or ValueError (wrong number of axes or sizes), e.g.
+    ``k must have shape [T, num_kv_heads, head_dim] = [5, 2, 64] matching k_pool, got [5, 2, 32]``.
+    """
+    why = f" matching {matching}" if matching else ""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(f"{name} must be an array (NumPy, Numba device or torch), "
+                        f"got {type(x).__name__}")
+    axes = f"[{', '.join(dims)}]"
+    if len(x.shape) != len(dims):
+        raise ValueError(f"{name} must be {len(dims)}-D {axes}, got shape {shape_of(x)}")
+    if shape is not None:
+        expected = [got if want is None else want for want, got in zip(shape, shape_of(x))]
+        if expected != shape_of(x):
+            raise ValueError(f"{name} must have shape {axes} = {expected}{why}, got {shape_of(x)}")
+    if dtypes is not None and dtype_name(x) not in dtypes:
+        raise TypeError(f"{name} must have dtype {' or '.join(dtypes)}{why}, got {dtype_name(x)}")
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """Check that ``value`` is a Python or NumPy integer (not a bool), ``>= minimum``; return it."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def is_c_contiguous(x: Any) -> bool:
+    """True when ``x``'s elements lie row-major with no gaps (torch's method, else NumPy's flags)."""
+    if hasattr(x, "is_contiguous"):
+        return bool(x.is_contiguous())
+    return bool(x.flags["C_CONTIGUOUS"])
+
+
+def host_ints(x: Any) -> np.ndarray:
+    """An index array's values on the host, as a NumPy int64 array (one copy from the device).
+
+    Index arrays (slots, block tables, lengths, block ids) are small: a few bytes per token or
+    block, against kilobytes of K and V per token. Reading them back before a launch is how every
+    backend guarantees that no kernel writes or reads outside a pool: a GPU does not bounds-check,
+    so an out-of-range slot would silently corrupt another block (or crash much later).
+    """
+    if hasattr(x, "copy_to_host"):  # a Numba device array (the simulator's FakeCUDAArray too)
+        x = x.copy_to_host()
+    elif hasattr(x, "detach"):  # a torch tensor, on any device
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.int64)
+
+
+def _name_values(values: np.ndarray, limit: int = 5) -> str:
+    """A few offending values for a message: ``[40, 41, 99]`` or ``[40, 41, 99, 100, 101, ...]``."""
+    shown = ", ".join(str(v) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+def _check_in_range(name: str, values: np.ndarray, stop: int, what: str) -> None:
+    """ValueError naming the values of ``name`` outside ``[0, stop)``."""
+    bad = values[(values < 0) | (values >= stop)]
+    if bad.size:
+        raise ValueError(f"{name} must be in [0, {stop}) ({what}), got {_name_values(bad)}")
+
+
+def _check_unique(name: str, values: np.ndarray, what: str) -> None:
+    """ValueError naming the values that appear more than once in ``values``."""
+    unique, counts = np.unique(values, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{name} must not repeat ({what}), got duplicates "
+                         f"{_name_values(unique[counts > 1])}")
+
+
+# --- the paging stage ------------------------------------------------------------------------
+
+POOL_DIMS = ("num_blocks", "block_size", "num_kv_heads", "head_dim")
+TOKEN_DIMS = ("T", "num_kv_heads", "head_dim")
+
+
+def check_pools(k_pool: Any, v_pool: Any) -> tuple[int, int, int, int]:
+    """Check a K/V pool pair; return its shape ``(num_blocks, block_size, num_kv_heads, head_dim)``.
+
+    Both pools must be C-contiguous: every backend addresses a slot as a row of the pool seen as
+    ``[num_blocks * block_size, num_kv_heads, head_dim]``, a view that only exists without gaps.
+    """
+    check_array("k_pool", k_pool, POOL_DIMS, dtypes=POOL_DTYPES)
+    check_array("v_pool", v_pool, POOL_DIMS, shape=k_pool.shape, dtypes=[dtype_name(k_pool)],
+                matching="k_pool")
+    for name, pool in (("k_pool", k_pool), ("v_pool", v_pool)):
+        if not is_c_contiguous(pool):
+            raise ValueError(f"{name} must be C-contiguous (a slot is a row of the flattened "
+                             f"pool); pass a contiguous copy")
+    num_blocks, block_size, num_kv_heads, head_dim = shape_of(k_pool)
+    return num_blocks, block_size, num_kv_heads, head_dim
+
+
+def check_block_table(block_table: Any) -> None:
+    """A block table is int32 ``[max_blocks]`` (one sequence) or ``[num_seqs, max_blocks]``."""
+    ndim = len(block_table.shape) if hasattr(block_table, "shape") else None
+    if ndim not in (None, 1, 2):
+        raise ValueError(f"block_table must be 1-D [max_blocks] or 2-D [num_seqs, max_blocks], "
+                         f"got shape {shape_of(block_table)}")
+    dims = ("num_seqs", "max_blocks") if ndim == 2 else ("max_blocks",)
+    check_array("block_table", block_table, dims, dtypes=[INDEX_DTYPE])
+
+
+def table_shape(block_table: Any) -> tuple[int, int]:
+    """``(num_seqs, max_blocks)`` of a block table; a 1-D table is a table of one row. Every
+    backend reshapes a 1-D table to this, so one code path serves one sequence and a batch."""
+    if len(block_table.shape) == 1:
+        return 1, int(block_table.shape[0])
+    num_seqs, max_blocks = shape_of(block_table)
+    return num_seqs, max_blocks
+
+
+def check_slot_mapping(block_table: Any, positions: Any, block_size: Any,
+                       seq_ids: Any = None) -> None:
+    """Checks for ``slot_mapping(block_table, positions, block_size, seq_ids=None)``.
+
+    A negative position is padding (its slot is -1) and its seq_id is not read. Every other token
+    needs a table row (``0 <= seq_id < num_seqs``), a column (``pos // block_size < max_blocks``)
+    and a block there (entry ``>= 0``): the table must reach the position.
+    """
+    check_block_table(block_table)
+    check_array("positions", positions, ("T",), dtypes=[INDEX_DTYPE])
+    block_size = check_int("block_size", block_size, minimum=1)
+    num_tokens = shape_of(positions)[0]
+    batched = len(block_table.shape) == 2
+    if batched and seq_ids is None:
+        raise ValueError("seq_ids (int32 [T]) is required when block_table is 2-D "
+                         "[num_seqs, max_blocks]: it names each token's row")
+    if not batched and seq_ids is not None:
+        raise ValueError("seq_ids must be None when block_table is 1-D (one sequence)")
+
+    num_seqs, max_blocks = table_shape(block_table)
+    table = host_ints(block_table).reshape(num_seqs, max_blocks)
+    pos = host_ints(positions)
+    real = pos >= 0
+    rows = np.zeros(num_tokens, dtype=np.int64)
+    if batched:
+        check_array("seq_ids", seq_ids, ("T",), shape=[num_tokens], dtypes=[INDEX_DTYPE],
+                    matching="positions")
+        rows = host_ints(seq_ids)
+        _check_in_range("seq_ids", rows[real], num_seqs, "rows of block_table")
+    columns = pos[real] // block_size
+    beyond = columns >= max_blocks
+    if beyond.any():
+        raise ValueError(f"positions {_name_values(pos[real][beyond])} are beyond the block table: "
+                         f"{max_blocks} blocks of {block_size} hold positions < "
+                         f"{max_blocks * block_size}")
+    unassigned = table[rows[real], columns] < 0
+    if unassigned.any():
+        raise ValueError(f"positions {_name_values(pos[real][unassigned])} fall in block_table "
+                         f"entries that are -1 (no block allocated there yet)")
+
+
+def check_write_kv(k: Any, v: Any, k_pool: Any, v_pool: Any, slots: Any) -> None:
+    """Checks for ``write_kv(k, v, k_pool, v_pool, slots)``.
+
+    k, v: ``[T, num_kv_heads, head_dim]`` in the pool's dtype; slots: int32 ``[T]``, each
+    ``< num_blocks * block_size``; negative slots are skipped, the others must not repeat (two
+    tokens in one slot would race on a GPU: which one lands is undefined).
+    """
+    num_blocks, block_size, num_kv_heads, head_dim = check_pools(k_pool, v_pool)
+    pool_dtype = [dtype_name(k_pool)]
+    check_array("k", k, TOKEN_DIMS, shape=[None, num_kv_heads, head_dim], dtypes=pool_dtype,
+                matching="k_pool")
+    check_array("v", v, TOKEN_DIMS, shape=shape_of(k), dtypes=pool_dtype, matching="k")
+    check_array("slots", slots, ("T",), dtypes=[INDEX_DTYPE])
+    check_array("slots", slots, ("T",), shape=shape_of(k)[:1], matching="k")
+    written = host_ints(slots)
+    written = written[written >= 0]
+    _check_in_range("slots", written, num_blocks * block_size,
+                    f"{num_blocks} blocks of {block_size} slots; negative = skip")
+    _check_unique("slots", written, "each slot holds one token")
+
+
+def check_gather_kv(k_pool: Any, v_pool: Any, block_table: Any, context_len: Any) -> np.ndarray:
+    """Checks for ``gather_kv(k_pool, v_pool, block_table, context_len)``; returns the context
+    lengths on the host as int64 ``[num_seqs]`` (``[context_len]`` for one sequence).
+
+    One sequence: block_table int32 ``[max_blocks]`` and an int context_len. A batch: block_table
+    int32 ``[num_seqs, max_blocks]`` and context_len int32 ``[num_seqs]``. Every block a sequence
+    reads (the first ``ceil(context_len / block_size)`` entries of its row) must be a block of the
+    pool; entries after them may be -1.
+    """
+    num_blocks, block_size, _, _ = check_pools(k_pool, v_pool)
+    check_block_table(block_table)
+    if len(block_table.shape) == 1:
+        context_lens = np.array([check_int("context_len", context_len, minimum=0)])
+    else:
+        if not hasattr(context_len, "shape"):
+            raise TypeError(f"context_len must be an int32 array [num_seqs] when block_table is "
+                            f"2-D, got {type(context_len).__name__}")
+        check_array("context_len", context_len, ("num_seqs",), shape=shape_of(block_table)[:1],
+                    dtypes=[INDEX_DTYPE], matching="block_table")
+        context_lens = host_ints(context_len)
+    table = host_ints(block_table).reshape(table_shape(block_table))
+    capacity = table.shape[1] * block_size
+    for seq, length in enumerate(context_lens):
+        where = "context_len" if len(block_table.shape) == 1 else f"context_len[{seq}]"
+        if not 0 <= length <= capacity:
+            raise ValueError(f"{where} must be in [0, {capacity}] ({table.shape[1]} blocks of "
+                             f"{block_size} in the block table), got {length}")
+        blocks_read = -(-length // block_size)  # ceil: a partly filled last block is read too
+        _check_in_range(f"block_table entries read by {where}={length}",
+                        table[seq, :blocks_read], num_blocks, "blocks of the pool")
+    return context_lens
+
+
+def check_copy_blocks(k_pool: Any, v_pool: Any, src: Any, dst: Any) -> None:
+    """Checks for ``copy_blocks(k_pool, v_pool, src, dst)``: src, dst int32 ``[N]`` block ids in
+    range; dst unique (one source per block) and disjoint from src (so the copies may run in any
+    order, all at once, and read no block that is being written)."""
+    num_blocks, _, _, _ = check_pools(k_pool, v_pool)
+    check_array("src", src, ("N",), dtypes=[INDEX_DTYPE])
+    check_array("dst", dst, ("N",), shape=shape_of(src), dtypes=[INDEX_DTYPE], matching="src")
+    sources, targets = host_ints(src), host_ints(dst)
+    _check_in_range("src", sources, num_blocks, "blocks of the pool")
+    _check_in_range("dst", targets, num_blocks, "blocks of the pool")
+    _check_unique("dst", targets, "each block is written once")
+    overlap = np.intersect1d(sources, targets)
+    if overlap.size:
+        raise ValueError(f"dst must not share blocks with src (a copy would read a block another "
+                         f"copy writes), got {_name_values(overlap)} in both")
