@@ -76,6 +76,20 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an int when it is a Python/NumPy integer (not a bool) > 0, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def non_negative_int(name: str, value: Any) -> int:
+    """``value`` as an int when it is a Python/NumPy integer (not a bool) >= 0, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
 def is_c_contiguous(x: Any) -> bool:
     """True when ``x``'s elements lie row-major with no gaps (torch's method, else NumPy's flags)."""
     if hasattr(x, "is_contiguous"):

@@ -13,21 +13,16 @@ has 8 KV heads, so at TP 16 every head is stored twice.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from numbers import Real
 from typing import Sequence
 
+from kvlab.checks import positive_int
 from kvlab.dtypes import KvDtype, get_dtype
 from kvlab.shapes import ModelShape, get_model
 
 GIB = 1024**3
 
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _as_model(model: ModelShape | str) -> ModelShape:
@@ -44,7 +39,7 @@ def kv_heads_per_rank(model: ModelShape | str, tp: int = 1) -> int:
     Raises ValueError when the heads cannot be split evenly (tp must divide num_kv_heads, or be a
     multiple of it).
     """
-    model, tp = _as_model(model), _positive_int("tp", tp)
+    model, tp = _as_model(model), positive_int("tp", tp)
     heads = model.num_kv_heads
     if tp <= heads:
         if heads % tp:
@@ -93,8 +88,8 @@ def kv_bytes_for_sequence(
     (and, paged, only the blocks those touch: an engine frees blocks that slide out of the window).
     With ``block_size > 1`` each layer holds whole blocks of ``block_size`` token slots.
     """
-    model, seq_len = _as_model(model), _positive_int("seq_len", seq_len)
-    block_size = _positive_int("block_size", block_size)
+    model, seq_len = _as_model(model), positive_int("seq_len", seq_len)
+    block_size = positive_int("block_size", block_size)
     per_layer = bytes_per_token_per_layer(model, dtype, tp)
     num_full = model.num_layers - model.num_sliding_layers
     full = _slots_held(seq_len, 0, block_size)
@@ -123,7 +118,7 @@ def tokens_that_fit(
         raise ValueError(f"memory_bytes must be a positive number, got {memory_bytes!r}")
     if not 0 < utilization <= 1:
         raise ValueError(f"utilization must be in (0, 1], got {utilization!r}")
-    budget = memory_bytes * utilization - model.weight_bytes / _positive_int("tp", tp)
+    budget = memory_bytes * utilization - model.weight_bytes / positive_int("tp", tp)
     return max(0, int(budget // bytes_per_token(model, dtype, tp)))
 
 
@@ -154,13 +149,13 @@ def reservation(
 ) -> Reservation:
     """Compare max-length contiguous reservation with paging for a batch of ``seq_lens``."""
     model = _as_model(model)
-    max_len = _positive_int("max_len", max_len)
+    max_len = positive_int("max_len", max_len)
     if max_len > model.max_positions:
         raise ValueError(f"max_len {max_len} exceeds {model.name}'s max_positions {model.max_positions}")
     if len(seq_lens) == 0:
         raise ValueError("seq_lens must name at least one sequence")
     for n in seq_lens:
-        if _positive_int("every seq_len", n) > max_len:
+        if positive_int("every seq_len", n) > max_len:
             raise ValueError(f"seq_len {n} exceeds max_len {max_len}")
     per_seq = lambda n, bs=1: kv_bytes_for_sequence(model, dtype, n, tp, bs)  # noqa: E731
     return Reservation(
