@@ -188,3 +188,212 @@ def test_tokens_that_fit_rejects_bad_memory():
 def test_import_kvlab_does_not_import_matplotlib():
     code = "import sys, kvlab; assert 'matplotlib' not in sys.modules, 'kvlab imported matplotlib'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- stage 01: paging figures ----------------------------------------------------------------
+
+def _gid_patches(ax, gid):
+    return [p for p in ax.patches if p.get_gid() == gid]
+
+
+def _texts(ax):
+    return [t.get_text() for t in ax.texts]
+
+
+def test_block_table_blocks_fill_sharing_and_arrows():
+    # seq 0: 20 tokens in blocks 3, 1; seq 1: 5 tokens in block 0; seq 2: 40 tokens in 3, 5, 6
+    ax = kplot.plot_block_table([[3, 1, -1], [0, -1, -1], [3, 5, 6]], [20, 5, 40], 8, 16)
+    assert isinstance(ax, Axes)
+    assert len(_gid_patches(ax, "physical-block")) == 8
+    assert len(_gid_patches(ax, "logical-block")) == 2 + 1 + 3
+    assert len(_gid_patches(ax, "mapping-arrow")) == 6  # small pool: one column, arrows
+    fills = _gid_patches(ax, "fill")
+    assert len(fills) == 5  # blocks 0, 1, 3, 5, 6 hold tokens
+    assert sum(1 for p in fills if p.get_hatch()) == 1  # block 3 is shared
+    texts = _texts(ax)
+    for note in ("4/16", "5/16", "16/16 s0+s2", "8/16", "→#3", "→#6"):
+        assert note in texts, note
+    assert texts.count("free") == 3  # blocks 2, 4, 7
+    legend = _legend_texts(ax)
+    assert legend[:3] == ["seq 0 (20 tokens)", "seq 1 (5 tokens)", "seq 2 (40 tokens)"]
+    assert "shared block" in legend and "free" in legend
+    # a partial block's fill bar is proportional to its tokens; a free block has none
+    widths = sorted(p.get_width() for p in fills)
+    full = max(widths)
+    assert widths[0] == pytest.approx(full * 4 / 16)
+
+
+def test_block_table_large_pool_grid_without_arrows_and_given_axes():
+    fig, ax = plt.subplots()
+    tables = [[i * 3, i * 3 + 1, i * 3 + 2] for i in range(6)]
+    out = kplot.plot_block_table(tables, [40, 33, 17, 48, 5, 0], 24, 16, ax=ax,
+                                 seq_labels=list("abcdef"))
+    assert out is ax
+    assert len(_gid_patches(ax, "physical-block")) == 24
+    assert len(_gid_patches(ax, "mapping-arrow")) == 0
+    assert len(_gid_patches(ax, "logical-block")) == 3 + 3 + 2 + 3 + 1 + 0
+    assert "(no tokens)" in _texts(ax)
+    assert _legend_texts(ax)[0] == "a (40 tokens)"
+    ax2 = kplot.plot_block_table(tables, [40, 33, 17, 48, 5, 0], 24, 16, ncols=1, arrows=True)
+    assert len(_gid_patches(ax2, "mapping-arrow")) == 12
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    (([[3, 1]], [20], 3, 16), {}, "out of range"),
+    (([[3, -1]], [20], 8, 16), {}, "block ids >= 0"),
+    (([[3, 3]], [20], 8, 16), {}, "twice"),
+    (([[3, 1]], [20, 5], 8, 16), {}, "one per sequence"),
+    (([[3, 1]], [40], 8, 16), {}, "only 2 columns"),
+    (([[3, 1]], [20], 0, 16), {}, "num_blocks"),
+    (([[3, 1]], [20], 8, 0), {}, "block_size"),
+    ((np.zeros((0, 2), int), [], 8, 16), {}, "empty"),
+    (([[3, 1]], [20], 8, 16), {"seq_labels": ["a", "b"]}, "seq_labels"),
+    (([[3, 1]], [20], 8, 16), {"ax": "axes"}, "Axes"),
+])
+def test_block_table_rejects_bad_input(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kplot.plot_block_table(*args, **kwargs)
+
+
+@pytest.mark.parametrize("layout", ["nhd", "hnd", "vllm_k", "vllm_v"])
+def test_layout_addresses_image_is_byte_offsets(layout):
+    from kvlab.layouts import byte_offset
+
+    ax = kplot.plot_layout_addresses(2, 16, 4, layout)
+    assert isinstance(ax, Axes)
+    (image,) = ax.images
+    grid = np.asarray(image.get_array())
+    assert grid.shape == (4 * 2, 16)
+    for slot, head, dim in [(0, 0, 0), (3, 1, 15), (2, 0, 9), (1, 1, 7)]:
+        expected = byte_offset(layout, 0, slot, head, dim, (1, 4, 2, 16), 2)
+        assert grid[slot * 2 + head, dim] == expected
+    assert sorted(grid.ravel().tolist()) == list(range(0, 2 * 128, 2))  # a permutation
+    assert len(ax.texts) == 128  # annotated: small enough
+    assert _ytick_texts(ax)[:3] == ["t0 h0", "t0 h1", "t1 h0"]
+    assert ax.get_title()
+    assert len(ax.figure.axes) == 2  # the heatmap and its colorbar
+
+
+def test_layout_addresses_options():
+    ax = kplot.plot_layout_addresses(4, 128, 16, "vllm_k", itemsize=1, colorbar=False)
+    assert len(ax.texts) == 0  # 64 x 128 cells: too many numbers to print
+    assert len(ax.figure.axes) == 1
+    assert "x = 16" in ax.get_title()
+    assert np.asarray(ax.images[0].get_array()).max() == 64 * 128 - 1
+
+
+def test_all_layouts_side_by_side():
+    fig = kplot.plot_all_layouts(2, 16, 4)
+    heatmaps = [ax for ax in fig.axes if ax.images]
+    assert len(heatmaps) == 4 and len(fig.axes) == 5  # plus one shared colorbar
+    assert [ax.images[0].get_clim() for ax in heatmaps] == [(0, 254)] * 4
+    fig2 = kplot.plot_all_layouts(2, 8, 4, itemsize=4, layouts=("nhd", "vllm_k"))
+    assert len([ax for ax in fig2.axes if ax.images]) == 2
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: kplot.plot_layout_addresses(2, 16, 4, "paged"), "unknown layout"),
+    (lambda: kplot.plot_layout_addresses(2, 12, 4, "vllm_k"), "not divisible"),
+    (lambda: kplot.plot_layout_addresses(0, 16, 4, "nhd"), "num_kv_heads"),
+    (lambda: kplot.plot_layout_addresses(2, 16, 4, "vllm_k", itemsize=3), "divide 16"),
+    (lambda: kplot.plot_layout_addresses(2, 16, 4, "nhd", ax=1), "Axes"),
+    (lambda: kplot.plot_all_layouts(2, 16, 4, layouts=()), "empty"),
+    (lambda: kplot.plot_all_layouts(2, 16, 4, layouts=("nhd", "nhd")), "more than once"),
+])
+def test_layout_plots_reject_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_pool_occupancy_lines_per_policy():
+    reserved = [np.array([4, 8, 8, 4]) * 1024**2, np.array([2, 3, 5]) * 1024**2]
+    used = [np.array([1, 2, 3, 1]) * 1024**2, np.array([2, 3, 4]) * 1024**2]
+    ax = kplot.plot_pool_occupancy(None, reserved, used, labels=["contiguous-max", "paged-16"],
+                                   budget_bytes=10 * 1024**2)
+    assert isinstance(ax, Axes)
+    assert len(ax.lines) == 2 * 2 + 1  # reserved + used per policy, and the pool
+    np.testing.assert_array_equal(ax.lines[0].get_ydata(), [4, 8, 8, 4])  # MiB
+    np.testing.assert_array_equal(ax.lines[3].get_ydata(), [2, 3, 4])
+    assert ax.lines[0].get_color() == kplot.policy_color("contiguous-max")
+    assert "MiB" in ax.get_ylabel()
+    assert len(ax.collections) == 2  # the shaded waste of each policy
+    assert _legend_texts(ax) == ["contiguous-max", "paged-16", "reserved", "holding tokens",
+                                 "KV pool"]
+
+
+def test_pool_occupancy_from_a_simulation():
+    from kvlab.waste import Trace, simulate
+
+    trace = Trace.from_requests([(0, 3, 2), (0, 1, 3), (1, 2, 4)])
+    results = simulate(trace, ["contiguous-max", "paged-2"], budget_tokens=16, max_len=8,
+                       progress=False)
+    fig, ax = plt.subplots()
+    out = kplot.plot_pool_occupancy([np.arange(r.steps) for r in results.values()],
+                                    [r.reserved * 2048 for r in results.values()],
+                                    [r.used * 2048 for r in results.values()],
+                                    labels=list(results), ax=ax)
+    assert out is ax and len(ax.lines) == 4
+    assert "KiB" in ax.get_ylabel()
+    one = kplot.plot_pool_occupancy(np.arange(3), np.array([3.0, 4, 5]), np.array([1.0, 2, 3]))
+    assert len(one.lines) == 2 and _legend_texts(one)[0] == "policy 0"
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((None, [np.ones(3)], [np.ones(3), np.ones(3)]), {}, "one of each per policy"),
+    ((np.arange(4), [np.ones(3)], [np.ones(3)]), {}, "one entry per step"),
+    ((None, [np.ones(3)], [np.full(3, 2.0)]), {}, "exceeds reserved"),
+    ((None, [np.array([1.0, -1, 1])], [np.zeros(3)]), {}, ">= 0"),
+    ((None, [np.ones(3)], [np.ones(3)]), {"labels": ["a", "b"]}, "labels"),
+    ((None, [np.ones(3)], [np.ones(3)]), {"budget_bytes": 0}, "budget_bytes"),
+    ((None, "abc", [np.ones(3)]), {}, "1-D array or a list"),
+    ((None, [np.ones(0)], [np.ones(0)]), {}, "non-empty"),
+])
+def test_pool_occupancy_rejects_bad_input(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kplot.plot_pool_occupancy(*args, **kwargs)
+
+
+def test_waste_summary_bars_and_reference_ranges():
+    results = {"contiguous-max": 0.252, "contiguous-oracle": 0.597, "paged-16": 0.986}
+    ax = kplot.plot_waste_summary(results)
+    assert isinstance(ax, Axes)
+    (bars,) = _bars(ax)
+    assert [p.get_width() for p in bars] == pytest.approx([25.2, 59.7, 98.6])
+    assert _ytick_texts(ax) == list(results)
+    assert _bar_label_texts(ax) == ["25.2%", "59.7%", "98.6%"]
+    paged_16 = matplotlib.colors.to_rgba(kplot.policy_color("paged-16"))
+    assert bars.patches[2].get_facecolor() == paged_16
+    spans = [p for p in ax.patches if p not in bars.patches]
+    assert len(spans) == 2  # 20.4–38.2% and 96–100%
+    xs = sorted((round(s.get_x(), 1), round(s.get_x() + s.get_width(), 1)) for s in spans)
+    assert xs == [(20.4, 38.2), (96.0, 100.0)]
+    legend = _legend_texts(ax)
+    assert "20.4–38.2%" in legend[0] and "< 4%" in legend[1]
+
+
+def test_waste_summary_pairs_without_reference():
+    fig, ax = plt.subplots()
+    out = kplot.plot_waste_summary([("a", 0.5), ("b", 1.0)], ax=ax, reference=False)
+    assert out is ax
+    assert len(ax.patches) == 2 and ax.get_legend() is None
+
+
+@pytest.mark.parametrize("results, match", [
+    ({}, "empty"),
+    ({"a": 1.2}, r"\[0, 1\]"),
+    ({"a": -0.1}, r"\[0, 1\]"),
+    ({"a": float("nan")}, r"\[0, 1\]"),
+    ([("a", 0.5), ("a", 0.6)], "more than once"),
+    ({"a": "high"}, "fractions"),
+])
+def test_waste_summary_rejects_bad_input(results, match):
+    with pytest.raises(ValueError, match=match):
+        kplot.plot_waste_summary(results)
+
+
+def test_paging_figures_keep_global_state():
+    before = dict(matplotlib.rcParams)
+    kplot.plot_block_table([[0]], [3], 2, 4)
+    kplot.plot_all_layouts(1, 8, 2)
+    kplot.plot_waste_summary({"paged-16": 0.98})
+    assert dict(matplotlib.rcParams) == before
