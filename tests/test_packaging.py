@@ -43,6 +43,16 @@ def test_top_level_layout():
     assert "make test" in (ROOT / ".ci/run").read_text()
 
 
+def test_every_package_is_listed_in_pyproject():
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    found = {"kvlab._data"}
+    for top, name in (("kvlab", "kvlab"), ("kernels", "kvlab.kernels")):
+        for init in (ROOT / top).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / top).parts
+            found.add(".".join((name, *parts)))
+    assert listed == found
+
+
 def test_editable_install_maps_kernels_into_kvlab(tmp_path):
     where = _run("import kvlab.kernels, kvlab.kernels.cuda, kvlab._data as d; "
                  "print(kvlab.kernels.__file__); print(list(d.__path__)[0])", cwd=tmp_path)
@@ -69,7 +79,8 @@ def test_built_wheel_carries_kernels_and_data(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("kvlab-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("kvlab/__init__.py", "kvlab/kernels/__init__.py", "kvlab/kernels/cuda/__init__.py",
-                   "kvlab/kernels/mps/__init__.py", "kvlab/ref/__init__.py", "kvlab/_data/models.json"):
+                   "kvlab/kernels/mps/__init__.py", "kvlab/ref/__init__.py", "kvlab/plot/paging.py",
+                   "kvlab/_data/models.json", "kvlab/_data/trace_sharegpt.csv"):
         assert needed in names, needed
     assert not any(n.startswith(("kernels/", "data/", "tests/")) for n in names), "stray top level"
     target = tmp_path / "site"

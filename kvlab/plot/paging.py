@@ -1,334 +1,17 @@
-"""Every figure the kvlab notebooks draw lives here.
-
-The rules every function in this module keeps, so that the course's figures look alike and can be
-tested without a screen:
-
-- A function takes *data* (model names or :class:`~kvlab.shapes.ModelShape`, dtype names, plain
-  arrays of numbers), never a backend or a cache object, and computes nothing a notebook should
-  see being computed.
-- It draws on the Matplotlib ``Axes`` it is given (``ax=``), or on a new figure when ``ax`` is
-  ``None``, and returns that ``Axes`` (or the ``Figure`` when it draws several panels).
-- No global state: no ``rcParams`` or style changes, no ``plt.show()``. Colours come from the
-  constants below (the Okabe-Ito palette, readable with the common forms of colour blindness),
-  and a KV dtype keeps the same colour in every figure of the course.
-- Bad input raises ``ValueError`` with a message that names the problem.
-
-``import kvlab`` does not import Matplotlib; only ``import kvlab.plot`` does.
-"""
+"""Figures of notebooks/01_paging: the block table over the pool, where each layout puts each
+element, and how much of the KV memory a serving policy reserves holds real tokens (kvlab.waste)."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.container import BarContainer
 
-from kvlab.dtypes import KvDtype, get_dtype
-from kvlab.memory import GIB, bytes_per_token, tokens_that_fit
-from kvlab.shapes import ModelShape, get_model
-
-# Okabe & Ito (2008), "Color Universal Design": eight colours distinguishable by most readers.
-OKABE_ITO = {
-    "black": "#000000",
-    "orange": "#E69F00",
-    "sky_blue": "#56B4E9",
-    "bluish_green": "#009E73",
-    "yellow": "#F0E442",
-    "blue": "#0072B2",
-    "vermillion": "#D55E00",
-    "reddish_purple": "#CC79A7",
-}
-
-# One colour per KV dtype, the same in every figure (later stages register fp8 and int4).
-DTYPE_COLORS = {
-    "fp16": OKABE_ITO["blue"],
-    "int8": OKABE_ITO["orange"],
-    "fp8_e4m3": OKABE_ITO["bluish_green"],
-    "fp8_e5m2": OKABE_ITO["sky_blue"],
-    "int4": OKABE_ITO["reddish_purple"],
-}
-_SPARE_COLORS = (OKABE_ITO["vermillion"], OKABE_ITO["yellow"], OKABE_ITO["black"])
-
-# Roles that recur across figures.
-COLOR_WITHOUT_CACHE = OKABE_ITO["vermillion"]
-COLOR_WITH_CACHE = OKABE_ITO["bluish_green"]
-COLOR_REFERENCE = "#6E6E6E"  # grey: reference lines and "does not fit" notes
-
-
-def dtype_color(name: str, index: int = 0) -> str:
-    """The colour of KV dtype ``name``; an unlisted dtype gets a spare colour by ``index``."""
-    return DTYPE_COLORS.get(name, _SPARE_COLORS[index % len(_SPARE_COLORS)])
-
-
-# --- helpers ---------------------------------------------------------------------------------
-
-def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
-    if ax is not None:
-        if not isinstance(ax, Axes):
-            raise ValueError(f"ax must be a matplotlib Axes or None, got {type(ax).__name__}")
-        return ax
-    import matplotlib.pyplot as plt  # only when a new figure is needed: the caller picks the backend
-
-    _, new_ax = plt.subplots(figsize=figsize, layout="constrained")
-    return new_ax
-
-
-def _models(models: Iterable[str | ModelShape] | str | ModelShape) -> list[ModelShape]:
-    """Resolve names to shapes, reject empty / duplicate lists, and sort by parameter count."""
-    if isinstance(models, (str, ModelShape)):
-        models = [models]
-    resolved = []
-    for m in models:
-        if isinstance(m, ModelShape):
-            resolved.append(m)
-        elif isinstance(m, str):
-            resolved.append(get_model(m))  # ValueError listing the known models
-        else:
-            raise ValueError(f"a model must be a name or a ModelShape, got {type(m).__name__}")
-    if not resolved:
-        raise ValueError("models is empty: name at least one model (see kvlab.list_models())")
-    names = [m.name for m in resolved]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"models lists {', '.join(duplicates)} more than once")
-    return sorted(resolved, key=lambda m: (m.num_params, m.name))
-
-
-def _dtypes(dtypes: Iterable[str] | str) -> list[KvDtype]:
-    if isinstance(dtypes, str):
-        dtypes = [dtypes]
-    resolved = [get_dtype(d) for d in dtypes]  # ValueError listing the known dtypes
-    if not resolved:
-        raise ValueError("dtypes is empty: name at least one KV dtype (see kvlab.dtypes.list_dtypes())")
-    names = [d.name for d in resolved]
-    if len(set(names)) != len(names):
-        raise ValueError(f"dtypes lists a dtype more than once: {names}")
-    return resolved
-
-
-def _params(model: ModelShape) -> str:
-    """Parameter count for a label: ``8.2B``, ``596M``."""
-    n = model.num_params
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
-
-
-def _model_label(model: ModelShape) -> str:
-    return f"{model.name} ({_params(model)})"
-
-
-def _kib(n_bytes: float) -> str:
-    kib = n_bytes / 1024
-    return f"{kib:,.0f} KiB" if kib == round(kib) else f"{kib:,.1f} KiB"
-
-
-def _tokens(n: int) -> str:
-    """A token count for a label: ``413k``, ``2.28M``."""
-    if n >= 1_000_000:
-        return f"{n / 1e6:.2f}M"
-    if n >= 1_000:
-        return f"{n / 1e3:.0f}k"
-    return f"{n:d}"
-
-
-def _grouped_offsets(num_groups: int) -> tuple[np.ndarray, float]:
-    """Bar centre offsets within one row and the bar height, for ``num_groups`` bars per row."""
-    height = 0.8 / num_groups
-    return (np.arange(num_groups) - (num_groups - 1) / 2) * height, height
-
-
-def _legend_below(ax: Axes, **kwargs) -> None:
-    """A one-row legend under the x label, where it cannot cover a bar or a value label."""
-    handles, labels = ax.get_legend_handles_labels()
-    # bars (the data) first, reference lines after
-    order = sorted(range(len(handles)), key=lambda i: not isinstance(handles[i], BarContainer))
-    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper center",
-              bbox_to_anchor=(0.5, -0.1), ncols=len(handles), frameon=False, **kwargs)
-
-
-def _model_rows(ax: Axes, models: Sequence[ModelShape]) -> np.ndarray:
-    rows = np.arange(len(models))
-    ax.set_yticks(rows, labels=[_model_label(m) for m in models])
-    ax.set_ylim(len(models) - 0.5, -0.5)  # first (smallest) model on top
-    ax.tick_params(axis="y", length=0)
-    return rows
-
-
-# --- stage 00: the tour ----------------------------------------------------------------------
-
-def plot_bytes_per_token(
-    models: Iterable[str | ModelShape],
-    dtypes: Sequence[str] = ("fp16", "int8"),
-    ax: Axes | None = None,
-) -> Axes:
-    """Grouped horizontal bars: KV cache bytes one token costs (all layers, K and V), in KiB.
-
-    One row per model, sorted by parameter count (smallest on top), one bar per dtype, each bar
-    annotated with its value. Scales are included (int8 stores one fp16 scale per token and KV
-    head). Uses :func:`kvlab.memory.bytes_per_token` with ``tp=1``.
-
-    Returns the Axes; it holds ``len(models) * len(dtypes)`` bars, one ``BarContainer`` per dtype.
-    Raises ValueError for an empty model list, an unknown model or an unknown dtype.
-    """
-    shapes, kv_dtypes = _models(models), _dtypes(dtypes)
-    ax = _new_axes(ax, (8.0, 1.6 + 0.42 * len(shapes) * max(1, len(kv_dtypes) / 2)))
-    rows = _model_rows(ax, shapes)
-    offsets, height = _grouped_offsets(len(kv_dtypes))
-    largest = 0
-    for i, (dtype, offset) in enumerate(zip(kv_dtypes, offsets)):
-        values = np.array([bytes_per_token(m, dtype) for m in shapes])
-        largest = max(largest, int(values.max()))
-        bars = ax.barh(rows + offset, values / 1024, height=height, label=dtype.name,
-                       color=dtype_color(dtype.name, i))
-        ax.bar_label(bars, labels=[_kib(v) for v in values], padding=3, fontsize=8)
-    ax.set_xlim(0, largest / 1024 * 1.2)  # room for the value labels
-    ax.set_xlabel("KV cache per token, all layers, K + V (KiB)")
-    ax.set_title("Bytes one token costs in the KV cache")
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_axisbelow(True)
-    _legend_below(ax, title="KV dtype")
-    return ax
-
-
-def plot_tokens_that_fit(
-    models: Iterable[str | ModelShape],
-    dtypes: Sequence[str] = ("fp16", "int8"),
-    memory_gib: float = 80,
-    utilization: float = 0.9,
-    ax: Axes | None = None,
-    reference_tokens: int | None = 131_072,
-) -> Axes:
-    """Grouped horizontal bars (log x): tokens of KV cache that fit on one card after the weights.
-
-    ``tokens = (memory_gib GiB * utilization - weight bytes) // bytes_per_token``, as
-    :func:`kvlab.memory.tokens_that_fit` computes it. A model whose weights alone exceed the budget
-    gets no bars and a note "weights > memory" instead. ``reference_tokens`` draws a dashed line
-    (default: one 128K-token context); ``None`` leaves it out.
-
-    Returns the Axes; it holds one bar per (model whose weights fit, dtype), one ``BarContainer``
-    per dtype. Raises ValueError for an empty model list, an unknown model or dtype, or
-    non-positive memory.
-    """
-    shapes, kv_dtypes = _models(models), _dtypes(dtypes)
-    if isinstance(memory_gib, bool) or not isinstance(memory_gib, (int, float)) or memory_gib <= 0:
-        raise ValueError(f"memory_gib must be a positive number, got {memory_gib!r}")
-    memory_bytes = memory_gib * GIB
-    fits = {m.name: tokens_that_fit(m, "fp16", memory_bytes, utilization=utilization) > 0
-            for m in shapes}  # weights fit or not: the same for every dtype
-    ax = _new_axes(ax, (8.0, 1.6 + 0.42 * len(shapes) * max(1, len(kv_dtypes) / 2)))
-    rows = _model_rows(ax, shapes)
-    offsets, height = _grouped_offsets(len(kv_dtypes))
-    drawn = [r for r, m in zip(rows, shapes) if fits[m.name]]
-    counts: list[int] = []
-    for i, (dtype, offset) in enumerate(zip(kv_dtypes, offsets)):
-        values = [tokens_that_fit(m, dtype, memory_bytes, utilization=utilization)
-                  for m in shapes if fits[m.name]]
-        counts += values
-        bars = ax.barh(np.array(drawn, dtype=float) + offset, values, height=height,
-                       label=dtype.name, color=dtype_color(dtype.name, i))
-        ax.bar_label(bars, labels=[_tokens(v) for v in values], padding=3, fontsize=8)
-    ax.set_xscale("log")
-    low = 10 ** np.floor(np.log10(min(counts))) if counts else 1e3
-    high = max(counts) * 4 if counts else 1e7  # room for the value labels
-    if reference_tokens is not None:
-        high = max(high, reference_tokens * 4)
-    ax.set_xlim(low, high)
-    budget = memory_bytes * utilization
-    for row, m in zip(rows, shapes):
-        if not fits[m.name]:
-            ax.text(0.01, row, f"weights > memory ({m.weight_bytes / GIB:,.0f} GiB of "
-                    f"{m.weight_dtype} weights > {budget / GIB:,.0f} GiB usable)",
-                    transform=ax.get_yaxis_transform(), va="center", fontsize=8,
-                    color=COLOR_REFERENCE, style="italic", zorder=5,
-                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
-    if reference_tokens is not None:
-        ax.axvline(reference_tokens, color=COLOR_REFERENCE, linestyle="--", linewidth=1,
-                   label=f"one {reference_tokens:,}-token context")
-    ax.set_xlabel("tokens of KV cache that fit (log scale)")
-    ax.set_title(f"Tokens that fit on one {memory_gib:g} GiB card\n"
-                 f"({utilization:.0%} of memory usable, model weights taken first)")
-    ax.grid(axis="x", which="major", alpha=0.3)
-    ax.set_axisbelow(True)
-    _legend_below(ax, fontsize=9)
-    return ax
-
-
-def plot_decode_cost(
-    seq_lens: Sequence[int],
-    flops_without_cache: Sequence[float],
-    flops_with_cache: Sequence[float],
-    ax: Axes | None = None,
-) -> Axes:
-    """FLOPs to generate one token vs the tokens in context, with and without a KV cache (log y).
-
-    The three sequences have one entry per decode step: ``seq_lens[i]`` tokens in context (the
-    new one included), and the FLOPs that step cost each way. The ratio at the last step is
-    written on the figure.
-
-    Returns the Axes with exactly two lines (without cache, then with cache). Raises ValueError
-    when the sequences are empty, differ in length, or hold non-positive values.
-    """
-    lens = np.asarray(seq_lens, dtype=float)
-    without = np.asarray(flops_without_cache, dtype=float)
-    with_ = np.asarray(flops_with_cache, dtype=float)
-    for name, arr in (("seq_lens", lens), ("flops_without_cache", without),
-                      ("flops_with_cache", with_)):
-        if arr.ndim != 1 or arr.size == 0:
-            raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {arr.shape}")
-        if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-            raise ValueError(f"{name} must hold positive finite numbers (the y axis is log)")
-    if not lens.size == without.size == with_.size:
-        raise ValueError(
-            f"seq_lens, flops_without_cache and flops_with_cache must have one entry per step; "
-            f"got lengths {lens.size}, {without.size}, {with_.size}"
-        )
-    ax = _new_axes(ax, (7.0, 4.2))
-    marker = "o" if lens.size <= 32 else None
-    ax.plot(lens, without, color=COLOR_WITHOUT_CACHE, marker=marker, markersize=3,
-            label="without a KV cache: recompute the whole prefix")
-    ax.plot(lens, with_, color=COLOR_WITH_CACHE, marker=marker, markersize=3,
-            label="with a KV cache: only the new token's q, k, v")
-    ax.set_yscale("log")
-    ratio = without[-1] / with_[-1]
-    ax.annotate(f"{ratio:,.0f}× fewer FLOPs\nat {lens[-1]:,.0f} tokens",
-                xy=(lens[-1], np.sqrt(without[-1] * with_[-1])), xytext=(-6, 0),
-                textcoords="offset points", ha="right", va="center", fontsize=9)
-    ax.vlines(lens[-1], with_[-1], without[-1], color=COLOR_REFERENCE, linewidth=1,
-              linestyle=":")
-    ax.set_xlabel("tokens in context when the token is generated")
-    ax.set_ylabel("FLOPs per generated token (log scale)")
-    ax.set_title("Cost of one decode step, with and without a KV cache")
-    ax.grid(which="major", alpha=0.3)
-    ax.legend(loc="upper left", frameon=False, fontsize=9)
-    return ax
-
-
-__all__ = [
-    "COLOR_WITHOUT_CACHE", "COLOR_WITH_CACHE", "COLOR_REFERENCE", "DTYPE_COLORS", "OKABE_ITO",
-    "dtype_color", "plot_bytes_per_token", "plot_decode_cost", "plot_tokens_that_fit",
-]
-
-
-# --- stage 01: paging ------------------------------------------------------------------------
-# Figures for notebooks/01_paging: the block table, where a layout puts each element, and how
-# much of the KV memory a serving policy reserves holds real tokens (kvlab.waste).
-
-# One colour per sequence in a block-table figure (black is left out: text sits on these).
-SEQ_COLORS = (OKABE_ITO["blue"], OKABE_ITO["orange"], OKABE_ITO["bluish_green"],
-              OKABE_ITO["reddish_purple"], OKABE_ITO["sky_blue"], OKABE_ITO["vermillion"],
-              OKABE_ITO["yellow"])
-COLOR_FREE = "#DDDDDD"  # light grey: a free block
-
-# One colour per memory policy of kvlab.waste, the same in every waste figure.
-POLICY_COLORS = {
-    "contiguous-max": OKABE_ITO["vermillion"],
-    "contiguous-pow2": OKABE_ITO["orange"],
-    "contiguous-oracle": OKABE_ITO["reddish_purple"],
-    "paged-256": OKABE_ITO["sky_blue"],
-    "paged-16": OKABE_ITO["bluish_green"],
-    "paged-1": OKABE_ITO["blue"],
-    "paged-16-shared": OKABE_ITO["black"],
-}
-_POLICY_SPARE = (OKABE_ITO["yellow"], COLOR_REFERENCE, OKABE_ITO["black"])
+from kvlab.checks import positive_int
+from kvlab.plot.style import (
+    COLOR_FREE, COLOR_REFERENCE, OKABE_ITO, SEQ_COLORS, bytes_unit, new_axes, policy_color,
+    seq_color,
+)
 
 _LAYOUT_TITLES = {
     "nhd": "NHD (kvlab, FlashInfer)\n[block_size, heads, head_dim]",
@@ -336,29 +19,6 @@ _LAYOUT_TITLES = {
     "vllm_k": "vLLM key cache\n[heads, head_dim/x, block_size, x]",
     "vllm_v": "vLLM value cache\n[heads, head_dim, block_size]",
 }
-
-
-def seq_color(index: int) -> str:
-    """The colour of sequence ``index`` in a block-table figure (cycles after seven)."""
-    return SEQ_COLORS[index % len(SEQ_COLORS)]
-
-
-def policy_color(name: str, index: int = 0) -> str:
-    """The colour of a :mod:`kvlab.waste` policy; an unlisted one gets a spare by ``index``."""
-    return POLICY_COLORS.get(name, _POLICY_SPARE[index % len(_POLICY_SPARE)])
-
-
-def _bytes_unit(largest: float) -> tuple[float, str]:
-    for scale, unit in ((GIB, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
-        if largest >= scale:
-            return scale, unit
-    return 1, "B"
-
-
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def plot_block_table(
@@ -392,8 +52,8 @@ def plot_block_table(
 
     from kvlab.layouts import check_block_tables
 
-    num_blocks = _positive("num_blocks", num_blocks)
-    block_size = _positive("block_size", block_size)
+    num_blocks = positive_int("num_blocks", num_blocks)
+    block_size = positive_int("block_size", block_size)
     tables, lens = check_block_tables(block_tables, context_lens, block_size, num_blocks=num_blocks)
     num_seqs = lens.size
     if num_seqs == 0:
@@ -407,7 +67,7 @@ def plot_block_table(
     mappings = sum(used_blocks)
     if ncols is None:
         ncols = 1 if (num_blocks <= 16 and arrows is not False) else min(num_blocks, 8)
-    ncols = _positive("ncols", ncols)
+    ncols = positive_int("ncols", ncols)
     arrows = (ncols == 1 and mappings <= 48) if arrows is None else bool(arrows)
     nrows = -(-num_blocks // ncols)
 
@@ -431,7 +91,7 @@ def plot_block_table(
     top = max(height_pool, height_logical)
     y_pool = (top - height_pool) / 2                # centre the shorter part
     y_logical = (top - height_logical) / 2
-    ax = _new_axes(ax, (0.8 * (x0 + ncols * pw) + 1.2, 0.8 * top + 1.7))
+    ax = new_axes(ax, (0.8 * (x0 + ncols * pw) + 1.2, 0.8 * top + 1.7))
 
     def physical_xy(b: int) -> tuple[float, float]:  # top-left corner of block b
         return x0 + (b % ncols) * pw, top - y_pool - (b // ncols) * ph
@@ -552,12 +212,12 @@ def plot_layout_addresses(
     if not isinstance(layout, str) or layout.lower() not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known layouts: {', '.join(LAYOUTS)}")
     layout = layout.lower()
-    h, d, s = (_positive(n, v) for n, v in (("num_kv_heads", num_kv_heads),
+    h, d, s = (positive_int(n, v) for n, v in (("num_kv_heads", num_kv_heads),
                                              ("head_dim", head_dim), ("block_size", block_size)))
     grid = _address_grid(h, d, s, layout, itemsize)  # ValueError for itemsize / x problems
     rows, cols = grid.shape
     annotate = rows * cols <= 256 if annotate is None else bool(annotate)
-    ax = _new_axes(ax, (max(4.0, 0.36 * cols + 2.2), max(3.0, 0.3 * rows + 1.6)))
+    ax = new_axes(ax, (max(4.0, 0.36 * cols + 2.2), max(3.0, 0.3 * rows + 1.6)))
     image = ax.imshow(grid, cmap=cmap, aspect="auto", interpolation="nearest",
                       vmin=0, vmax=grid.max() if grid.max() > 0 else 1)
     if annotate:
@@ -710,8 +370,8 @@ def plot_pool_occupancy(
     from matplotlib.lines import Line2D
 
     largest = max(max(float(r.max()) for r in reserved), float(budget_bytes or 0), 1.0)
-    scale, unit = _bytes_unit(largest)
-    ax = _new_axes(ax, (8.0, 4.4))
+    scale, unit = bytes_unit(largest)
+    ax = new_axes(ax, (8.0, 4.4))
     handles = []
     for i, (x, r, u, label) in enumerate(zip(xs, reserved, used, labels)):
         color = policy_color(label, i)
@@ -770,7 +430,7 @@ def plot_waste_summary(
         raise ValueError(f"results lists a policy more than once: {names}")
     if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values > 1):
         raise ValueError(f"each result must be a fraction in [0, 1], got {values.tolist()}")
-    ax = _new_axes(ax, (8.0, 1.5 + 0.45 * len(items)))
+    ax = new_axes(ax, (8.0, 1.5 + 0.45 * len(items)))
     rows = np.arange(len(items))
     handles = []
     if reference:
@@ -802,9 +462,3 @@ def plot_waste_summary(
                   frameon=False, fontsize=8)
     return ax
 
-
-__all__ += [
-    "COLOR_FREE", "POLICY_COLORS", "SEQ_COLORS", "plot_all_layouts", "plot_block_table",
-    "plot_layout_addresses", "plot_pool_occupancy", "plot_waste_summary", "policy_color",
-    "seq_color",
-]

@@ -1,0 +1,35 @@
+"""Every figure the kvlab notebooks draw lives here, one module per stage.
+
+The rules every function in this module keeps, so that the course's figures look alike and can be
+tested without a screen:
+
+- A function takes *data* (model names or :class:`~kvlab.shapes.ModelShape`, dtype names, plain
+  arrays of numbers), never a backend or a cache object, and computes nothing a notebook should
+  see being computed.
+- It draws on the Matplotlib ``Axes`` it is given (``ax=``), or on a new figure when ``ax`` is
+  ``None``, and returns that ``Axes`` (or the ``Figure`` when it draws several panels).
+- No global state: no ``rcParams`` or style changes, no ``plt.show()``. Colours come from the
+  constants below (the Okabe-Ito palette, readable with the common forms of colour blindness),
+  and a KV dtype keeps the same colour in every figure of the course.
+- Bad input raises ``ValueError`` with a message that names the problem.
+
+``import kvlab`` does not import Matplotlib; only ``import kvlab.plot`` does. Modules:
+:mod:`~kvlab.plot.style` (palette and axes helpers), :mod:`~kvlab.plot.tour` (00),
+:mod:`~kvlab.plot.paging` (01); later stages add theirs and re-export them here.
+"""
+from kvlab.plot.paging import (
+    plot_all_layouts, plot_block_table, plot_layout_addresses, plot_pool_occupancy,
+    plot_waste_summary,
+)
+from kvlab.plot.style import (
+    COLOR_FREE, COLOR_REFERENCE, COLOR_WITH_CACHE, COLOR_WITHOUT_CACHE, DTYPE_COLORS, OKABE_ITO,
+    POLICY_COLORS, SEQ_COLORS, dtype_color, policy_color, seq_color,
+)
+from kvlab.plot.tour import plot_bytes_per_token, plot_decode_cost, plot_tokens_that_fit
+
+__all__ = [
+    "COLOR_FREE", "COLOR_REFERENCE", "COLOR_WITH_CACHE", "COLOR_WITHOUT_CACHE", "DTYPE_COLORS",
+    "OKABE_ITO", "POLICY_COLORS", "SEQ_COLORS", "dtype_color", "plot_all_layouts",
+    "plot_block_table", "plot_bytes_per_token", "plot_decode_cost", "plot_layout_addresses",
+    "plot_pool_occupancy", "plot_tokens_that_fit", "plot_waste_summary", "policy_color", "seq_color",
+]
