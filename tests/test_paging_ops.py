@@ -398,3 +398,44 @@ def test_pools_must_be_contiguous(backend, op):
     with pytest.raises(ValueError, match="k_pool must be C-contiguous"):
         getattr(backend.paging, op)(**moved)
     assert not backend.to_numpy(wide).any()
+
+
+# --- real sizes, real GPU (skipped without one; ../shared/gpu/run.sh runs them) ----------------
+
+@pytest.mark.gpu
+@pytest.mark.sanitize
+def test_cuda_paging_at_real_size_equals_numpy():
+    """A prefill-sized batch: 8 sequences x 512 tokens, 8 kv heads, head_dim 128, shuffled tables,
+    padding mixed in; write, gather and copy-on-write on the GPU equal NumPy bit for bit."""
+    cuda = get_backend("cuda")
+    num_seqs, seq_len, heads, head_dim = 8, 512, 8, 128
+    max_blocks = seq_len // BLOCK_SIZE
+    num_blocks = num_seqs * max_blocks + 16
+    k_pool, v_pool = random_pools(num_blocks, heads, head_dim)
+    tables = np.random.default_rng(3).permutation(num_blocks)[: num_seqs * max_blocks]
+    tables = tables.reshape(num_seqs, max_blocks).astype(np.int32)
+    positions = np.tile(np.arange(seq_len, dtype=np.int32), num_seqs)
+    seq_ids = np.repeat(np.arange(num_seqs, dtype=np.int32), seq_len)
+    positions[::97] = -1  # padding tokens scattered through the batch
+    k, v = random_tokens(len(positions), heads, head_dim)
+    lens = np.full(num_seqs, seq_len, dtype=np.int32)
+    free = np.setdiff1d(np.arange(num_blocks), tables).astype(np.int32)
+    src, dst = tables[0, : len(free)].copy(), free
+
+    slots = slot_mapping(tables, positions, BLOCK_SIZE, seq_ids)
+    write_kv(k, v, k_pool, v_pool, slots)
+    k_ref, v_ref = gather_kv(k_pool, v_pool, tables, lens)
+
+    k_pool_d, v_pool_d = (cuda.asarray(p) for p in random_pools(num_blocks, heads, head_dim))
+    slots_d = cuda.paging.slot_mapping(cuda.asarray(tables), cuda.asarray(positions), BLOCK_SIZE,
+                                       cuda.asarray(seq_ids))
+    assert_same_bits(cuda.to_numpy(slots_d), slots)
+    cuda.paging.write_kv(cuda.asarray(k), cuda.asarray(v), k_pool_d, v_pool_d, slots_d)
+    k_out, v_out = cuda.paging.gather_kv(k_pool_d, v_pool_d, cuda.asarray(tables), cuda.asarray(lens))
+    assert_same_bits(cuda.to_numpy(k_out), k_ref)
+    assert_same_bits(cuda.to_numpy(v_out), v_ref)
+
+    copy_blocks(k_pool, v_pool, src, dst)
+    cuda.paging.copy_blocks(k_pool_d, v_pool_d, cuda.asarray(src), cuda.asarray(dst))
+    assert_same_bits(cuda.to_numpy(k_pool_d), k_pool)
+    assert_same_bits(cuda.to_numpy(v_pool_d), v_pool)
