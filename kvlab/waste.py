@@ -689,12 +689,16 @@ def simulate(trace: Trace, policies: Iterable[str | Policy] = DEFAULT_POLICIES,
 
 
 def summary_table(results: Mapping[str, SimResult]) -> str:
-    """A fixed-width text table of each result's headline numbers (for a notebook or a CLI)."""
+    """A fixed-width text table of each result's headline numbers (for a notebook or a CLI).
+
+    "saturated" is the pool's use over the steps when requests were queued: n/a if none were."""
     lines = [f"{'policy':<18} {'of reserved':>11} {'of pool':>8} {'saturated':>9} {'steps':>7} "
              f"{'peak batch':>10} {'req/step':>8} {'preempt':>7}"]
     for r in results.values():
+        saturated = r.saturated_pool_utilization  # NaN when no request ever had to wait
+        saturated = "n/a" if math.isnan(saturated) else f"{saturated:.1%}"
         lines.append(f"{r.policy:<18} {r.utilization:>11.1%} {r.pool_utilization:>8.1%} "
-                     f"{r.saturated_pool_utilization:>9.1%} {r.steps:>7,} {r.peak_batch:>10} "
+                     f"{saturated:>9} {r.steps:>7,} {r.peak_batch:>10} "
                      f"{r.throughput:>8.4f} {r.preemptions:>7}")
     return "\n".join(lines)
 

@@ -380,8 +380,8 @@ def plot_pool_occupancy(
         ax.fill_between(x, u / scale, r / scale, color=color, alpha=0.12, step="post",
                         linewidth=0)
         handles.append(Line2D([], [], color=color, linewidth=2.5, label=label))
-    handles += [Line2D([], [], color="black", linewidth=1.4, label="reserved"),
-                Line2D([], [], color="black", linewidth=1.0, linestyle="--",
+    handles += [Line2D([], [], color=COLOR_REFERENCE, linewidth=1.4, label="reserved"),
+                Line2D([], [], color=COLOR_REFERENCE, linewidth=1.0, linestyle="--",
                        label="holding tokens")]
     if budget_bytes is not None:
         ax.axhline(budget_bytes / scale, color=COLOR_REFERENCE, linestyle=":", linewidth=1.2,
