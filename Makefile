@@ -10,14 +10,15 @@ STAMP  := $(VENV)/.kvlab-installed
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PYTEST_ARGS ?=
 
-.PHONY: setup lab test bench clean
+.PHONY: setup lab test clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "kvlab needs Python >= 3.11"'
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || \
-	  { echo "could not create $(VENV): on Debian, apt-get install python3-venv"; exit 1; }
+	@# A venv whose pip is missing (python3-venv absent when it was made) is remade, not reused.
+	@$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); } || \
+	  { rm -rf $(VENV); echo "could not create $(VENV): on Debian, apt-get install python3-venv"; exit 1; }
 	$(PY) -m pip install --quiet --disable-pip-version-check \
 	  --constraint requirements/lock.txt --editable '.[dev]'
 	@$(PY) -c 'import kvlab, kvlab.kernels; print("kvlab installed in $(VENV):", kvlab.__file__)'
@@ -28,9 +29,6 @@ lab: setup
 
 test: setup
 	$(PY) -m pytest --nbval-lax --nbval-current-env tests notebooks $(PYTEST_ARGS)
-
-bench: setup
-	$(PY) -m kvlab bench
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -19,6 +19,7 @@ import numpy as np
 # belong to a later stage, whose ops bring checks of their own.
 POOL_DTYPES = ("float16", "float32")
 INDEX_DTYPE = "int32"  # block tables, slot mappings, positions, context lengths, block ids
+MAX_SLOT = 2**31 - 1  # slots are int32: the largest slot id a pool may have
 
 
 # --- one array at a time ---------------------------------------------------------------------
@@ -153,6 +154,9 @@ def check_pools(k_pool: Any, v_pool: Any) -> tuple[int, int, int, int]:
             raise ValueError(f"{name} must be C-contiguous (a slot is a row of the flattened "
                              f"pool); pass a contiguous copy")
     num_blocks, block_size, num_kv_heads, head_dim = shape_of(k_pool)
+    if num_blocks * block_size > MAX_SLOT + 1:
+        raise ValueError(f"k_pool has {num_blocks} blocks x {block_size} slots, more than int32 "
+                         f"slot ids can address ({MAX_SLOT + 1})")
     return num_blocks, block_size, num_kv_heads, head_dim
 
 
@@ -210,10 +214,17 @@ def check_slot_mapping(block_table: Any, positions: Any, block_size: Any,
         raise ValueError(f"positions {_name_values(pos[real][beyond])} are beyond the block table: "
                          f"{max_blocks} blocks of {block_size} hold positions < "
                          f"{max_blocks * block_size}")
-    unassigned = table[rows[real], columns] < 0
+    entries = table[rows[real], columns]
+    unassigned = entries < 0
     if unassigned.any():
         raise ValueError(f"positions {_name_values(pos[real][unassigned])} fall in block_table "
                          f"entries that are -1 (no block allocated there yet)")
+    # Slots are int32: a block id whose slots pass 2**31 - 1 would wrap to a negative slot, which
+    # write_kv would then skip as padding. Refuse it here, where the block id is still visible.
+    too_big = entries > (MAX_SLOT + 1) // block_size - 1  # last slot of the block <= MAX_SLOT
+    if too_big.any():
+        raise ValueError(f"block_table entries {_name_values(np.unique(entries[too_big]))} times "
+                         f"block_size {block_size} overflow an int32 slot (max {MAX_SLOT})")
 
 
 def check_write_kv(k: Any, v: Any, k_pool: Any, v_pool: Any, slots: Any) -> None:

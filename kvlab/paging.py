@@ -286,6 +286,14 @@ class BlockAllocator:
         num_tokens = non_negative_int("num_tokens", num_tokens)
         num_new_tokens = non_negative_int("num_new_tokens", num_new_tokens)
         blocks = [self._check_block(b) for b in blocks]
+        # Checked before anything changes: a block the caller does not own, or lists twice, would
+        # otherwise surface half-way through the copy-on-writes below.
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"blocks lists a block more than once: {blocks}")
+        not_owned = [b for b in blocks if self._refs[b] == 0]
+        if not_owned:
+            raise ValueError(f"blocks {not_owned} are not allocated (ref 0): a sequence can only "
+                             f"grow into blocks it owns")
         if len(blocks) < blocks_needed(num_tokens, self.block_size):
             raise ValueError(f"{len(blocks)} block(s) cannot hold {num_tokens} tokens of "
                              f"{self.block_size} per block")

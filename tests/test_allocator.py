@@ -218,6 +218,21 @@ def test_grow_out_of_blocks_changes_nothing():
     assert alloc.snapshot() == before
 
 
+@pytest.mark.parametrize("blocks, match", [
+    ([0, 3], r"blocks \[3\] are not allocated"),  # 3 is free: growing into it would steal it
+    ([0, 1], r"blocks \[1\] are not allocated"),  # 1 is free too (and CoW would hand it out)
+    ([0, 0], "more than once"),
+])
+def test_grow_refuses_blocks_it_does_not_own_before_changing_anything(blocks, match):
+    alloc = BlockAllocator(4, block_size=4)
+    alloc.fork(alloc.allocate(1))  # block 0, ref 2: growing will copy-on-write it first
+    before = alloc.snapshot()
+    with pytest.raises(ValueError, match=match):
+        alloc.grow(blocks, 0, 8)
+    assert alloc.snapshot() == before
+    alloc.check_invariants()
+
+
 def test_prefix_cache_register_lookup_and_lru_eviction():
     alloc = BlockAllocator(4, block_size=2)
     a, b = alloc.allocate(2)

@@ -282,6 +282,7 @@ def test_gather_nothing_matches_reference(backend):
 @pytest.mark.parametrize("src, dst", [
     pytest.param(ints(1, 4), ints(3, 0), id="two-blocks"),
     pytest.param(ints(2), ints(1), id="one-block"),
+    pytest.param(ints(2, 2), ints(0, 4), id="one-source-two-copies"),  # two sequences fork off it
     pytest.param(ints(), ints(), id="none"),
 ])
 def test_copy_blocks_matches_reference(backend, src, dst):
@@ -307,6 +308,9 @@ def valid_args(op: str) -> dict[str, Any]:
 
 
 BAD_INPUTS = [  # op, {argument: bad value}, error, message (a regex)
+    # 2**27 * 16 = 2**31: its slots would wrap to negative int32 and be skipped as padding
+    ("slot_mapping", {"block_table": ints(2**27, 2**27 - 1)}, ValueError,
+     r"block_table entries \[134217728\] times block_size 16 overflow an int32 slot"),
     ("write_kv", {"k": np.zeros((5, 2, 64), np.float32)}, TypeError,
      "k must have dtype float16 matching k_pool, got float32"),
     ("write_kv", {"slots": np.arange(5, dtype=np.int64)}, TypeError,
