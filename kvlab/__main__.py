@@ -46,6 +46,7 @@ def _human(n: float) -> str:
 def format_plan(rows, args) -> str:
     """A readable table of the planner's rows."""
     model = get_model(args.model)
+    dtype_width = max(6, *(len(r.dtype) for r in rows))  # "fp8_e4m3" is wider than the "dtype" header
     lines = [
         f"{model.name} ({model.hf_id}): {model.num_layers} layers, {model.num_q_heads} q heads, "
         f"{model.num_kv_heads} kv heads, head_dim {model.head_dim}"
@@ -55,12 +56,12 @@ def format_plan(rows, args) -> str:
         f"({rows[0].kv_heads_per_rank} kv heads per rank, each stored {rows[0].kv_replication}x), "
         f"weights {_human(rows[0].weight_bytes_per_rank)} per rank",
         "",
-        f"{'dtype':<6} {'B/token/layer':>13} {'B/token':>10} {'per 1k tokens':>14} "
+        f"{'dtype':<{dtype_width}} {'B/token/layer':>13} {'B/token':>10} {'per 1k tokens':>14} "
         f"{'tokens that fit':>16} {'max-len seqs':>13}",
     ]
     for r in rows:
         lines.append(
-            f"{r.dtype:<6} {r.bytes_per_token_per_layer:>13,} {r.bytes_per_token:>10,} "
+            f"{r.dtype:<{dtype_width}} {r.bytes_per_token_per_layer:>13,} {r.bytes_per_token:>10,} "
             f"{_human(1000 * r.bytes_per_token):>14} {r.tokens_that_fit:>16,} "
             f"{r.max_len_sequences_that_fit:>13,}"
         )
@@ -70,12 +71,12 @@ def format_plan(rows, args) -> str:
             f"batch of {len(args.seq_lens)} sequences {args.seq_lens}, "
             f"contiguous reserves max_len={args.max_len or model.max_positions}, "
             f"paged uses {args.block_size}-token blocks",
-            f"{'dtype':<6} {'used':>12} {'contiguous':>12} {'(used %)':>9} {'paged':>12} {'(used %)':>9}",
+            f"{'dtype':<{dtype_width}} {'used':>12} {'contiguous':>12} {'(used %)':>9} {'paged':>12} {'(used %)':>9}",
         ]
         for r in rows:
             res = r.reservation
             lines.append(
-                f"{r.dtype:<6} {_human(res['used_bytes']):>12} {_human(res['contiguous_bytes']):>12} "
+                f"{r.dtype:<{dtype_width}} {_human(res['used_bytes']):>12} {_human(res['contiguous_bytes']):>12} "
                 f"{100 * res['contiguous_utilization']:>8.1f}% {_human(res['paged_bytes']):>12} "
                 f"{100 * res['paged_utilization']:>8.1f}%"
             )

@@ -25,7 +25,8 @@ import numpy as np
 
 from kvlab.backends import Backend, get_backend
 from kvlab.checks import (
-    POOL_DTYPES, TOKEN_DIMS, check_array, dtype_name, non_negative_int, positive_int,
+    CACHE_QUANT_DTYPES, POOL_DTYPES, QUANT_INPUT_DTYPES, TOKEN_DIMS, check_array, dtype_name,
+    non_negative_int, positive_int,
 )
 from kvlab.dtypes import get_dtype, list_dtypes
 from kvlab.paging import AllocatorSnapshot, BlockAllocator, BlockKey, Growth, blocks_needed
@@ -43,9 +44,11 @@ class KvPool:
     Block ``b`` means the same block id in every layer: a sequence has one block table for all
     its layers, so one allocator serves the whole pool.
 
-    dtype: ``"fp16"`` (the seed's ``KvFp16``; default), or a pool dtype the ops accept
-        (``"float16"``, ``"float32"``). Quantised dtypes (``"int8"``) need scale pools: a later
-        stage.
+    dtype: ``"fp16"`` (the seed's ``KvFp16``; default), a pool dtype the paging ops accept
+        (``"float16"``, ``"float32"``), or a quantized KV dtype, ``"int8"`` (the seed's ``KvInt8``)
+        or ``"fp8_e4m3"``: then the pools hold codes (int8 / uint8) and ``k_scales[layer]``,
+        ``v_scales[layer]`` hold their fp16 scales ``[num_blocks, block_size, num_kv_heads]`` (the
+        seed's ``KvScales``), and writes quantize through ``kvlab.ref.quant.write_kv_quant``.
     backend: a backend name (``"numpy"``, ``"cuda"``, ``"torch"``) or a
         :class:`~kvlab.backends.Backend`.
     """
@@ -59,10 +62,16 @@ class KvPool:
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.dtype = storage_dtype(dtype)
+        self.kv_dtype = quant_dtype(dtype)  # "int8" / "fp8_e4m3", or None for fp16/fp32 pools
         self.backend = as_backend(backend)
         zeros = np.zeros(self.block_shape, dtype=self.dtype)
         self.k_pools = [self.backend.asarray(zeros) for _ in range(num_layers)]
         self.v_pools = [self.backend.asarray(zeros) for _ in range(num_layers)]
+        scale_zeros = np.zeros(self.block_shape[:3], dtype=np.float16)
+        self.k_scales = [self.backend.asarray(scale_zeros) for _ in range(num_layers)
+                         ] if self.kv_dtype else None
+        self.v_scales = [self.backend.asarray(scale_zeros) for _ in range(num_layers)
+                         ] if self.kv_dtype else None
 
     @property
     def block_shape(self) -> tuple[int, int, int, int]:
@@ -71,8 +80,10 @@ class KvPool:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of K and V across all layers."""
-        return 2 * self.num_layers * int(np.prod(self.block_shape)) * np.dtype(self.dtype).itemsize
+        """Bytes of K and V across all layers, scales included."""
+        codes = int(np.prod(self.block_shape)) * np.dtype(self.dtype).itemsize
+        scales = int(np.prod(self.block_shape[:3])) * 2 if self.kv_dtype else 0
+        return 2 * self.num_layers * (codes + scales)
 
     def copy_blocks(self, copies: Sequence[tuple[int, int]], layers: Iterable[int] | None = None
                     ) -> None:
@@ -83,7 +94,13 @@ class KvPool:
         src = self.backend.asarray(np.array([s for s, _ in copies], dtype=INDEX_DTYPE))
         dst = self.backend.asarray(np.array([d for _, d in copies], dtype=INDEX_DTYPE))
         for layer in range(self.num_layers) if layers is None else layers:
-            self.backend.paging.copy_blocks(self.k_pools[layer], self.v_pools[layer], src, dst)
+            if self.kv_dtype:
+                self.backend.quant.copy_blocks_quant(
+                    self.k_pools[layer], self.v_pools[layer], self.k_scales[layer],
+                    self.v_scales[layer], src, dst, self.kv_dtype)
+            else:
+                self.backend.paging.copy_blocks(self.k_pools[layer], self.v_pools[layer], src,
+                                                dst)
 
     def new_allocator(self, hash_fn=None) -> BlockAllocator:
         """A :class:`BlockAllocator` over exactly this pool's blocks."""
@@ -111,11 +128,14 @@ class KvLayer:
     def __init__(self, *, backend: Backend, num_kv_heads: int, head_dim: int, dtype: str,
                  capacity: int, k: Any = None, v: Any = None, pool: KvPool | None = None,
                  layer: int = 0, allocator: BlockAllocator | None = None,
-                 max_blocks_per_seq: int | None = None):
+                 max_blocks_per_seq: int | None = None, kv_dtype: str | None = None,
+                 k_scales: Any = None, v_scales: Any = None):
         """Use :meth:`alloc_paged` or :meth:`alloc_contig`; this only stores what they checked."""
         self.backend, self.num_kv_heads, self.head_dim = backend, num_kv_heads, head_dim
         self.dtype, self.capacity = dtype, capacity
+        self.kv_dtype = kv_dtype  # "int8" / "fp8_e4m3" for a quantized layer, else None
         self._k, self._v = k, v  # contiguous storage (None when paged)
+        self._k_scales, self._v_scales = k_scales, v_scales  # contiguous + quantized only
         self.pool, self.layer, self.allocator = pool, layer, allocator  # paged (None when contig)
         self.max_blocks_per_seq = max_blocks_per_seq
         self._blocks: list[int] = []  # paged: the block ids this sequence owns, in order
@@ -153,7 +173,8 @@ class KvLayer:
             _check_allocator_matches(allocator, pool)
             if num_blocks not in (None, pool.num_blocks):
                 raise ValueError(f"num_blocks={num_blocks} but the pool has {pool.num_blocks}")
-            if dtype is not None and storage_dtype(dtype) != pool.dtype:
+            if dtype is not None and (storage_dtype(dtype), quant_dtype(dtype)) != (
+                    pool.dtype, pool.kv_dtype):
                 raise ValueError(f"dtype {dtype!r} does not match the pool's {pool.dtype}")
             if backend is not None and as_backend(backend).name != pool.backend.name:
                 raise ValueError(f"backend {backend!r} does not match the pool's "
@@ -162,20 +183,28 @@ class KvLayer:
                 raise ValueError(f"layer must be in [0, {pool.num_layers}), got {layer!r}")
         return cls(backend=pool.backend, num_kv_heads=num_kv_heads, head_dim=head_dim,
                    dtype=pool.dtype, capacity=max_blocks_per_seq * block_size, pool=pool,
-                   layer=layer, allocator=allocator, max_blocks_per_seq=max_blocks_per_seq)
+                   layer=layer, allocator=allocator, max_blocks_per_seq=max_blocks_per_seq,
+                   kv_dtype=pool.kv_dtype)
 
     @classmethod
     def alloc_contig(cls, capacity: int, num_kv_heads: int, head_dim: int, *,
                      dtype: str = "fp16", backend: str | Backend = "numpy") -> KvLayer:
         """A contiguous layer: ``k``, ``v`` ``[capacity, num_kv_heads, head_dim]``, reserved up
-        front (what paging avoids: a short sequence still pays for ``capacity`` tokens)."""
+        front (what paging avoids: a short sequence still pays for ``capacity`` tokens).
+
+        A quantized dtype (``"int8"``, ``"fp8_e4m3"``) also reserves ``k_scales``, ``v_scales``
+        ``[capacity, num_kv_heads]`` fp16 (the seed panics on a contiguous INT8 cache; kvlab
+        writes it as a pool of ``capacity`` blocks of one slot)."""
         for name, value in (("capacity", capacity), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim)):
             positive_int(name, value)
-        backend, dtype = as_backend(backend), storage_dtype(dtype)
+        backend, kv_dtype, dtype = as_backend(backend), quant_dtype(dtype), storage_dtype(dtype)
         zeros = np.zeros((capacity, num_kv_heads, head_dim), dtype=dtype)
+        scales = (backend.asarray(np.zeros((capacity, num_kv_heads), np.float16)) if kv_dtype
+                  else None for _ in range(2))
         return cls(backend=backend, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
-                   capacity=capacity, k=backend.asarray(zeros), v=backend.asarray(zeros))
+                   capacity=capacity, k=backend.asarray(zeros), v=backend.asarray(zeros),
+                   kv_dtype=kv_dtype, k_scales=next(scales), v_scales=next(scales))
 
     # --- what it holds ---------------------------------------------------------------------
 
@@ -222,6 +251,22 @@ class KvLayer:
         return self._v
 
     @property
+    def k_scales(self) -> Any:
+        """A quantized layer's K scales (the seed's ``KvScales``): fp16 ``[capacity, Hkv]``
+        when contiguous, its layer of the pool's ``[num_blocks, block_size, Hkv]`` when paged;
+        None for an fp16/fp32 layer."""
+        if not self.kv_dtype:
+            return None
+        return self.pool.k_scales[self.layer] if self.is_paged else self._k_scales
+
+    @property
+    def v_scales(self) -> Any:
+        """A quantized layer's V scales (see :attr:`k_scales`)."""
+        if not self.kv_dtype:
+            return None
+        return self.pool.v_scales[self.layer] if self.is_paged else self._v_scales
+
+    @property
     def k_pool(self) -> Any:
         """Paged layer: its layer of the K pool ``[num_blocks, block_size, num_kv_heads,
         head_dim]``, shared with every sequence in the pool (None if contiguous)."""
@@ -245,7 +290,16 @@ class KvLayer:
         self._check_room(self._len + num_new)
         if num_new == 0:
             return
-        if not self.is_paged:
+        if not self.is_paged and self.kv_dtype:
+            # A contiguous cache is a pool of `capacity` blocks of one slot: row p is slot p.
+            cap, heads, dim = self.capacity, self.num_kv_heads, self.head_dim
+            slots = self.backend.asarray(np.arange(self._len, self._len + num_new,
+                                                   dtype=INDEX_DTYPE))
+            self.backend.quant.write_kv_quant(
+                k, v, self._k.reshape(cap, 1, heads, dim), self._v.reshape(cap, 1, heads, dim),
+                self._k_scales.reshape(cap, 1, heads), self._v_scales.reshape(cap, 1, heads),
+                slots, self.kv_dtype)
+        elif not self.is_paged:
             self._k[self._len:self._len + num_new] = k  # plain slice assignment: row p = token p
             self._v[self._len:self._len + num_new] = v
         else:
@@ -257,7 +311,12 @@ class KvLayer:
                 table = _table_row(growth.blocks, self.max_blocks_per_seq)
                 slots = paging.slot_mapping(self.backend.asarray(table),
                                             self.backend.asarray(positions), self.block_size)
-                paging.write_kv(k, v, self.k_pool, self.v_pool, slots)
+                if self.kv_dtype:
+                    self.backend.quant.write_kv_quant(k, v, self.k_pool, self.v_pool,
+                                                      self.k_scales, self.v_scales, slots,
+                                                      self.kv_dtype)
+                else:
+                    paging.write_kv(k, v, self.k_pool, self.v_pool, slots)
             except BaseException:
                 self.allocator.undo_grow(growth)
                 raise
@@ -303,11 +362,20 @@ class KvLayer:
         """``(k, v)``, each ``[len, num_kv_heads, head_dim]`` on this layer's backend.
 
         Paged: new arrays copied out of the pool by ``gather_kv``. Contiguous: views of the first
-        ``len`` rows (no copy: that is the point of a contiguous cache).
+        ``len`` rows (no copy: that is the point of a contiguous cache). Quantized (int8,
+        fp8_e4m3): new float32 arrays, dequantized with the stored scales.
         """
+        quant = self.backend.quant if self.kv_dtype else None
         if not self.is_paged:
+            if quant:
+                n = self._len
+                return (quant.dequantize(self._k[:n], self._k_scales[:n], self.kv_dtype),
+                        quant.dequantize(self._v[:n], self._v_scales[:n], self.kv_dtype))
             return self._k[:self._len], self._v[:self._len]
         table = self.backend.asarray(self.block_table)
+        if quant:
+            return quant.gather_kv_quant(self.k_pool, self.v_pool, self.k_scales, self.v_scales,
+                                         table, self._len, self.kv_dtype)
         return self.backend.paging.gather_kv(self.k_pool, self.v_pool, table, self._len)
 
     def _apply_growth(self, growth: Growth) -> None:
@@ -320,7 +388,8 @@ class KvLayer:
         self._blocks = growth.blocks
 
     def _check_tokens(self, k: Any, v: Any) -> int:
-        _check_token_arrays(k, v, self.num_kv_heads, self.head_dim, self.dtype,
+        _check_token_arrays(k, v, self.num_kv_heads, self.head_dim,
+                            input_dtypes(self.dtype, self.kv_dtype),
                             self.k_pool if self.is_paged else self._k, self.backend)
         return int(k.shape[0])
 
@@ -479,9 +548,16 @@ class KvCacheManager:
             slots = backend.paging.slot_mapping(
                 backend.asarray(_table_row(growth.blocks, self.max_blocks_per_seq)),
                 backend.asarray(positions), self.block_size)
-            for layer in range(self.pool.num_layers):
-                backend.paging.write_kv(k_per_layer[layer], v_per_layer[layer],
-                                        self.pool.k_pools[layer], self.pool.v_pools[layer], slots)
+            pool = self.pool
+            for layer in range(pool.num_layers):
+                if pool.kv_dtype:
+                    backend.quant.write_kv_quant(
+                        k_per_layer[layer], v_per_layer[layer], pool.k_pools[layer],
+                        pool.v_pools[layer], pool.k_scales[layer], pool.v_scales[layer], slots,
+                        pool.kv_dtype)
+                else:
+                    backend.paging.write_kv(k_per_layer[layer], v_per_layer[layer],
+                                            pool.k_pools[layer], pool.v_pools[layer], slots)
         except BaseException:
             self.allocator.undo_grow(growth)
             raise
@@ -541,9 +617,13 @@ class KvCacheManager:
         copied out of the pool on the pool's backend."""
         if not (isinstance(layer, int) and 0 <= layer < self.pool.num_layers):
             raise ValueError(f"layer must be in [0, {self.pool.num_layers}), got {layer!r}")
-        backend = self.pool.backend
+        pool, backend = self.pool, self.pool.backend
         table = backend.asarray(self.block_table(seq_id))
-        return backend.paging.gather_kv(self.pool.k_pools[layer], self.pool.v_pools[layer],
+        if pool.kv_dtype:  # dequantized, float32
+            return backend.quant.gather_kv_quant(
+                pool.k_pools[layer], pool.v_pools[layer], pool.k_scales[layer],
+                pool.v_scales[layer], table, self.context_len(seq_id), pool.kv_dtype)
+        return backend.paging.gather_kv(pool.k_pools[layer], pool.v_pools[layer],
                                         table, self.context_len(seq_id))
 
     def snapshot(self) -> ManagerSnapshot:
@@ -594,8 +674,8 @@ class KvCacheManager:
                                  f"got {len(arrays)}")
         for layer in range(pool.num_layers):
             _check_token_arrays(k_per_layer[layer], v_per_layer[layer], pool.num_kv_heads,
-                                pool.head_dim, pool.dtype, pool.k_pools[layer], pool.backend,
-                                where=f"[{layer}]")
+                                pool.head_dim, input_dtypes(pool.dtype, pool.kv_dtype),
+                                pool.k_pools[layer], pool.backend, where=f"[{layer}]")
             if int(k_per_layer[layer].shape[0]) != num_new:
                 raise ValueError(f"k_per_layer[{layer}] has {k_per_layer[layer].shape[0]} tokens "
                                  f"but token_ids has {num_new}")
@@ -609,16 +689,32 @@ def as_backend(backend: str | Backend) -> Backend:
 
 
 def storage_dtype(dtype: str) -> str:
-    """The NumPy dtype name a pool stores for ``dtype``: ``"fp16"`` -> ``"float16"``."""
+    """The NumPy dtype name a pool stores for ``dtype``: ``"fp16"`` -> ``"float16"``,
+    ``"int8"`` -> ``"int8"``, ``"fp8_e4m3"`` -> ``"uint8"`` (E4M3FN bytes)."""
     if dtype in POOL_DTYPES:
         return dtype
     if dtype in list_dtypes():
         kv = get_dtype(dtype)
         if kv.storage in POOL_DTYPES and kv.scale_bytes == 0:
             return kv.storage
-        raise ValueError(f"KV dtype {dtype!r} stores scales beside its codes; these caches hold "
-                         f"unscaled pools ({', '.join(POOL_DTYPES)}) only")
-    raise ValueError(f"unknown pool dtype {dtype!r}; use 'fp16' or one of {POOL_DTYPES}")
+        if dtype in CACHE_QUANT_DTYPES:
+            return kv.storage
+        raise ValueError(f"KV dtype {dtype!r} is quantize/dequantize only (notebook 02's lab); "
+                         f"caches hold fp16, {', '.join(CACHE_QUANT_DTYPES)} or "
+                         f"{', '.join(POOL_DTYPES)}")
+    raise ValueError(f"unknown pool dtype {dtype!r}; use 'fp16', 'int8', 'fp8_e4m3' or one of "
+                     f"{POOL_DTYPES}")
+
+
+def quant_dtype(dtype: str) -> str | None:
+    """``dtype`` when it is a quantized cache dtype (``"int8"``, ``"fp8_e4m3"``), else None."""
+    return dtype if dtype in CACHE_QUANT_DTYPES else None
+
+
+def input_dtypes(storage: str, kv_dtype: str | None) -> tuple[str, ...]:
+    """The dtypes a cache accepts K and V in: its own (fp16/fp32 pools), or float16/float32 for a
+    quantized cache (it quantizes them on the way in)."""
+    return QUANT_INPUT_DTYPES if kv_dtype else (storage,)
 
 
 def _table_row(blocks: Sequence[int], max_blocks: int) -> np.ndarray:
@@ -628,15 +724,16 @@ def _table_row(blocks: Sequence[int], max_blocks: int) -> np.ndarray:
     return row
 
 
-def _check_token_arrays(k: Any, v: Any, num_kv_heads: int, head_dim: int, dtype: str,
-                        like: Any, backend: Backend, where: str = "") -> None:
-    """k, v: ``[T, num_kv_heads, head_dim]`` of ``dtype``, the same array type as ``like``."""
+def _check_token_arrays(k: Any, v: Any, num_kv_heads: int, head_dim: int,
+                        dtypes: Sequence[str], like: Any, backend: Backend,
+                        where: str = "") -> None:
+    """k, v: ``[T, num_kv_heads, head_dim]`` of one of ``dtypes``, the array type of ``like``."""
     for name, x in ((f"k{where}", k), (f"v{where}", v)):
         if hasattr(x, "shape") and not isinstance(x, type(like)):
             raise TypeError(f"{name} must be a {type(like).__name__} for the {backend.name} "
                             f"backend, got {type(x).__name__} (convert with backend.asarray)")
-    check_array(f"k{where}", k, TOKEN_DIMS, shape=[None, num_kv_heads, head_dim], dtypes=[dtype],
-                matching="the cache")
+    check_array(f"k{where}", k, TOKEN_DIMS, shape=[None, num_kv_heads, head_dim],
+                dtypes=list(dtypes), matching="the cache")
     check_array(f"v{where}", v, TOKEN_DIMS, shape=list(k.shape), dtypes=[dtype_name(k)],
                 matching=f"k{where}")
 

@@ -258,6 +258,13 @@ def check_gather_kv(k_pool: Any, v_pool: Any, block_table: Any, context_len: Any
     pool; entries after them may be -1.
     """
     num_blocks, block_size, _, _ = check_pools(k_pool, v_pool)
+    return check_table_and_lens(block_table, context_len, num_blocks, block_size)
+
+
+def check_table_and_lens(block_table: Any, context_len: Any, num_blocks: int,
+                         block_size: int) -> np.ndarray:
+    """The block table and context lengths of a read (gather, attention) from a pool of
+    ``num_blocks`` blocks of ``block_size``; returns the lengths on the host, ``[num_seqs]``."""
     check_block_table(block_table)
     if len(block_table.shape) == 1:
         context_lens = np.array([check_int("context_len", context_len, minimum=0)])
@@ -286,6 +293,11 @@ def check_copy_blocks(k_pool: Any, v_pool: Any, src: Any, dst: Any) -> None:
     range; dst unique (one source per block) and disjoint from src (so the copies may run in any
     order, all at once, and read no block that is being written)."""
     num_blocks, _, _, _ = check_pools(k_pool, v_pool)
+    check_block_copies(src, dst, num_blocks)
+
+
+def check_block_copies(src: Any, dst: Any, num_blocks: int) -> None:
+    """src, dst of a block copy in a pool of ``num_blocks`` (see :func:`check_copy_blocks`)."""
     check_array("src", src, ("N",), dtypes=[INDEX_DTYPE])
     check_array("dst", dst, ("N",), shape=shape_of(src), dtypes=[INDEX_DTYPE], matching="src")
     sources, targets = host_ints(src), host_ints(dst)
@@ -296,3 +308,209 @@ def check_copy_blocks(k_pool: Any, v_pool: Any, src: Any, dst: Any) -> None:
     if overlap.size:
         raise ValueError(f"dst must not share blocks with src (a copy would read a block another "
                          f"copy writes), got {_name_values(overlap)} in both")
+
+
+# --- the RoPE stage --------------------------------------------------------------------------
+
+ROPE_STYLES = ("neox", "gptj")  # rotate-half pairs (i, i + rotary_dim/2); interleaved (2i, 2i+1)
+ROPE_X_DTYPES = ("float16", "float32")  # what apply_rope rotates; tables are always float32
+ROPE_TABLE_DTYPE = "float32"
+
+
+def check_rope_tables(max_positions: Any, rotary_dim: Any, theta: Any) -> tuple[int, int, float]:
+    """Checks for ``rope_tables(max_positions, rotary_dim, theta, scaling=None)``; returns the
+    three as ``(int, int, float)``. ``scaling`` is checked by :mod:`kvlab.ref.rope`, which defines
+    what each of its keys means.
+
+    max_positions >= 1; rotary_dim even and >= 2 (RoPE rotates *pairs* of dims); theta a real
+    number > 1 (the base; 10000 in the RoPE paper, 500000 for Llama 3, 1e6 for Qwen3).
+    """
+    max_positions = check_int("max_positions", max_positions, minimum=1)
+    rotary_dim = check_int("rotary_dim", rotary_dim, minimum=2)
+    if rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be even (RoPE rotates pairs of dims), got {rotary_dim}")
+    if isinstance(theta, bool) or not isinstance(theta, (Integral, float, np.floating)):
+        raise TypeError(f"theta must be a number, got {type(theta).__name__}")
+    if not (np.isfinite(theta) and theta > 1):
+        raise ValueError(f"theta must be a finite number > 1 (the RoPE base, e.g. 10000), "
+                         f"got {theta}")
+    return max_positions, rotary_dim, float(theta)
+
+
+def check_apply_rope(x: Any, cos: Any, sin: Any, positions: Any, style: Any,
+                     rotary_dim: Any) -> int:
+    """Checks for ``apply_rope(x, cos, sin, positions, style="neox", rotary_dim=None)``; returns
+    rotary_dim (``2 * cos.shape[1]`` when None).
+
+    x: float16 or float32 ``[T, heads, head_dim]``, head_dim even. cos, sin: float32
+    ``[max_positions, rotary_dim // 2]``, the same shape. positions: int32 ``[T]``, each in
+    ``[0, max_positions)``. style: ``"neox"`` or ``"gptj"``. rotary_dim, when given, must be the
+    one the tables were built for (``2 * cos.shape[1]``: the frequencies depend on it) and at most
+    head_dim.
+    """
+    check_array("x", x, ("T", "heads", "head_dim"), dtypes=ROPE_X_DTYPES)
+    check_array("cos", cos, ("max_positions", "rotary_dim // 2"), dtypes=[ROPE_TABLE_DTYPE])
+    check_array("sin", sin, ("max_positions", "rotary_dim // 2"), shape=shape_of(cos),
+                dtypes=[ROPE_TABLE_DTYPE], matching="cos")
+    check_array("positions", positions, ("T",), dtypes=[INDEX_DTYPE])
+    check_array("positions", positions, ("T",), shape=shape_of(x)[:1], matching="x")
+    if not isinstance(style, str) or style not in ROPE_STYLES:
+        raise ValueError(f"style must be 'neox' (rotate-half) or 'gptj' (interleaved), "
+                         f"got {style!r}")
+    max_positions, half = shape_of(cos)
+    head_dim = shape_of(x)[2]
+    if head_dim % 2:
+        raise ValueError(f"x's head_dim must be even (RoPE rotates pairs of dims), got {head_dim}")
+    if half == 0:
+        raise ValueError("cos and sin must have at least one column (rotary_dim >= 2)")
+    if rotary_dim is None:
+        rotary_dim = 2 * half
+    rotary_dim = check_int("rotary_dim", rotary_dim, minimum=2)
+    if rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be even (RoPE rotates pairs of dims), got {rotary_dim}")
+    if rotary_dim != 2 * half:
+        raise ValueError(f"rotary_dim must match the tables: cos has {half} columns, so it was "
+                         f"built for rotary_dim {2 * half}, got {rotary_dim}")
+    if rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim ({rotary_dim}) must be <= x's head_dim ({head_dim})")
+    where = host_ints(positions)
+    beyond = where[(where < 0) | (where >= max_positions)]
+    if beyond.size:
+        raise ValueError(f"positions {_name_values(beyond)} are outside the RoPE table: cos and "
+                         f"sin have {max_positions} rows (positions 0..{max_positions - 1})")
+    return rotary_dim
+
+
+# --- the quantization stage ------------------------------------------------------------------
+
+QUANT_DTYPES = ("int8", "fp8_e4m3", "int4")  # kv_dtype names quantize/dequantize take
+CACHE_QUANT_DTYPES = ("int8", "fp8_e4m3")     # kv_dtype names the quantized cache ops take
+QUANT_INPUT_DTYPES = ("float16", "float32")   # what K and V arrive as
+SCALE_DTYPE = "float16"                      # every stored scale (the seed's KvScales)
+SCALE_POOL_DIMS = ("num_blocks", "block_size", "num_kv_heads")
+
+
+def check_kv_dtype(kv_dtype: Any, allowed: Sequence[str] = QUANT_DTYPES) -> Any:
+    """The registered :class:`~kvlab.dtypes.KvDtype` named ``kv_dtype``, if ``allowed`` here."""
+    from kvlab.dtypes import get_dtype
+
+    if not isinstance(kv_dtype, str):
+        raise TypeError(f"kv_dtype must be a dtype name (str), got {type(kv_dtype).__name__}")
+    if kv_dtype not in allowed:
+        raise ValueError(f"kv_dtype must be one of {', '.join(allowed)} here, got {kv_dtype!r}")
+    return get_dtype(kv_dtype)
+
+
+def code_dims(kv_dtype: Any, head_dim: int) -> tuple[int, int]:
+    """``(bytes of codes, scales)`` per (token, kv_head) vector of ``head_dim`` elements."""
+    return head_dim * kv_dtype.bits // 8, kv_dtype.scales_per_vector(head_dim)
+
+
+def check_quantize(x: Any, kv_dtype: Any) -> Any:
+    """Checks for ``quantize(x, kv_dtype)``: x float16/float32 ``[T, num_kv_heads, head_dim]``
+    (int4: head_dim a multiple of its group, 32). Returns the KvDtype. The *values* of x (finite,
+    small enough for an fp16 scale) are checked by each backend on its device: see
+    :func:`raise_for_values`."""
+    dt = check_kv_dtype(kv_dtype)
+    check_array("x", x, TOKEN_DIMS, dtypes=QUANT_INPUT_DTYPES)
+    head_dim = shape_of(x)[2]
+    if dt.group_size and head_dim % dt.group_size:
+        raise ValueError(f"x: head_dim {head_dim} must be a multiple of {dt.name}'s group of "
+                         f"{dt.group_size} elements")
+    return dt
+
+
+def check_dequantize(codes: Any, scales: Any, kv_dtype: Any) -> Any:
+    """Checks for ``dequantize(codes, scales, kv_dtype)``: codes ``[T, Hkv, bytes per vector]`` in
+    the dtype's storage (int8 / uint8), scales float16 ``[T, Hkv]`` (int4: ``[T, Hkv, groups]``)."""
+    dt = check_kv_dtype(kv_dtype)
+    check_array("codes", codes, ("T", "num_kv_heads", "code_bytes"), dtypes=[dt.storage])
+    num_tokens, num_kv_heads, code_bytes = shape_of(codes)
+    if dt.group_size:
+        groups = code_bytes * 2 // dt.group_size
+        if groups * dt.group_size != code_bytes * 2:
+            raise ValueError(f"codes: {code_bytes} bytes hold {code_bytes * 2} int4 elements, "
+                             f"not a multiple of the group of {dt.group_size}")
+        check_array("scales", scales, ("T", "num_kv_heads", "groups"),
+                    shape=[num_tokens, num_kv_heads, groups], dtypes=[SCALE_DTYPE],
+                    matching="codes")
+    else:
+        check_array("scales", scales, ("T", "num_kv_heads"), shape=[num_tokens, num_kv_heads],
+                    dtypes=[SCALE_DTYPE], matching="codes")
+    return dt
+
+
+def check_quant_pools(k_pool: Any, v_pool: Any, k_scales: Any, v_scales: Any,
+                      kv_dtype: Any) -> tuple[Any, tuple[int, int, int, int]]:
+    """Check a quantized pool: codes ``[num_blocks, block_size, Hkv, head_dim]`` (int8 for int8,
+    uint8 for fp8_e4m3) and fp16 scales ``[num_blocks, block_size, Hkv]``, all C-contiguous.
+    Returns ``(KvDtype, (num_blocks, block_size, num_kv_heads, head_dim))``."""
+    dt = check_kv_dtype(kv_dtype, CACHE_QUANT_DTYPES)
+    check_array("k_pool", k_pool, POOL_DIMS, dtypes=[dt.storage], matching=f"kv_dtype {dt.name}")
+    check_array("v_pool", v_pool, POOL_DIMS, shape=k_pool.shape, dtypes=[dt.storage],
+                matching="k_pool")
+    shape = shape_of(k_pool)
+    check_array("k_scales", k_scales, SCALE_POOL_DIMS, shape=shape[:3], dtypes=[SCALE_DTYPE],
+                matching="k_pool")
+    check_array("v_scales", v_scales, SCALE_POOL_DIMS, shape=shape[:3], dtypes=[SCALE_DTYPE],
+                matching="k_pool")
+    for name, pool in (("k_pool", k_pool), ("v_pool", v_pool), ("k_scales", k_scales),
+                       ("v_scales", v_scales)):
+        if not is_c_contiguous(pool):
+            raise ValueError(f"{name} must be C-contiguous (a slot is a row of the flattened "
+                             f"pool); pass a contiguous copy")
+    num_blocks, block_size, num_kv_heads, head_dim = shape
+    return dt, (num_blocks, block_size, num_kv_heads, head_dim)
+
+
+def check_write_kv_quant(k: Any, v: Any, k_pool: Any, v_pool: Any, k_scales: Any, v_scales: Any,
+                         slots: Any, kv_dtype: Any) -> Any:
+    """Checks for ``write_kv_quant``: as :func:`check_write_kv`, but k, v are float16/float32 (they
+    are quantized on the way in) and the pools are a quantized pool (:func:`check_quant_pools`)."""
+    dt, (num_blocks, block_size, num_kv_heads, head_dim) = check_quant_pools(
+        k_pool, v_pool, k_scales, v_scales, kv_dtype)
+    check_array("k", k, TOKEN_DIMS, shape=[None, num_kv_heads, head_dim],
+                dtypes=QUANT_INPUT_DTYPES, matching="k_pool")
+    check_array("v", v, TOKEN_DIMS, shape=shape_of(k), dtypes=[dtype_name(k)], matching="k")
+    check_array("slots", slots, ("T",), dtypes=[INDEX_DTYPE])
+    check_array("slots", slots, ("T",), shape=shape_of(k)[:1], matching="k")
+    written = host_ints(slots)
+    written = written[written >= 0]
+    _check_in_range("slots", written, num_blocks * block_size,
+                    f"{num_blocks} blocks of {block_size} slots; negative = skip")
+    _check_unique("slots", written, "each slot holds one token")
+    return dt
+
+
+def check_gather_kv_quant(k_pool: Any, v_pool: Any, k_scales: Any, v_scales: Any,
+                          block_table: Any, context_len: Any, kv_dtype: Any) -> np.ndarray:
+    """Checks for ``gather_kv_quant``: a quantized pool, then the table and lengths exactly as
+    :func:`check_gather_kv`. Returns the context lengths on the host, int64 ``[num_seqs]``."""
+    _, (num_blocks, block_size, _, _) = check_quant_pools(k_pool, v_pool, k_scales, v_scales,
+                                                          kv_dtype)
+    return check_table_and_lens(block_table, context_len, num_blocks, block_size)
+
+
+def check_copy_blocks_quant(k_pool: Any, v_pool: Any, k_scales: Any, v_scales: Any, src: Any,
+                            dst: Any, kv_dtype: Any) -> None:
+    """Checks for ``copy_blocks_quant``: a quantized pool, then src/dst as :func:`check_copy_blocks`."""
+    _, (num_blocks, _, _, _) = check_quant_pools(k_pool, v_pool, k_scales, v_scales, kv_dtype)
+    check_block_copies(src, dst, num_blocks)
+
+
+def raise_for_values(name: str, x: np.ndarray, kv_dtype: Any) -> None:
+    """Raise ValueError describing the values of ``x`` (a host copy) that ``kv_dtype`` cannot
+    store: NaN, ±inf, or |x| > ``kv_dtype.max_input`` (``qmax * 65504``: the fp16 scale
+    ``amax / qmax`` would overflow to inf). Every backend tests ``|x| <= max_input`` on its own
+    device (one flag read back) and, only when that fails, copies ``x`` here for the message.
+    Quantizing such a vector would otherwise leave NaN or inf in the cache without a word."""
+    host = np.asarray(x, dtype=np.float32)
+    bad = ~(np.abs(host) <= kv_dtype.max_input)  # NaN compares False, so it is bad too
+    where = np.argwhere(bad)
+    if not where.size:
+        return
+    first = tuple(int(i) for i in where[0])
+    raise ValueError(f"{name} holds {len(where)} value(s) that {kv_dtype.name} cannot store "
+                     f"(NaN, inf, or |x| > {kv_dtype.max_input:g} = {kv_dtype.qmax:g} x 65504, "
+                     f"where the fp16 scale overflows); first at [t, head, dim] = {list(first)}: "
+                     f"{host[first]}")

@@ -1,8 +1,32 @@
 """The KV cache's storage dtypes, as a small registry the planner and caches share.
 
 A dtype says how one (token, kv_head) vector of ``head_dim`` elements is stored: the bits of each
-element, and the scales stored beside them. ``fp16`` and ``int8`` (the seed engine's ``KvFp16`` and
-``KvInt8``) are registered here; later stages register more (FP8, INT4) with :func:`register`.
+element, and the scales stored beside them. Four are registered here (notebook 02 builds them):
+
+| name       | element                          | scales (fp16)                  | B per vector of 128 |
+|------------|----------------------------------|--------------------------------|---------------------|
+| ``fp16``     | IEEE half                        | none                           | 256                 |
+| ``int8``     | symmetric int8, codes -127..127  | one per (token, kv_head)       | 130                 |
+| ``fp8_e4m3`` | OCP E4M3FN byte (max 448)        | one per (token, kv_head)       | 130                 |
+| ``int4``     | symmetric int4, -7..7, two a byte | one per group of 32 elements   | 64 + 8 = 72         |
+
+``fp16`` and ``int8`` are the seed engine's ``KvFp16`` and ``KvInt8`` (its ``KvScales`` are the int8
+scale pools, ``[num_blocks, block_size, num_kv_heads]`` fp16). Every scaled dtype uses the same
+symmetric rule with its own largest code ``qmax`` (127, 448, 7)::
+
+    scale = max(amax, 1e-8) / qmax        (float32; amax = max |x| over the scale's elements)
+    code  = encode(clip(x / scale, -qmax, qmax))      round half to even (int8, int4; fp8 RNE)
+    store fp16(scale);   x' = decode(code) * float32(fp16(scale))
+
+**FP8 is scaled too** (a decision, see docs/ops.md): an unscaled E4M3 byte would flush every
+|x| < 2^-9 to zero and keep only 3 mantissa bits, so kvlab stores the same per-(token, kv_head) fp16
+scale as int8 (``scale = amax / 448``), in the same scale pools. vLLM's ``fp8_e4m3`` KV cache uses a
+per-tensor scale instead; notebook 02 measures both granularities.
+
+**Two FP8 E4M3 formats trip people.** OCP "E4M3FN" (``torch.float8_e4m3fn``, NVIDIA Hopper/Ada,
+what kvlab uses) has exponent bias 7, no infinities, NaN = ``S.1111.111`` and max 448. AMD MI300's
+"E4M3FNUZ" (``torch.float8_e4m3fnuz``) has bias 8, a single NaN at ``0x80`` (no negative zero) and
+max **240**: the same byte means half the value, and a scale computed for 448 overflows it.
 """
 from __future__ import annotations
 
@@ -21,6 +45,8 @@ class KvDtype:
         scale_bytes: bytes per stored scale; 0 when the dtype stores no scales.
         group_size: elements sharing one scale; 0 means one scale per whole (token, kv_head) vector.
         description: one line for tables.
+        qmax: the largest code magnitude of a scaled dtype (``scale = amax / qmax``): 127 (int8),
+            448 (fp8_e4m3), 7 (int4); 0 for unscaled dtypes.
     """
 
     name: str
@@ -29,6 +55,19 @@ class KvDtype:
     scale_bytes: int = 0
     group_size: int = 0
     description: str = ""
+    qmax: float = 0
+
+    @property
+    def is_scaled(self) -> bool:
+        """True when codes are stored with fp16 scales (int8, fp8_e4m3, int4)."""
+        return self.scale_bytes > 0
+
+    @property
+    def max_input(self) -> float:
+        """The largest |x| a scaled dtype accepts: ``qmax * 65504``. Beyond it the scale
+        ``amax / qmax`` would overflow fp16 (max 65504) and be stored as inf. Unscaled fp16: 65504.
+        (fp16 inputs never reach it; float32 inputs can, and are rejected with a ValueError.)"""
+        return float(self.qmax * 65504 if self.is_scaled else 65504)
 
     @property
     def bytes_per_elem(self) -> float:
@@ -77,6 +116,18 @@ FP16 = register(KvDtype("fp16", bits=16, storage="float16", description="IEEE ha
 INT8 = register(
     KvDtype(
         "int8", bits=8, storage="int8", scale_bytes=2, group_size=0,
-        description="symmetric int8, one fp16 scale per (token, kv_head)",
+        description="symmetric int8, one fp16 scale per (token, kv_head)", qmax=127,
+    )
+)
+FP8_E4M3 = register(
+    KvDtype(
+        "fp8_e4m3", bits=8, storage="uint8", scale_bytes=2, group_size=0,
+        description="OCP E4M3FN byte (max 448), one fp16 scale per (token, kv_head)", qmax=448,
+    )
+)
+INT4 = register(
+    KvDtype(
+        "int4", bits=4, storage="uint8", scale_bytes=2, group_size=32,
+        description="symmetric int4 packed two per byte, one fp16 scale per 32 elements", qmax=7,
     )
 )

@@ -42,8 +42,8 @@ def test_pool_shapes_and_dtypes():
     assert not np.shares_memory(pool.k_pools[0], pool.k_pools[1])
     assert KvPool(1, 2, 4, 1, 8, dtype="float32").k_pools[0].dtype == np.float32
     assert KvPool(1, 2, 4, 1, 8, backend=get_backend("numpy")).backend.name == "numpy"
-    with pytest.raises(ValueError, match="'int8' stores scales"):
-        KvPool(1, 2, 4, 1, 8, dtype="int8")
+    with pytest.raises(ValueError, match="'int4' is quantize/dequantize only"):
+        KvPool(1, 2, 4, 1, 8, dtype="int4")
     with pytest.raises(ValueError, match="unknown pool dtype 'bf16'"):
         KvPool(1, 2, 4, 1, 8, dtype="bf16")
     with pytest.raises(ValueError, match="num_blocks must be a positive int"):

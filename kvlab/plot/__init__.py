@@ -15,11 +15,19 @@ tested without a screen:
 
 ``import kvlab`` does not import Matplotlib; only ``import kvlab.plot`` does. Modules:
 :mod:`~kvlab.plot.style` (palette and axes helpers), :mod:`~kvlab.plot.tour` (00),
-:mod:`~kvlab.plot.paging` (01); later stages add theirs and re-export them here.
+:mod:`~kvlab.plot.paging` (01), :mod:`~kvlab.plot.rope` (03); later stages add theirs and
+re-export them here.
 """
 from kvlab.plot.paging import (
     plot_all_layouts, plot_block_table, plot_layout_addresses, plot_pool_occupancy,
     plot_waste_summary,
+)
+from kvlab.plot.rope import (
+    SCALING_COLORS, plot_pair_layouts, plot_pair_rotation, plot_relative_dot,
+    plot_rope_frequencies,
+)
+from kvlab.plot.quant import (
+    plot_channel_magnitudes, plot_error_histograms, plot_memory_vs_error,
 )
 from kvlab.plot.style import (
     COLOR_FREE, COLOR_REFERENCE, COLOR_WITH_CACHE, COLOR_WITHOUT_CACHE, DTYPE_COLORS, OKABE_ITO,
@@ -29,7 +37,10 @@ from kvlab.plot.tour import plot_bytes_per_token, plot_decode_cost, plot_tokens_
 
 __all__ = [
     "COLOR_FREE", "COLOR_REFERENCE", "COLOR_WITH_CACHE", "COLOR_WITHOUT_CACHE", "DTYPE_COLORS",
-    "OKABE_ITO", "POLICY_COLORS", "SEQ_COLORS", "dtype_color", "plot_all_layouts",
-    "plot_block_table", "plot_bytes_per_token", "plot_decode_cost", "plot_layout_addresses",
+    "OKABE_ITO", "POLICY_COLORS", "SCALING_COLORS", "SEQ_COLORS", "dtype_color", "plot_all_layouts",
+    "plot_block_table", "plot_bytes_per_token", "plot_channel_magnitudes",
+    "plot_error_histograms", "plot_memory_vs_error", "plot_decode_cost", "plot_layout_addresses",
     "plot_pool_occupancy", "plot_tokens_that_fit", "plot_waste_summary", "policy_color", "seq_color",
+    # 03 rope
+    "plot_pair_layouts", "plot_pair_rotation", "plot_relative_dot", "plot_rope_frequencies",
 ]
