@@ -145,16 +145,19 @@ class KvLayer:
     def alloc_paged(cls, max_blocks_per_seq: int, block_size: int, num_kv_heads: int,
                     head_dim: int, *, num_blocks: int | None = None, dtype: str | None = None,
                     backend: str | Backend | None = None, pool: KvPool | None = None,
-                    allocator: BlockAllocator | None = None, layer: int = 0) -> KvLayer:
+                    allocator: BlockAllocator | None = None) -> KvLayer:
         """A paged layer holding up to ``max_blocks_per_seq * block_size`` tokens.
 
         Standalone (no ``pool``): the layer owns a one-layer pool of ``num_blocks`` blocks
         (default ``max_blocks_per_seq``, enough for one full sequence) and its own allocator, as
         the seed engine's layer does. ``dtype`` defaults to ``"fp16"``, ``backend`` to ``"numpy"``.
 
-        Shared: pass ``pool`` (a :class:`KvPool`) and the ``allocator`` that manages it; the layer
-        writes into ``pool``'s layer ``layer`` and takes blocks from ``allocator``, alongside other
-        layers and sequences. ``dtype``/``backend``, if given, must match the pool's.
+        Shared: pass a one-layer ``pool`` (a :class:`KvPool`) and the ``allocator`` that manages
+        it; the layer takes blocks from ``allocator`` alongside other sequences' layers.
+        ``dtype``/``backend``, if given, must match the pool's. A pool of several layers is refused:
+        each KvLayer keeps its own block table, so two layers of one sequence would each take
+        blocks and leave the other layers' copies of them unused. :class:`KvCacheManager` gives a
+        sequence one block table for all its layers.
         """
         positive_int("max_blocks_per_seq", max_blocks_per_seq)
         if pool is None:
@@ -179,11 +182,12 @@ class KvLayer:
             if backend is not None and as_backend(backend).name != pool.backend.name:
                 raise ValueError(f"backend {backend!r} does not match the pool's "
                                  f"{pool.backend.name!r}")
-            if not (isinstance(layer, int) and 0 <= layer < pool.num_layers):
-                raise ValueError(f"layer must be in [0, {pool.num_layers}), got {layer!r}")
+            if pool.num_layers != 1:
+                raise ValueError(f"a shared KvLayer needs a one-layer pool, got {pool.num_layers} "
+                                 f"layers; use KvCacheManager for a sequence across layers")
         return cls(backend=pool.backend, num_kv_heads=num_kv_heads, head_dim=head_dim,
                    dtype=pool.dtype, capacity=max_blocks_per_seq * block_size, pool=pool,
-                   layer=layer, allocator=allocator, max_blocks_per_seq=max_blocks_per_seq,
+                   layer=0, allocator=allocator, max_blocks_per_seq=max_blocks_per_seq,
                    kv_dtype=pool.kv_dtype)
 
     @classmethod

@@ -64,39 +64,46 @@ def test_paged_layer_starts_empty():
     assert k.shape == v.shape == (0, 2, 8)
 
 
-def test_paged_write_across_a_block_boundary():
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_paged_write_across_a_block_boundary(backend_name):
     """14 tokens, then 5 (block 16): the second write fills block 0's last 2 slots, then opens
-    block 1 for the other 3."""
-    layer = KvLayer.alloc_paged(4, 16, 2, 8)
+    block 1 for the other 3. The same on every backend (cuda: the simulator here)."""
+    layer = KvLayer.alloc_paged(4, 16, 2, 8, backend=backend_name)
+    be = layer.backend
     k1, v1 = tokens_kv(14, seed=1)
     k2, v2 = tokens_kv(5, seed=2)
-    layer.write(k1, v1)
+    layer.write(be.asarray(k1), be.asarray(v1))
     assert layer.block_table.tolist() == [0, -1, -1, -1] and layer.len == 14
-    layer.write(k2, v2)
+    layer.write(be.asarray(k2), be.asarray(v2))
     assert layer.len == 19 and layer.context_lens.tolist() == [19]
     assert layer.block_table.tolist() == [0, 1, -1, -1]
     assert layer.paged_block_indices.tolist() == [0, 1]
-    np.testing.assert_array_equal(layer.k_pool[0, :14], k1)
-    np.testing.assert_array_equal(layer.k_pool[0, 14:], k2[:2])
-    np.testing.assert_array_equal(layer.v_pool[1, :3], v2[2:])
-    k, v = layer.gather()
+    k_pool, v_pool = storage_of(layer)
+    np.testing.assert_array_equal(k_pool[0, :14], k1)
+    np.testing.assert_array_equal(k_pool[0, 14:], k2[:2])
+    np.testing.assert_array_equal(v_pool[1, :3], v2[2:])
+    k, v = (be.to_numpy(x) for x in layer.gather())
     np.testing.assert_array_equal(k, np.concatenate([k1, k2]))
     np.testing.assert_array_equal(v, np.concatenate([v1, v2]))
 
 
-def test_contiguous_layer_seed_api_and_write():
-    layer = KvLayer.alloc_contig(capacity=20, num_kv_heads=2, head_dim=8)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_contiguous_layer_seed_api_and_write(backend_name):
+    layer = KvLayer.alloc_contig(capacity=20, num_kv_heads=2, head_dim=8, backend=backend_name)
+    be = layer.backend
     assert not layer.is_paged and layer.capacity == 20 and layer.len == 0
     assert layer.block_size is None and layer.block_table is None
     assert layer.paged_block_indices is None and layer.k_pool is None
-    assert layer.k.shape == layer.v.shape == (20, 2, 8) and layer.k.dtype == np.float16
+    assert tuple(layer.k.shape) == tuple(layer.v.shape) == (20, 2, 8)
+    assert be.to_numpy(layer.k).dtype == np.float16
     k1, v1 = tokens_kv(14, seed=1)
     k2, v2 = tokens_kv(5, seed=2)
-    layer.write(k1, v1)
-    layer.write(k2, v2)
+    layer.write(be.asarray(k1), be.asarray(v1))
+    layer.write(be.asarray(k2), be.asarray(v2))
     assert layer.len == 19 and layer.context_lens.tolist() == [19]
-    np.testing.assert_array_equal(layer.k[:19], np.concatenate([k1, k2]))  # row p = token p
-    k, v = layer.gather()
+    k_rows = storage_of(layer)[0][:19]  # row p of the contiguous cache holds token p
+    np.testing.assert_array_equal(k_rows, np.concatenate([k1, k2]))
+    k, v = (be.to_numpy(x) for x in layer.gather())
     np.testing.assert_array_equal(k, np.concatenate([k1, k2]))
     np.testing.assert_array_equal(v, np.concatenate([v1, v2]))
 
@@ -157,20 +164,20 @@ def test_set_len_shrinks_and_reserve_lets_an_op_write_through_the_table():
     assert layer.len == 0 and layer.allocator.num_used == 0
 
 
-def test_layers_over_a_shared_pool_and_allocator():
-    pool = KvPool(num_layers=2, num_blocks=4, block_size=4, num_kv_heads=1, head_dim=2)
+def test_sequences_over_a_shared_pool_and_allocator():
+    pool = KvPool(num_layers=1, num_blocks=4, block_size=4, num_kv_heads=1, head_dim=2)
     alloc = pool.new_allocator()
-    a = KvLayer.alloc_paged(3, 4, 1, 2, pool=pool, allocator=alloc, layer=0)
-    b = KvLayer.alloc_paged(3, 4, 1, 2, pool=pool, allocator=alloc, layer=1)
+    a = KvLayer.alloc_paged(3, 4, 1, 2, pool=pool, allocator=alloc)
+    b = KvLayer.alloc_paged(3, 4, 1, 2, pool=pool, allocator=alloc)
     ka, va = tokens_kv(8, 1, 2, seed=1)
     kb, vb = tokens_kv(3, 1, 2, seed=2)
     a.write(ka[:5], va[:5])  # blocks 0, 1
-    b.write(kb, vb)  # block 2 (of layer 1's pool)
+    b.write(kb, vb)  # block 2
     a.write(ka[5:], va[5:])  # fills block 1
     assert a.block_table.tolist() == [0, 1, -1] and b.block_table.tolist() == [2, -1, -1]
     np.testing.assert_array_equal(a.gather()[0], ka)
     np.testing.assert_array_equal(b.gather()[1], vb)
-    np.testing.assert_array_equal(pool.k_pools[1][2, :3], kb)
+    np.testing.assert_array_equal(pool.k_pools[0][2, :3], kb)
     # The pool has one block left: b cannot grow by two, and nothing changes.
     before = alloc.snapshot()
     with pytest.raises(OutOfBlocksError, match=r"needs 2 block\(s\) but only 1"):
@@ -191,8 +198,9 @@ def test_alloc_paged_argument_errors():
         KvLayer.alloc_paged(2, 8, 1, 2, pool=pool, allocator=alloc)
     with pytest.raises(ValueError, match="the allocator manages 5 blocks of 4"):
         KvLayer.alloc_paged(2, 4, 1, 2, pool=pool, allocator=BlockAllocator(5, 4))
-    with pytest.raises(ValueError, match=r"layer must be in \[0, 1\)"):
-        KvLayer.alloc_paged(2, 4, 1, 2, pool=pool, allocator=alloc, layer=1)
+    two_layers = KvPool(2, 4, 4, 1, 2)  # one KvLayer per layer would each take blocks
+    with pytest.raises(ValueError, match="needs a one-layer pool, got 2 layers"):
+        KvLayer.alloc_paged(2, 4, 1, 2, pool=two_layers, allocator=two_layers.new_allocator())
     with pytest.raises(ValueError, match="dtype 'float32' does not match"):
         KvLayer.alloc_paged(2, 4, 1, 2, pool=pool, allocator=alloc, dtype="float32")
     with pytest.raises(ValueError, match="max_blocks_per_seq must be a positive int"):
