@@ -327,6 +327,65 @@ class KvLayer:
             self._blocks = growth.blocks
         self._len += num_new
 
+    def paged_write(self, qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any,
+                    pos_offset: int, eps: float, qk_mode: int) -> Any:
+        """The seed's fused write for a paged layer: split the packed ``qkv`` rows, (norm and)
+        rotate Q and K, store K and V at positions ``pos_offset ..`` through the block table,
+        return ``q_out [T, num_q_heads, head_dim]`` (``kvlab.ref.fused_write.paged_write``).
+
+        num_q_heads is read from qkv's width, ``(Hq + 2 * Hkv) * head_dim``. pos_offset must equal
+        :attr:`len`. Blocks are reserved first (copy-on-write included); if the op raises, they go
+        back and nothing changes. Then ``len += T``.
+        """
+        if not self.is_paged:
+            raise ValueError("paged_write needs a paged layer; use contig_write")
+        num_new, num_q_heads = self._check_fused(qkv, pos_offset)
+        growth = self.allocator.grow(self._blocks, self._len, num_new)
+        try:
+            self.pool.copy_blocks(growth.copies, layers=[self.layer])
+            table = self.backend.asarray(_table_row(growth.blocks, self.max_blocks_per_seq))
+            q_out = self.backend.fused_write.paged_write(
+                qkv, q_norm_w, k_norm_w, cos, sin, self.k_pool, self.v_pool, table, pos_offset,
+                num_q_heads, self.num_kv_heads, eps, qk_mode, self.k_scales, self.v_scales,
+                self.kv_dtype)
+        except BaseException:
+            self.allocator.undo_grow(growth)
+            raise
+        self._blocks = growth.blocks
+        self._len += num_new
+        return q_out
+
+    def contig_write(self, qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any,
+                     pos_offset: int, eps: float, qk_mode: int) -> Any:
+        """:meth:`paged_write` for a contiguous layer: K/V land in rows ``pos_offset ..``
+        (``kvlab.ref.fused_write.contig_write``). Returns q_out; then ``len += T``."""
+        if self.is_paged:
+            raise ValueError("contig_write needs a contiguous layer; use paged_write")
+        num_new, num_q_heads = self._check_fused(qkv, pos_offset)
+        q_out = self.backend.fused_write.contig_write(
+            qkv, q_norm_w, k_norm_w, cos, sin, self._k, self._v, pos_offset, num_q_heads,
+            self.num_kv_heads, eps, qk_mode, self._k_scales, self._v_scales, self.kv_dtype)
+        self._len += num_new
+        return q_out
+
+    def _check_fused(self, qkv: Any, pos_offset: Any) -> tuple[int, int]:
+        """``(T, num_q_heads)`` of a fused write, after the checks only the layer can make."""
+        if not hasattr(qkv, "shape") or len(qkv.shape) != 2:
+            raise ValueError("qkv must be a 2-D array [T, (num_q_heads + 2 * num_kv_heads) * "
+                             "head_dim]")
+        if isinstance(pos_offset, bool) or not isinstance(pos_offset, Integral) or \
+                pos_offset != self._len:
+            raise ValueError(f"pos_offset must equal the cache length {self._len}, got "
+                             f"{pos_offset!r}: a write appends after the tokens already held")
+        heads, rest = divmod(int(qkv.shape[1]), self.head_dim)
+        num_q_heads = heads - 2 * self.num_kv_heads
+        if rest or num_q_heads < 1:
+            raise ValueError(f"qkv has {qkv.shape[1]} columns: not (num_q_heads + 2 x "
+                             f"{self.num_kv_heads}) heads of head_dim {self.head_dim}")
+        num_new = int(qkv.shape[0])
+        self._check_room(self._len + num_new)
+        return num_new, num_q_heads
+
     def reserve(self, num_new_tokens: int) -> None:
         """Make the block table reach positions ``len .. len+num_new_tokens-1`` without writing.
 
@@ -381,6 +440,18 @@ class KvLayer:
             return quant.gather_kv_quant(self.k_pool, self.v_pool, self.k_scales, self.v_scales,
                                          table, self._len, self.kv_dtype)
         return self.backend.paging.gather_kv(self.k_pool, self.v_pool, table, self._len)
+
+    def decode_attention(self, q: Any, cfg: Any = None, num_splits: int = 1) -> Any:
+        """Attention of q ``[T, num_q_heads, head_dim]`` over this layer's ``len`` positions (the
+        step's T tokens already written), float32 ``[T, num_q_heads, head_dim]``.
+        ``cfg``: a :class:`kvlab.attention.AttnConfig` (None = the defaults). Contiguous: the
+        seed's ``contig_decode_attention``; paged: ``paged_decode_attention`` with this layer's
+        pools, table and scales (``num_splits`` partitions, merged)."""
+        from kvlab.attention import contig_decode_attention, paged_layer_attention
+
+        if self.is_paged:
+            return paged_layer_attention(q, self, cfg, num_splits=num_splits)
+        return contig_decode_attention(q, self, cfg)
 
     def _apply_growth(self, growth: Growth) -> None:
         """Take blocks from a grow that writes nothing itself: copy shared blocks' bytes first."""

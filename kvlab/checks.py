@@ -514,3 +514,299 @@ def raise_for_values(name: str, x: np.ndarray, kv_dtype: Any) -> None:
                      f"(NaN, inf, or |x| > {kv_dtype.max_input:g} = {kv_dtype.qmax:g} x 65504, "
                      f"where the fp16 scale overflows); first at [t, head, dim] = {list(first)}: "
                      f"{host[first]}")
+
+
+# --- the attention stage ---------------------------------------------------------------------
+
+ATTN_Q_DTYPES = ("float16", "float32")  # what queries arrive as; the output is always float32
+QUANT_POOL_KV_DTYPES = {"int8": "int8", "uint8": "fp8_e4m3"}  # a quantized pool's storage -> kv_dtype
+
+
+def check_attention_options(scale: Any, sliding_window: Any, head_dim: int) -> tuple[float, int]:
+    """``scale`` (None -> ``1/sqrt(head_dim)``; else a finite number > 0) and ``sliding_window``
+    (an int >= 0; 0 = no window). Returns ``(scale as float32-representable float, window)``."""
+    if scale is None:
+        scale = 1.0 / float(np.sqrt(head_dim))
+    elif isinstance(scale, bool) or not isinstance(scale, (Integral, float, np.floating)):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0 (None = 1/sqrt(head_dim)), "
+                         f"got {scale}")
+    window = check_int("sliding_window", sliding_window, minimum=0)
+    return float(np.float32(scale)), window
+
+
+def _check_gqa(num_q_heads: int, num_kv_heads: int, q_head_dim: int, kv_head_dim: int,
+               kv_name: str) -> None:
+    """GQA (DESIGN.md §4): every KV head serves ``num_q_heads // num_kv_heads`` query heads."""
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        raise ValueError(f"q's num_q_heads ({num_q_heads}) must be a multiple of {kv_name}'s "
+                         f"num_kv_heads ({num_kv_heads}) (GQA: q head h reads kv head "
+                         f"h // (num_q_heads // num_kv_heads))")
+    if q_head_dim != kv_head_dim:
+        raise ValueError(f"q's head_dim ({q_head_dim}) must equal {kv_name}'s head_dim "
+                         f"({kv_head_dim})")
+
+
+def check_decode_attention(q: Any, k: Any, v: Any, scale: Any, causal: Any,
+                           sliding_window: Any) -> tuple[float, int]:
+    """Checks for ``decode_attention(q, k, v, scale=None, causal=True, sliding_window=0)``.
+
+    q: float16/float32 ``[T, num_q_heads, head_dim]``; k, v: float16/float32 ``[L, num_kv_heads,
+    head_dim]`` (one dtype), ``T <= L`` (the step's tokens are already in the cache). Returns
+    ``(scale, sliding_window)`` as :func:`check_attention_options`.
+    """
+    check_array("q", q, ("T", "num_q_heads", "head_dim"), dtypes=ATTN_Q_DTYPES)
+    check_array("k", k, ("L", "num_kv_heads", "head_dim"), dtypes=POOL_DTYPES)
+    check_array("v", v, ("L", "num_kv_heads", "head_dim"), shape=shape_of(k),
+                dtypes=[dtype_name(k)], matching="k")
+    num_tokens, num_q_heads, head_dim = shape_of(q)
+    length, num_kv_heads, kv_head_dim = shape_of(k)
+    _check_gqa(num_q_heads, num_kv_heads, head_dim, kv_head_dim, "k")
+    if num_tokens > length:
+        raise ValueError(f"q has {num_tokens} tokens but k holds only {length} positions: the "
+                         f"step's tokens must already be in the cache (tokens <= context)")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    return check_attention_options(scale, sliding_window, head_dim)
+
+
+def check_paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables: Any,
+                                 context_lens: Any, query_start: Any, scale: Any,
+                                 sliding_window: Any, k_scales: Any, v_scales: Any,
+                                 num_splits: Any) -> tuple[str | None, np.ndarray, np.ndarray,
+                                                           float, int, int]:
+    """Checks for ``paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens,
+    query_start, scale=None, sliding_window=0, k_scales=None, v_scales=None, num_splits=1)``.
+
+    q: float16/float32 ``[T, num_q_heads, head_dim]``, every sequence's rows one after another.
+    Pools: float16/float32 without scales, or int8 (kv_dtype ``int8``) / uint8 (``fp8_e4m3``) with
+    fp16 ``k_scales``, ``v_scales`` ``[num_blocks, block_size, num_kv_heads]``.
+    block_tables: int32 ``[num_seqs, max_blocks]``; context_lens: int32 ``[num_seqs]`` (each within
+    its table, every block read in the pool). query_start: int32 ``[num_seqs + 1]``, 0 first, T
+    last, non-decreasing; sequence s's ``query_start[s+1] - query_start[s]`` tokens must be at most
+    its context length. num_splits: int >= 1.
+
+    Returns ``(kv_dtype or None, context_lens, query_start, scale, sliding_window, num_splits)``,
+    the index arrays on the host (int64).
+    """
+    check_array("q", q, ("T", "num_q_heads", "head_dim"), dtypes=ATTN_Q_DTYPES)
+    if (k_scales is None) != (v_scales is None):
+        raise ValueError("k_scales and v_scales go together: pass both (a quantized pool) or "
+                         "neither (a float16/float32 pool)")
+    kv_dtype = None
+    if k_scales is None:
+        pool_dtype = dtype_name(k_pool) if hasattr(k_pool, "dtype") else None
+        if pool_dtype in QUANT_POOL_KV_DTYPES:
+            raise ValueError(f"k_pool holds {pool_dtype} codes ({QUANT_POOL_KV_DTYPES[pool_dtype]}"
+                             f"): pass its k_scales and v_scales")
+        num_blocks, block_size, num_kv_heads, head_dim = check_pools(k_pool, v_pool)
+    else:
+        pool_dtype = dtype_name(k_pool) if hasattr(k_pool, "dtype") else None
+        if pool_dtype not in QUANT_POOL_KV_DTYPES:
+            raise TypeError(f"k_pool must be int8 (int8 codes) or uint8 (fp8_e4m3 codes) when "
+                            f"scales are given, got {pool_dtype}")
+        kv_dtype = QUANT_POOL_KV_DTYPES[pool_dtype]
+        _, (num_blocks, block_size, num_kv_heads, head_dim) = check_quant_pools(
+            k_pool, v_pool, k_scales, v_scales, kv_dtype)
+    num_tokens, num_q_heads, q_head_dim = shape_of(q)
+    _check_gqa(num_q_heads, num_kv_heads, q_head_dim, head_dim, "k_pool")
+    if not (hasattr(block_tables, "shape") and len(block_tables.shape) == 2):
+        raise ValueError(f"block_tables must be 2-D int32 [num_seqs, max_blocks] (one row per "
+                         f"sequence), got "
+                         f"{shape_of(block_tables) if hasattr(block_tables, 'shape') else type(block_tables).__name__}")
+    lens = check_table_and_lens(block_tables, context_lens, num_blocks, block_size)
+    num_seqs = len(lens)
+    check_array("query_start", query_start, ("num_seqs + 1",), shape=[num_seqs + 1],
+                dtypes=[INDEX_DTYPE], matching="block_tables")
+    starts = host_ints(query_start)
+    if starts[0] != 0 or starts[-1] != num_tokens:
+        raise ValueError(f"query_start must begin at 0 and end at q's {num_tokens} tokens, got "
+                         f"{starts[0]} .. {starts[-1]}")
+    tokens = np.diff(starts)
+    if (tokens < 0).any():
+        raise ValueError(f"query_start must not decrease, got {_name_values(starts)}")
+    over = np.flatnonzero(tokens > lens)
+    if over.size:
+        s = int(over[0])
+        raise ValueError(f"sequence {s} has {tokens[s]} query tokens but context_lens[{s}] = "
+                         f"{lens[s]}: the step's tokens must already be in the cache "
+                         f"(tokens <= context)")
+    scale, window = check_attention_options(scale, sliding_window, head_dim)
+    splits = check_int("num_splits", num_splits, minimum=1)
+    return kv_dtype, lens, starts, scale, window, splits
+
+
+# --- the fused-write stage -------------------------------------------------------------------
+
+from dataclasses import dataclass  # noqa: E402  (this stage's section keeps its own imports)
+from numbers import Real  # noqa: E402
+
+QK_MODES = (0, 1, 2, 3)  # 0 copy · 1 RMSNorm + rotate-half · 2 rotate-half · 3 interleaved
+QKV_DTYPES = ("float16", "float32")   # the packed projection output; also q_out's dtype
+NORM_WEIGHT_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class FusedWriteShape:
+    """What :func:`check_fused_write` learned: the sizes every backend's fused write launches with.
+
+    num_tokens, num_q_heads, num_kv_heads, head_dim; rotary_dim (0 for qk_mode 0); kv_dtype
+    (a :class:`~kvlab.dtypes.KvDtype` for a quantized cache, else None); query_start and
+    pos_offsets on the host (int64 ``[num_seqs + 1]``, ``[num_seqs]``).
+    """
+
+    num_tokens: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int
+    kv_dtype: Any
+    query_start: np.ndarray
+    pos_offsets: np.ndarray
+
+
+def check_fused_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any, k_pool: Any,
+                      v_pool: Any, block_tables: Any, query_start: Any, pos_offsets: Any,
+                      num_q_heads: Any, num_kv_heads: Any, eps: Any, qk_mode: Any,
+                      k_scales: Any = None, v_scales: Any = None, kv_dtype: Any = None,
+                      paged: bool = True) -> FusedWriteShape:
+    """Checks for ``paged_write_batched`` (and so for ``paged_write`` / ``contig_write``, which
+    call it with a one-row table; ``paged=False``: a contiguous cache ``[capacity, Hkv, D]`` seen
+    as ``capacity`` blocks of one slot, block_tables unused).
+
+    qkv: float16/float32 ``[T, (num_q_heads + 2 * num_kv_heads) * head_dim]``, C-contiguous;
+    head_dim is the pool's. q_norm_w, k_norm_w: ``[head_dim]`` float16/float32 when qk_mode is 1
+    (ignored otherwise, may be None). cos, sin: float32 ``[max_positions, rotary_dim // 2]``,
+    rotary_dim <= head_dim, when qk_mode is 1..3 (ignored for 0). Pools: an fp16/fp32 pool of
+    qkv's dtype (kv_dtype None), or a quantized one (:func:`check_quant_pools`). query_start int32
+    ``[num_seqs + 1]`` from 0 to T, non-decreasing; pos_offsets int32 ``[num_seqs]`` >= 0.
+    Every new token's position (``pos_offsets[s] + i``) must have a row in the RoPE tables and a
+    block in its sequence's table (an entry in ``[0, num_blocks)``), and no two tokens may land
+    in one slot.
+    """
+    # what kind of op: mode, heads, eps
+    if isinstance(qk_mode, bool) or not isinstance(qk_mode, Integral) or qk_mode not in QK_MODES:
+        raise ValueError(f"qk_mode must be 0 (copy), 1 (RMSNorm + rotate-half RoPE), "
+                         f"2 (rotate-half RoPE) or 3 (interleaved RoPE), got {qk_mode!r}")
+    num_q_heads = positive_int("num_q_heads", num_q_heads)
+    num_kv_heads = positive_int("num_kv_heads", num_kv_heads)
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
+                         f"({num_kv_heads}): each kv head serves a whole group of q heads")
+    if isinstance(eps, bool) or not isinstance(eps, Real) or not 0 <= float(eps) < 1:
+        raise ValueError(f"eps must be a float in [0, 1) (RMSNorm's epsilon), got {eps!r}")
+
+    # the cache
+    if kv_dtype is None:
+        if k_scales is not None or v_scales is not None:
+            raise ValueError("k_scales/v_scales are only for a quantized cache: pass kv_dtype "
+                             "('int8' or 'fp8_e4m3') too")
+        if paged:
+            _, block_size, pool_heads, head_dim = check_pools(k_pool, v_pool)
+        else:
+            check_array("k_cache", k_pool, ("capacity",) + TOKEN_DIMS[1:], dtypes=POOL_DTYPES)
+            check_array("v_cache", v_pool, ("capacity",) + TOKEN_DIMS[1:], shape=k_pool.shape,
+                        dtypes=[dtype_name(k_pool)], matching="k_cache")
+            block_size, pool_heads, head_dim = 1, *shape_of(k_pool)[1:]
+        dt = None
+    else:
+        if not paged:
+            for name, arr in (("k_cache", k_pool), ("v_cache", v_pool)):
+                check_array(name, arr, ("capacity",) + TOKEN_DIMS[1:])
+            for name, arr in (("k_scales", k_scales), ("v_scales", v_scales)):
+                check_array(name, arr, ("capacity", "num_kv_heads"))
+            k_pool, v_pool = _as_slots(k_pool), _as_slots(v_pool)
+            k_scales, v_scales = _as_slots(k_scales), _as_slots(v_scales)
+        dt, (_, block_size, pool_heads, head_dim) = check_quant_pools(
+            k_pool, v_pool, k_scales, v_scales, kv_dtype)
+    num_blocks = shape_of(k_pool)[0]
+    cache = "k_pool" if paged else "k_cache"
+    if pool_heads != num_kv_heads:
+        raise ValueError(f"{cache} has {pool_heads} kv heads, but num_kv_heads is {num_kv_heads}")
+
+    # the packed rows
+    width = (num_q_heads + 2 * num_kv_heads) * head_dim
+    check_array("qkv", qkv, ("T", "(num_q_heads + 2 * num_kv_heads) * head_dim"),
+                dtypes=QKV_DTYPES)
+    if shape_of(qkv)[1] != width:
+        raise ValueError(f"qkv must have {width} columns per token ((num_q_heads {num_q_heads} + "
+                         f"2 x num_kv_heads {num_kv_heads}) x head_dim {head_dim}: Q heads, then K, "
+                         f"then V), got {shape_of(qkv)[1]}")
+    if not is_c_contiguous(qkv):
+        raise ValueError("qkv must be C-contiguous (each token's row is read as one run)")
+    if dt is None and dtype_name(qkv) != dtype_name(k_pool):
+        raise TypeError(f"qkv must have the cache's dtype {dtype_name(k_pool)} (K and V are "
+                        f"stored as they arrive), got {dtype_name(qkv)}")
+    num_tokens = shape_of(qkv)[0]
+
+    # norm weights and RoPE tables
+    if qk_mode == 1:
+        for name, w in (("q_norm_w", q_norm_w), ("k_norm_w", k_norm_w)):
+            check_array(name, w, ("head_dim",), shape=[head_dim], dtypes=NORM_WEIGHT_DTYPES,
+                        matching=cache)
+    rotary_dim, max_positions = 0, None
+    if qk_mode != 0:
+        check_array("cos", cos, ("max_positions", "rotary_dim // 2"), dtypes=[ROPE_TABLE_DTYPE])
+        check_array("sin", sin, ("max_positions", "rotary_dim // 2"), shape=shape_of(cos),
+                    dtypes=[ROPE_TABLE_DTYPE], matching="cos")
+        max_positions, half = shape_of(cos)
+        rotary_dim = 2 * half
+        if head_dim % 2 or not 2 <= rotary_dim <= head_dim:
+            raise ValueError(f"cos/sin have {half} columns (rotary_dim {rotary_dim}); RoPE needs "
+                             f"an even head_dim and 2 <= rotary_dim <= head_dim ({head_dim})")
+        for name, t in (("cos", cos), ("sin", sin)):
+            if not is_c_contiguous(t):
+                raise ValueError(f"{name} must be C-contiguous")
+
+    # where the tokens go
+    check_array("query_start", query_start, ("num_seqs + 1",), dtypes=[INDEX_DTYPE])
+    starts = host_ints(query_start)
+    num_seqs = len(starts) - 1
+    if num_seqs < 1 or starts[0] != 0 or starts[-1] != num_tokens or (np.diff(starts) < 0).any():
+        raise ValueError(f"query_start must run from 0 to T = {num_tokens} without decreasing "
+                         f"(sequence s owns rows query_start[s]:query_start[s+1]), got "
+                         f"{_name_values(starts, 8)}")
+    check_array("pos_offsets", pos_offsets, ("num_seqs",), shape=[num_seqs], dtypes=[INDEX_DTYPE],
+                matching="query_start")
+    offsets = host_ints(pos_offsets)
+    if (offsets < 0).any():
+        raise ValueError(f"pos_offsets must be >= 0 (each sequence's cache length before this "
+                         f"step), got {_name_values(offsets)}")
+    seq_of = np.repeat(np.arange(num_seqs), np.diff(starts))
+    positions = offsets[seq_of] + np.arange(num_tokens) - starts[seq_of]
+    if max_positions is not None and num_tokens and positions.max() >= max_positions:
+        raise ValueError(f"positions up to {positions.max()} are outside the RoPE table: cos and "
+                         f"sin have {max_positions} rows")
+    if paged:
+        check_block_table(block_tables)
+        if len(block_tables.shape) != 2 or shape_of(block_tables)[0] != num_seqs:
+            raise ValueError(f"block_tables must be 2-D [num_seqs, max_blocks] with num_seqs = "
+                             f"{num_seqs} rows (one per query_start segment), got shape "
+                             f"{shape_of(block_tables)}")
+        table = host_ints(block_tables)
+        columns = positions // block_size
+        short = columns >= table.shape[1]
+        if short.any():
+            raise ValueError(f"the block table is too short: positions "
+                             f"{_name_values(positions[short])} need block column "
+                             f"{int(columns[short].max())}, but a row has {table.shape[1]} "
+                             f"entries ({table.shape[1] * block_size} positions)")
+        entries = table[seq_of, columns]
+        _check_in_range("block table entries", entries, num_blocks,
+                        f"blocks of {cache}; -1 = no block allocated yet")
+        slots = entries * block_size + positions % block_size
+    else:
+        capacity = num_blocks
+        if num_tokens and positions.max() >= capacity:
+            raise ValueError(f"positions up to {positions.max()} do not fit k_cache's capacity "
+                             f"{capacity}")
+        slots = positions
+    _check_unique("slots", slots, "each slot holds one token")
+    return FusedWriteShape(num_tokens, num_q_heads, num_kv_heads, head_dim, rotary_dim, dt,
+                           starts, offsets)
+
+
+def _as_slots(cache: Any) -> Any:
+    """A contiguous cache ``[capacity, ...]`` as ``capacity`` blocks of one slot (a view)."""
+    return cache.reshape(cache.shape[0], 1, *cache.shape[1:])

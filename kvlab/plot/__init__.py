@@ -15,9 +15,14 @@ tested without a screen:
 
 ``import kvlab`` does not import Matplotlib; only ``import kvlab.plot`` does. Modules:
 :mod:`~kvlab.plot.style` (palette and axes helpers), :mod:`~kvlab.plot.tour` (00),
-:mod:`~kvlab.plot.paging` (01), :mod:`~kvlab.plot.rope` (03); later stages add theirs and
+:mod:`~kvlab.plot.paging` (01), :mod:`~kvlab.plot.rope` (03),
+:mod:`~kvlab.plot.fused_write` (04); later stages add theirs and
 re-export them here.
 """
+from kvlab.plot.attention import (
+    H100_SXM_NOMINAL, plot_roofline, plot_scores_over_table, plot_split_k,
+)
+from kvlab.plot.fused_write import plot_thread_blocks, plot_write_traffic
 from kvlab.plot.paging import (
     plot_all_layouts, plot_block_table, plot_layout_addresses, plot_pool_occupancy,
     plot_waste_summary,
@@ -43,4 +48,8 @@ __all__ = [
     "plot_pool_occupancy", "plot_tokens_that_fit", "plot_waste_summary", "policy_color", "seq_color",
     # 03 rope
     "plot_pair_layouts", "plot_pair_rotation", "plot_relative_dot", "plot_rope_frequencies",
+    # 04 fused write
+    "plot_thread_blocks", "plot_write_traffic",
+    # 05 attention
+    "H100_SXM_NOMINAL", "plot_roofline", "plot_scores_over_table", "plot_split_k",
 ]

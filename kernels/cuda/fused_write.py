@@ -1,0 +1,334 @@
+"""The fused write as one Numba CUDA kernel: :mod:`kvlab.ref.fused_write` in a single launch.
+
+Unfused, an engine runs five kernels per layer and step (norm Q, norm K, rotate Q, rotate K, write
+the cache), and each one reads its input from memory and writes its output back. Here one thread
+block owns one head of one token's packed row and carries it from ``qkv`` to its destination
+without leaving the chip: the packed row is read once, ``q_out`` and the cache are written once.
+
+The grid is ``(T tokens, Hq + 2 * Hkv heads)``: block ``(t, j)`` takes columns
+``j * D .. j * D + D - 1`` of row t, a Q head (j < Hq), a K head or a V head. Its threads::
+
+    1. load      thread i: buf[d] = float32(qkv[t, j*D + d])  for d = i, i + B, ...   (shared)
+    2. norm      (qk_mode 1, Q and K)  sq[d] = buf[d]**2, zero-padded to P = 2**k >= D;
+                 tree: sq[i] += sq[i + P/2], barrier, ... P/4 ... until sq[0] (log2 P barriers)
+                 r = 1 / sqrt(sq[0] / D + eps);  buf[d] = w[d] * dtype(buf[d] * r)
+    3. rotate    (qk_mode 1-3, Q and K) thread i owns pairs p = i, i + B, ...:
+                 (a, b) = buf[first(p)], buf[second(p)]  ->  res = (a c - b s, b c + a s)
+                 rounded to qkv's dtype; V and qk_mode 0: res[d] = buf[d]
+    4. store     Q: q_out[t, j, d] = res[d]
+                 K, V: slot = block_tables[seq, pos // block_size], offset pos % block_size;
+                 fp16/fp32 cache: pool[block, offset, h, d] = res[d]
+                 int8/fp8 cache: amax over res (shared-memory reduction, as kvlab.kernels.cuda
+                 .quant), scale = max(amax, 1e-8) / qmax, thread 0 stores fp16(scale), every
+                 thread encodes its d's
+
+Each step is the reference's float32 operation in the reference's order (the tree sum included),
+so the simulator and a GPU without FMA contraction match NumPy bit for bit. A GPU compiler may
+contract ``a * c - b * s`` into one FMA (see tests/test_rope_ops.py), which can move a rounded
+value by one ulp and, rarely, an int8 code by one: the GPU tests state that bound.
+
+The launch wrappers have ``kvlab.ref.fused_write``'s names and parameters, check the arguments
+first (:func:`kvlab.checks.check_fused_write`), and take and return Numba device arrays.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from kvlab.checks import check_fused_write
+from kvlab.kernels.cuda import MODE, cuda, kernel
+from kvlab.kernels.cuda.quant import _check_values as _check_quant_values
+from kvlab.kernels.cuda.quant import _fp8_e4m3_encode
+from kvlab.ref.fused_write import _one_sequence
+
+from numba import float32  # noqa: E402,I001  (numba is configured by kvlab.kernels.cuda)
+from numba.types import float16  # noqa: E402
+
+# Threads per block, a power of two. The simulator runs each thread as a Python thread and each
+# barrier costs it milliseconds, so it gets few: the strided loops then take several turns.
+THREADS_PER_BLOCK = 128 if MODE == "gpu" else 16
+MAX_HEAD_DIM = 512  # the shared buffers' size: one head of up to 512 dims
+
+AMAX_FLOOR = np.float32(1e-8)
+QMAX = {"int8": np.float32(127.0), "fp8_e4m3": np.float32(448.0)}
+ZERO, ONE = np.float32(0.0), np.float32(1.0)
+CACHE_KIND = {None: 0, "int8": 1, "fp8_e4m3": 2}  # the kernel's `cache_kind` argument
+
+
+def _signatures() -> tuple[str, ...]:
+    """One signature per (qkv dtype, cache storage) the wrappers pass; the norm weights arrive
+    as float32 (the wrapper widens fp16 weights on the device, exactly: see _weights)."""
+    out = []
+    for x in ("float16", "float32"):
+        for pool in (x, "int8", "uint8"):
+            out.append(
+                f"void({x}[:, ::1], float32[::1], float32[::1], float32[:, ::1], float32[:, ::1], "
+                f"{pool}[:, :, :, ::1], {pool}[:, :, :, ::1], float16[:, :, ::1], "
+                f"float16[:, :, ::1], int32[:, ::1], int32[::1], int32[::1], int64, int64, "
+                f"float32, int64, int64, boolean, boolean, float32, {x}[:, :, ::1])")
+    return tuple(out)
+
+
+# --- device functions (inlined: see kvlab.kernels.cuda.quant) -----------------------------------
+#
+# RoPE's ``a * c - b * s`` is where a GPU compiler likes to contract a multiply and a subtract
+# into one FMA (one rounding instead of two), which the reference does not do. On a GPU the
+# products go through libdevice's ``fmul_rn``, a multiply the compiler promises never to
+# contract; the simulator (plain Python floats, no contraction) multiplies as written.
+
+if MODE == "gpu":
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline="always")
+    def _mul_rn(a, b):
+        return libdevice.fmul_rn(a, b)
+else:
+    @cuda.jit(device=True, inline="always")
+    def _mul_rn(a, b):
+        return a * b
+
+
+@cuda.jit(device=True, inline="always")
+def _shared_amax(values, length, partial):
+    """max |values[d]| for d < length, over the whole thread block (two barriers)."""
+    tid = cuda.threadIdx.x
+    local = ZERO
+    for d in range(tid, length, cuda.blockDim.x):
+        local = max(local, abs(values[d]))
+    partial[tid] = local
+    cuda.syncthreads()
+    if tid == 0:
+        for i in range(1, cuda.blockDim.x):
+            local = max(local, partial[i])
+        partial[0] = local
+    cuda.syncthreads()
+    return partial[0]
+
+
+@cuda.jit(device=True, inline="always")
+def _store(res, head_dim, pool, scales, block, offset, head, cache_kind, qmax, partial):
+    """Write one head's values into the cache: as they are, or quantized with their scale."""
+    if cache_kind == 0:
+        for d in range(cuda.threadIdx.x, head_dim, cuda.blockDim.x):
+            pool[block, offset, head, d] = res[d]
+        return
+    amax = _shared_amax(res, head_dim, partial)
+    scale = max(amax, AMAX_FLOOR) / qmax
+    if cuda.threadIdx.x == 0:
+        scales[block, offset, head] = scale
+    for d in range(cuda.threadIdx.x, head_dim, cuda.blockDim.x):
+        y = min(max(res[d] / scale, -qmax), qmax)
+        if cache_kind == 1:
+            pool[block, offset, head, d] = round(y)
+        else:
+            pool[block, offset, head, d] = _fp8_e4m3_encode(y)
+
+
+# --- the kernel -----------------------------------------------------------------------------
+
+@kernel(*_signatures())
+def fused_write_kernel(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales,
+                       block_tables, query_start, pos_offsets, num_q_heads, num_kv_heads, eps,
+                       qk_mode, cache_kind, paged, is_half, qmax, q_out):
+    token = cuda.blockIdx.x
+    row = cuda.blockIdx.y  # which head of the packed row: Q heads, then K, then V
+    tid = cuda.threadIdx.x
+    step = cuda.blockDim.x
+    head_dim = q_out.shape[2]
+    buf = cuda.shared.array(MAX_HEAD_DIM, np.float32)
+    res = cuda.shared.array(MAX_HEAD_DIM, np.float32)
+    partial = cuda.shared.array(THREADS_PER_BLOCK, np.float32)
+
+    seq = 0  # this token's sequence: few sequences, so a walk is simpler than a search
+    while token >= query_start[seq + 1]:
+        seq += 1
+    pos = pos_offsets[seq] + token - query_start[seq]
+    is_v = row >= num_q_heads + num_kv_heads
+    rotate = qk_mode != 0 and not is_v
+
+    # 1. load one head of the packed row (each thread keeps the d's it loaded until step 3)
+    for d in range(tid, head_dim, step):
+        buf[d] = float32(qkv[token, row * head_dim + d])
+
+    # 2. RMSNorm: the tree-ordered sum of squares, then scale, round (HF's cast), weight
+    if qk_mode == 1 and rotate:
+        width = 1
+        while width < head_dim:
+            width *= 2
+        for d in range(tid, width, step):
+            res[d] = buf[d] * buf[d] if d < head_dim else ZERO
+        cuda.syncthreads()
+        while width > 1:
+            width //= 2
+            for i in range(tid, width, step):
+                res[i] += res[i + width]
+            cuda.syncthreads()
+        r = ONE / math.sqrt(res[0] / float32(head_dim) + eps)
+        cuda.syncthreads()  # everyone has read res[0] before step 3 overwrites it
+        for d in range(tid, head_dim, step):
+            n = buf[d] * r
+            if is_half:
+                n = float32(float16(n))
+            w = q_norm_w[d] if row < num_q_heads else k_norm_w[d]
+            buf[d] = float32(w) * n
+    cuda.syncthreads()
+
+    # 3. rotate pairs (or copy), rounding to qkv's dtype once
+    if rotate:
+        half = cos.shape[1]  # rotary_dim / 2
+        for p in range(tid, head_dim // 2, step):
+            if p < half:
+                if qk_mode == 3:  # interleaved: neighbours
+                    i = 2 * p
+                    j = i + 1
+                else:  # rotate-half
+                    i = p
+                    j = p + half
+                c = cos[pos, p]
+                s = sin[pos, p]
+                a = buf[i]
+                b = buf[j]
+                out_i = _mul_rn(a, c) - _mul_rn(b, s)
+                out_j = _mul_rn(b, c) + _mul_rn(a, s)
+            else:  # pass-through dims beyond rotary_dim
+                i = 2 * half + 2 * (p - half)
+                j = i + 1
+                out_i = buf[i]
+                out_j = buf[j]
+            if is_half:
+                out_i = float32(float16(out_i))
+                out_j = float32(float16(out_j))
+            res[i] = out_i
+            res[j] = out_j
+    else:
+        for d in range(tid, head_dim, step):
+            res[d] = buf[d]
+    cuda.syncthreads()
+
+    # 4. store: Q to q_out, K and V to the cache
+    if row < num_q_heads:
+        for d in range(tid, head_dim, step):
+            q_out[token, row, d] = res[d]
+        return
+    if paged:
+        block_size = k_pool.shape[1]
+        block = block_tables[seq, pos // block_size]
+        offset = pos % block_size
+    else:  # a contiguous cache: capacity blocks of one slot
+        block = pos
+        offset = 0
+    if is_v:
+        _store(res, head_dim, v_pool, v_scales, block, offset, row - num_q_heads - num_kv_heads,
+               cache_kind, qmax, partial)
+    else:
+        _store(res, head_dim, k_pool, k_scales, block, offset, row - num_q_heads, cache_kind,
+               qmax, partial)
+
+
+# --- launch wrappers ---------------------------------------------------------------------------
+
+@kernel("void(float16[::1], float32[::1])")
+def cast_kernel(src, dst):
+    i = cuda.grid(1)
+    if i < src.shape[0]:
+        dst[i] = src[i]
+
+
+def _weights(w: Any) -> Any:
+    """A norm weight as float32, which the kernel reads (fp16 -> fp32 is exact). A weight is
+    ``head_dim`` numbers per model: an engine widens it once at load time; here one tiny launch."""
+    if w.dtype == np.float32:
+        return w
+    out = cuda.device_array(w.shape[0], dtype=np.float32)
+    cast_kernel[-(-w.shape[0] // THREADS_PER_BLOCK), THREADS_PER_BLOCK](w, out)
+    return out
+
+
+_DUMMIES: dict[str, Any] = {}
+
+
+def _dummy(kind: str) -> Any:
+    """A tiny device array standing in for an argument a mode does not read (made once)."""
+    if kind not in _DUMMIES:
+        shapes = {"float16": ((1,), np.float16), "float32": ((1,), np.float32),
+                  "table": ((1, 1), np.float32),
+                  "scales": ((1, 1, 1), np.float16), "block_tables": ((1, 1), np.int32)}
+        shape, dtype = shapes[kind]
+        _DUMMIES[kind] = cuda.to_device(np.zeros(shape, dtype))
+    return _DUMMIES[kind]
+
+
+def _launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales, block_tables,
+            query_start, pos_offsets, shape, eps, qk_mode, kv_dtype, paged) -> Any:
+    if shape.head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"the CUDA fused write holds a head in shared memory: head_dim must be "
+                         f"<= {MAX_HEAD_DIM}, got {shape.head_dim}")
+    if shape.kv_dtype is not None:  # a quantized cache never holds NaN/inf (as write_kv_quant)
+        heads = qkv.reshape(qkv.shape[0], qkv.shape[1] // shape.head_dim, shape.head_dim)
+        hq, hkv = shape.num_q_heads, shape.num_kv_heads
+        _check_quant_values("qkv's K", heads[:, hq:hq + hkv], shape.kv_dtype)
+        _check_quant_values("qkv's V", heads[:, hq + hkv:], shape.kv_dtype)
+    q_out = cuda.device_array((shape.num_tokens, shape.num_q_heads, shape.head_dim),
+                              dtype=qkv.dtype)
+    if shape.num_tokens == 0:
+        return q_out
+    if qk_mode != 1:
+        q_norm_w = k_norm_w = _dummy("float32")
+    else:
+        q_norm_w, k_norm_w = _weights(q_norm_w), _weights(k_norm_w)
+    if qk_mode == 0:
+        cos = sin = _dummy("table")
+    if kv_dtype is None:
+        k_scales = v_scales = _dummy("scales")
+    if not paged:
+        block_tables = _dummy("block_tables")
+    grid = (shape.num_tokens, shape.num_q_heads + 2 * shape.num_kv_heads)
+    fused_write_kernel[grid, THREADS_PER_BLOCK](
+        qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales, block_tables,
+        query_start, pos_offsets, shape.num_q_heads, shape.num_kv_heads, np.float32(eps),
+        qk_mode, CACHE_KIND[kv_dtype], paged, qkv.dtype == np.float16,
+        QMAX.get(kv_dtype, ONE), q_out)
+    return q_out
+
+
+def paged_write_batched(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any, k_pool: Any,
+                        v_pool: Any, block_tables: Any, query_start: Any, pos_offsets: Any,
+                        num_q_heads: int, num_kv_heads: int, eps: float, qk_mode: int,
+                        k_scales: Any = None, v_scales: Any = None,
+                        kv_dtype: str | None = None) -> Any:
+    """Many sequences' new tokens in one launch; as :func:`kvlab.ref.fused_write.paged_write_batched`
+    (device arrays; returns q_out as a new device array)."""
+    shape = check_fused_write(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, block_tables,
+                              query_start, pos_offsets, num_q_heads, num_kv_heads, eps, qk_mode,
+                              k_scales, v_scales, kv_dtype)
+    return _launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales,
+                   block_tables, query_start, pos_offsets, shape, eps, qk_mode, kv_dtype, True)
+
+
+def paged_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any, k_pool: Any,
+                v_pool: Any, block_table: Any, pos_offset: int, num_q_heads: int,
+                num_kv_heads: int, eps: float, qk_mode: int, k_scales: Any = None,
+                v_scales: Any = None, kv_dtype: str | None = None) -> Any:
+    """One sequence; as :func:`kvlab.ref.fused_write.paged_write` (device arrays)."""
+    table, starts, offsets = _one_sequence(qkv, block_table, pos_offset)
+    return paged_write_batched(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, table,
+                               cuda.to_device(starts), cuda.to_device(offsets), num_q_heads,
+                               num_kv_heads, eps, qk_mode, k_scales, v_scales, kv_dtype)
+
+
+def contig_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any, k_cache: Any,
+                 v_cache: Any, pos_offset: int, num_q_heads: int, num_kv_heads: int, eps: float,
+                 qk_mode: int, k_scales: Any = None, v_scales: Any = None,
+                 kv_dtype: str | None = None) -> Any:
+    """A contiguous cache; as :func:`kvlab.ref.fused_write.contig_write` (device arrays)."""
+    _, starts, offsets = _one_sequence(qkv, None, pos_offset)
+    starts, offsets = cuda.to_device(starts), cuda.to_device(offsets)
+    shape = check_fused_write(qkv, q_norm_w, k_norm_w, cos, sin, k_cache, v_cache, None, starts,
+                              offsets, num_q_heads, num_kv_heads, eps, qk_mode, k_scales,
+                              v_scales, kv_dtype, paged=False)
+    pools = [c.reshape(c.shape[0], 1, *c.shape[1:]) if c is not None else None
+             for c in (k_cache, v_cache, k_scales, v_scales)]  # capacity blocks of one slot
+    return _launch(qkv, q_norm_w, k_norm_w, cos, sin, pools[0], pools[1], pools[2], pools[3],
+                   None, starts, offsets, shape, eps, qk_mode, kv_dtype, False)

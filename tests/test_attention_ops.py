@@ -1,0 +1,213 @@
+"""Stage 5 (decode attention) ops: every backend against the NumPy reference, ragged batches and
+edge shapes included, split-K, quantized pools, bad inputs, and real sizes on a real GPU.
+
+Tolerance: ``|got - ref| <= 1e-5 * max|ref| + 1e-6``. All backends compute in float32, but sum in
+different orders (the CUDA kernel in tiles of keys with an online softmax, torch in BLAS blocks,
+split-K in partitions), so results differ by a few ulps of the largest partial sums.
+The cuda backend runs in Numba's simulator here (every thread a Python thread, every barrier tens
+of ms): shapes stay small, except one 1024-position case with one tiny head.
+"""
+import numpy as np
+import pytest
+
+from kvlab.backends import BACKENDS, get_backend
+from kvlab.ref.attention import decode_attention, paged_decode_attention
+from kvlab.ref.quant import write_kv_quant
+
+RTOL = 1e-5
+BLOCK = 4
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return get_backend(request.param)
+
+
+def assert_close(got, want):
+    assert got.shape == want.shape and got.dtype == np.float32
+    bound = RTOL * max(1.0, float(np.abs(want).max(initial=0))) + 1e-6
+    assert np.abs(got - want).max(initial=0) <= bound, np.abs(got - want).max()
+
+
+def paged_batch(lens, tokens, num_q_heads, num_kv_heads, head_dim, block_size=BLOCK, seed=0,
+                kv_dtype=None):
+    """A ragged batch over a shuffled pool: (q, k_pool, v_pool, tables, lens, query_start,
+    k_scales, v_scales). ``kv_dtype`` "int8" / "fp8_e4m3" quantizes the pool with write_kv_quant."""
+    rng = np.random.default_rng(seed)
+    need = [-(-n // block_size) for n in lens]
+    num_blocks = sum(need) + 2
+    ids = rng.permutation(num_blocks).astype(np.int32)
+    tables = np.full((len(lens), max(need) + 1), -1, np.int32)
+    used = 0
+    for s, n in enumerate(need):
+        tables[s, :n] = ids[used:used + n]
+        used += n
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_pool, v_pool = (rng.standard_normal(shape).astype(np.float16) for _ in range(2))
+    k_scales = v_scales = None
+    if kv_dtype:
+        storage = np.int8 if kv_dtype == "int8" else np.uint8
+        codes = [np.zeros(shape, storage) for _ in range(2)]
+        k_scales, v_scales = (np.zeros(shape[:3], np.float16) for _ in range(2))
+        slots = np.arange(num_blocks * block_size, dtype=np.int32)
+        flat = lambda p: p.reshape(-1, num_kv_heads, head_dim)
+        write_kv_quant(flat(k_pool), flat(v_pool), *codes, k_scales, v_scales, slots, kv_dtype)
+        k_pool, v_pool = codes
+    q = rng.standard_normal((sum(tokens), num_q_heads, head_dim)).astype(np.float32)
+    starts = np.concatenate([[0], np.cumsum(tokens)]).astype(np.int32)
+    return q, k_pool, v_pool, tables, np.array(lens, np.int32), starts, k_scales, v_scales
+
+
+def run_paged(backend, args, **options):
+    q, k_pool, v_pool, tables, lens, starts, k_scales, v_scales = args
+    on = lambda a: None if a is None else backend.asarray(a)
+    out = backend.attention.paged_decode_attention(
+        on(q), on(k_pool), on(v_pool), on(tables), on(lens), on(starts), k_scales=on(k_scales),
+        v_scales=on(v_scales), **options)
+    return backend.to_numpy(out)
+
+
+def reference(args, **options):
+    q, k_pool, v_pool, tables, lens, starts, k_scales, v_scales = args
+    return paged_decode_attention(q, k_pool, v_pool, tables, lens, starts, k_scales=k_scales,
+                                  v_scales=v_scales, **options)
+
+
+# (lens, tokens per sequence, num_q_heads, num_kv_heads, head_dim, options)
+CASES = {
+    "decode-ragged-1,bs-1,bs,bs+1-GQA": ([1, BLOCK - 1, BLOCK, BLOCK + 1], [1, 1, 1, 1], 4, 2, 64, {}),
+    "MQA": ([7, 16], [1, 1], 4, 1, 32, {}),
+    "MHA-prefill-chunk": ([9], [3], 2, 2, 64, {}),
+    "whole-prompt-prefill": ([5, 12], [5, 4], 4, 2, 16, {}),
+    "window-1": ([6, 9], [2, 1], 2, 1, 16, {"sliding_window": 1}),
+    "window-5": ([13, 20], [3, 1], 2, 1, 16, {"sliding_window": 5}),
+    "head_dim-128": ([5], [1], 1, 1, 128, {}),
+    "head_dim-256": ([3], [2], 2, 1, 256, {}),
+    "a-sequence-without-tokens": ([4, 7, 2], [1, 0, 2], 2, 1, 16, {}),
+    "group-10-over-two-head-tiles": ([5], [2], 10, 1, 16, {}),
+    "scale-given": ([6], [2], 2, 2, 16, {"scale": 0.7}),
+}
+
+
+SPLIT_ON_THE_SIMULATOR = {"window-5", "whole-prompt-prefill", "a-sequence-without-tokens"}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_paged_decode_attention_matches_reference(backend, name):
+    lens, tokens, hq, hkv, d, options = CASES[name]
+    args = paged_batch(lens, tokens, hq, hkv, d)
+    want = reference(args, **options)
+    # one split, and three (a split-K launch + merge); the simulator splits a few cases only
+    splits = (1, 3) if backend.name != "cuda" or name in SPLIT_ON_THE_SIMULATOR else (1,)
+    for num_splits in splits:
+        assert_close(run_paged(backend, args, num_splits=num_splits, **options), want)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_quantized_pools_match_reference(backend, kv_dtype, num_splits):
+    args = paged_batch([3, 9], [1, 2], 4, 2, 32, kv_dtype=kv_dtype, seed=1)
+    want = reference(args)
+    assert_close(run_paged(backend, args, num_splits=num_splits, sliding_window=6),
+                 reference(args, sliding_window=6))
+    assert_close(run_paged(backend, args, num_splits=num_splits), want)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 5, 8, 13])
+def test_split_k_equal_for_any_number_of_splits(backend, num_splits):
+    # 13 splits of 9 positions: ceil(9/13) = 1 each, so four partitions are empty
+    args = paged_batch([1, 9], [1, 2], 2, 1, 16, seed=2)
+    assert_close(run_paged(backend, args, num_splits=num_splits), reference(args))
+
+
+@pytest.mark.parametrize("name", [
+    "numpy", "torch", pytest.param("cuda", marks=pytest.mark.slow)])
+def test_context_1024(name):
+    # a length that has broken other engines' split kernels (partition boundaries at powers of
+    # two); one tiny head. The simulator takes ~3 s per query row here, so it runs one row.
+    backend = get_backend(name)
+    lens, tokens = ([1024], [1]) if name == "cuda" else ([1024, 1023], [1, 2])
+    args = paged_batch(lens, tokens, 1, 1, 8, block_size=16, seed=3)
+    for splits in (1, 4) if name == "cuda" else (1, 4, 7):
+        assert_close(run_paged(backend, args, num_splits=splits), reference(args))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [0, 3])
+def test_decode_attention_matches_reference(backend, causal, window):
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((3, 4, 16)).astype(np.float16)
+    k, v = (rng.standard_normal((10, 2, 16)).astype(np.float32) for _ in range(2))
+    want = decode_attention(q, k, v, causal=causal, sliding_window=window)
+    got = backend.attention.decode_attention(*(backend.asarray(a) for a in (q, k, v)),
+                                             causal=causal, sliding_window=window)
+    assert_close(backend.to_numpy(got), want)
+
+
+def test_empty_query(backend):
+    args = paged_batch([3], [0], 2, 1, 16)
+    assert run_paged(backend, args).shape == (0, 2, 16)
+
+
+# --- bad inputs: the same clear error on every backend, before anything is computed ---------------
+
+def bad(backend, args, error, match, **options):
+    with pytest.raises(error, match=match):
+        run_paged(backend, args, **options)
+
+
+def test_rejects_bad_inputs(backend):
+    good = paged_batch([5, 3], [1, 2], 4, 2, 16)
+    q, k_pool, v_pool, tables, lens, starts, _, _ = good
+    bad(backend, (q[:, :3], *good[1:]), ValueError, "multiple of k_pool's num_kv_heads")
+    bad(backend, (q[..., :8].copy(), *good[1:]), ValueError, "head_dim")
+    over = lens.copy()
+    over[1] = tables.shape[1] * BLOCK + 1
+    bad(backend, (*good[:4], over, *good[5:]), ValueError, r"context_len\[1\] must be in")
+    short = np.array([5, 1], np.int32)  # sequence 1 has 2 query tokens but a context of 1
+    bad(backend, (*good[:4], short, *good[5:]), ValueError, "tokens <= context")
+    bad(backend, (*good[:5], np.array([0, 1], np.int32), *good[6:]), ValueError, "query_start")
+    bad(backend, (*good[:5], np.array([0, 2, 1], np.int32), *good[6:]), ValueError, "query_start")
+    bad(backend, good, ValueError, "num_splits", num_splits=0)
+    bad(backend, good, ValueError, "scale", scale=-1.0)
+    bad(backend, good, ValueError, "sliding_window", sliding_window=-2)
+    codes = np.zeros(k_pool.shape, np.int8)
+    bad(backend, (q, codes, codes, *good[3:]), ValueError, "pass its k_scales")
+    scales = np.zeros(k_pool.shape[:3], np.float16)
+    bad(backend, (*good[:6], scales, None), ValueError, "go together")
+    bad(backend, (*good[:6], scales, scales), TypeError, "int8 .* or uint8")
+    bad(backend, (q.astype(np.int32), *good[1:]), TypeError, "q must have dtype")
+    bad(backend, (q, k_pool, v_pool, tables[0], *good[4:]), ValueError, "2-D")
+
+
+def test_decode_attention_rejects_bad_inputs(backend):
+    q = backend.asarray(np.zeros((4, 4, 8), np.float32))
+    k = backend.asarray(np.zeros((3, 2, 8), np.float32))
+    with pytest.raises(ValueError, match="tokens <= context"):
+        backend.attention.decode_attention(q, k, k)
+    k3 = backend.asarray(np.zeros((5, 3, 8), np.float32))
+    with pytest.raises(ValueError, match="multiple"):
+        backend.attention.decode_attention(q, k3, k3)
+
+
+# --- real sizes, real GPU (skipped without one; ../shared/gpu/run.sh runs them) ----------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8_e4m3"])
+@pytest.mark.parametrize("num_splits", [1, 8])
+def test_gpu_at_real_size(kv_dtype, num_splits):
+    # batch 8 x up to 4k context, 8 kv heads, GQA 4, head_dim 128
+    lens = [4096, 4000, 3000, 1024, 513, 17, 2048, 4095]
+    args = paged_batch(lens, [1] * 8, 32, 8, 128, block_size=16, seed=7, kv_dtype=kv_dtype)
+    gpu = get_backend("cuda", device="gpu")
+    assert_close(run_paged(gpu, args, num_splits=num_splits), reference(args))
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitize
+def test_gpu_prefill_chunk_with_window_under_sanitizer():
+    args = paged_batch([300, 77], [16, 5], 8, 2, 64, block_size=16, seed=8, kv_dtype="int8")
+    gpu = get_backend("cuda", device="gpu")
+    for splits in (1, 5):
+        assert_close(run_paged(gpu, args, num_splits=splits, sliding_window=40),
+                     reference(args, sliding_window=40))

@@ -1,0 +1,283 @@
+"""Stage 4 (fused write) on every backend against the unfused NumPy path, bad inputs on every
+backend, the KvLayer methods, and the CUDA kernel at a real size on a GPU.
+
+The unfused path is built from the earlier stages' NumPy ops: ``slot_mapping``, then
+``split_qkv_norm_rope``, then ``write_kv`` (``write_kv_quant`` for int8/fp8). Tolerances:
+
+| what | bound | why |
+|---|---|---|
+| q_out, fp16/fp32 cache, scales, int8/fp8 codes | bit for bit | every backend does the reference's float32 operations in its order (tree-ordered sum of squares; RoPE products through ``fmul_rn`` on a GPU, so no FMA contraction) |
+
+The cuda backend runs in Numba's simulator here, where a barrier costs milliseconds: it gets a
+subset of the cases (marked ``sim``), each a few tokens of <= 4 heads; the GPU test runs a real size.
+"""
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvlab.backends import BACKENDS, cuda_mode, get_backend
+from kvlab.cache import KvLayer
+from kvlab.ref.fused_write import split_qkv_norm_rope, token_positions
+from kvlab.ref.paging import slot_mapping, write_kv
+from kvlab.ref.quant import write_kv_quant
+from kvlab.ref.rope import rope_tables
+
+STORAGE = {None: None, "int8": np.int8, "fp8_e4m3": np.uint8}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return get_backend(request.param)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def make_case(tokens, hq, hkv, d, pos_offset, dtype="float16", kv_dtype=None, block_size=16,
+              shuffled=True, seed=0, rotary_dim=None):
+    rng = np.random.default_rng(seed)
+    qkv = (3 * rng.standard_normal((tokens, (hq + 2 * hkv) * d))).astype(dtype)
+    q_w = (1 + 0.2 * rng.standard_normal(d)).astype(np.float32)
+    k_w = (1 + 0.2 * rng.standard_normal(d)).astype(np.float16)
+    cos, sin = rope_tables(pos_offset + tokens + 3, rotary_dim or d, 1000000.0)
+    blocks = -(-(pos_offset + tokens) // block_size)
+    num_blocks = blocks + 2
+    ids = rng.permutation(num_blocks)[:blocks] if shuffled else np.arange(blocks)
+    table = np.full(blocks + 1, -1, np.int32)
+    table[:blocks] = ids
+    storage = STORAGE[kv_dtype] or dtype
+    pools = [np.zeros((num_blocks, block_size, hkv, d), storage) for _ in range(2)]
+    scales = ([np.zeros((num_blocks, block_size, hkv), np.float16) for _ in range(2)]
+              if kv_dtype else [None, None])
+    return dict(qkv=qkv, q_norm_w=q_w, k_norm_w=k_w, cos=cos, sin=sin, k_pool=pools[0],
+                v_pool=pools[1], block_table=table, pos_offset=pos_offset, num_q_heads=hq,
+                num_kv_heads=hkv, eps=1e-6, k_scales=scales[0], v_scales=scales[1],
+                kv_dtype=kv_dtype)
+
+
+def unfused(case: dict, qk_mode: int) -> dict:
+    """The reference answer from the earlier stages' ops, on copies of the case's pools."""
+    out = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in case.items()}
+    tokens = case["qkv"].shape[0]
+    positions = np.arange(case["pos_offset"], case["pos_offset"] + tokens, dtype=np.int32)
+    slots = slot_mapping(case["block_table"], positions, case["k_pool"].shape[1])
+    q, k, v = split_qkv_norm_rope(case["qkv"], case["q_norm_w"], case["k_norm_w"], case["cos"],
+                                  case["sin"], positions, case["num_q_heads"],
+                                  case["num_kv_heads"], case["k_pool"].shape[3], case["eps"],
+                                  qk_mode)
+    if case["kv_dtype"]:
+        write_kv_quant(k, v, out["k_pool"], out["v_pool"], out["k_scales"], out["v_scales"],
+                       slots, case["kv_dtype"])
+    else:
+        write_kv(k, v, out["k_pool"], out["v_pool"], slots)
+    out["q_out"] = q
+    return out
+
+
+ARRAYS = ("qkv", "q_norm_w", "k_norm_w", "cos", "sin", "k_pool", "v_pool", "block_table",
+          "k_scales", "v_scales")
+
+
+def run_paged_write(backend, case: dict, qk_mode: int) -> dict:
+    moved = {k: (backend.asarray(v) if k in ARRAYS and v is not None else v)
+             for k, v in case.items()}
+    q = backend.fused_write.paged_write(qk_mode=qk_mode, **moved)
+    got = {k: backend.to_numpy(moved[k]) for k in ("k_pool", "v_pool", "k_scales", "v_scales")
+           if moved[k] is not None}
+    got["q_out"] = backend.to_numpy(q)
+    return got
+
+
+def assert_fused_equals_unfused(got: dict, want: dict) -> None:
+    for name, array in got.items():
+        assert same_bits(array, want[name]), name
+
+
+CASES = [  # id, tokens, hq, hkv, d, pos_offset, dtype, kv_dtype, sim
+    ("cross-block-14+5", 5, 2, 1, 64, 14, "float16", None, True),
+    ("cross-block-int8", 5, 2, 1, 64, 14, "float16", "int8", True),
+    ("decode-1-fp8", 1, 4, 1, 64, 30, "float16", "fp8_e4m3", True),
+    ("prefill-0-gqa4", 20, 4, 1, 64, 0, "float16", None, False),
+    ("prefill-0-gqa8-int8", 40, 8, 1, 32, 0, "float16", "int8", False),
+    ("mha-2-heads-fp32", 9, 2, 2, 64, 7, "float32", None, False),
+    ("fp32-int8", 6, 2, 2, 64, 3, "float32", "int8", False),
+    ("d128", 3, 2, 1, 128, 40, "float16", "int8", False),
+    ("d256", 2, 1, 1, 256, 17, "float16", None, True),
+]
+
+
+@pytest.mark.parametrize("qk_mode", [0, 1, 2, 3])
+@pytest.mark.parametrize("cid, tokens, hq, hkv, d, pos_offset, dtype, kv_dtype, sim", CASES,
+                         ids=[c[0] for c in CASES])
+def test_paged_write_equals_unfused(backend, qk_mode, cid, tokens, hq, hkv, d, pos_offset, dtype,
+                                    kv_dtype, sim):
+    if backend.name == "cuda" and backend.device == "simulator" and not (sim and qk_mode in (1, 3)):
+        pytest.skip("simulator: a subset of cases (qk_mode 1 and 3); the GPU run takes them all")
+    case = make_case(tokens, hq, hkv, d, pos_offset, dtype, kv_dtype, seed=tokens + qk_mode)
+    assert_fused_equals_unfused(run_paged_write(backend, case, qk_mode), unfused(case, qk_mode))
+
+
+def test_partial_rotary_and_unshuffled_table(backend):
+    case = make_case(4, 2, 1, 64, 12, rotary_dim=32, shuffled=False)
+    assert_fused_equals_unfused(run_paged_write(backend, case, 1), unfused(case, 1))
+
+
+def test_contig_write_equals_paged_write(backend):
+    """A contiguous cache holds what a paged one does, row p = position p."""
+    for kv_dtype in (None, "int8"):
+        case = make_case(3, 2, 1, 32, 5, kv_dtype=kv_dtype, block_size=1, shuffled=False)
+        want = unfused(case, 1)
+        cap = case["k_pool"].shape[0]
+        caches = {"k_cache": case["k_pool"].reshape(cap, 1, 32), "v_cache": case["v_pool"]
+                  .reshape(cap, 1, 32)}
+        scales = {k: (None if case[k] is None else case[k].reshape(cap, 1)) for k in
+                  ("k_scales", "v_scales")}
+        args = {k: case[k] for k in ("qkv", "q_norm_w", "k_norm_w", "cos", "sin")}
+        moved = {k: backend.asarray(v) for k, v in {**args, **caches}.items()}
+        moved_scales = {k: (None if v is None else backend.asarray(v)) for k, v in scales.items()}
+        q = backend.fused_write.contig_write(
+            **moved, pos_offset=5, num_q_heads=2, num_kv_heads=1, eps=1e-6, qk_mode=1,
+            kv_dtype=kv_dtype, **moved_scales)
+        assert same_bits(backend.to_numpy(q), want["q_out"])
+        assert same_bits(backend.to_numpy(moved["k_cache"]), want["k_pool"].reshape(cap, 1, 32))
+        if kv_dtype:
+            assert same_bits(backend.to_numpy(moved_scales["v_scales"]),
+                             want["v_scales"].reshape(cap, 1))
+
+
+def test_batched_write_equals_one_sequence_at_a_time(backend):
+    """Three sequences (3, 1 and 0 new tokens) in one call; each lands where paged_write puts it."""
+    rng = np.random.default_rng(3)
+    hq, hkv, d, bs = 2, 1, 32, 4
+    offsets = [6, 0, 2]  # 3, 1 and 0 new tokens: query_start below
+    qkv = rng.standard_normal((4, (hq + 2 * hkv) * d)).astype(np.float16)
+    tables = np.array([[5, 1, 7], [2, -1, -1], [0, -1, -1]], np.int32)
+    cos, sin = rope_tables(16, d, 10000.0)
+    w = np.ones(d, np.float32)
+    pools = [np.zeros((8, bs, hkv, d), np.float16) for _ in range(2)]
+    starts = np.array([0, 3, 4, 4], np.int32)
+    want_pools = [p.copy() for p in pools]
+    want_q = []
+    for s in range(3):
+        rows = qkv[starts[s]:starts[s + 1]]
+        want_q.append(get_backend("numpy").fused_write.paged_write(
+            rows, w, w, cos, sin, *want_pools, tables[s], offsets[s], hq, hkv, 1e-6, 1))
+    moved = [backend.asarray(a) for a in (qkv, w, w, cos, sin, *pools, tables, starts,
+                                          np.array(offsets, np.int32))]
+    q = backend.fused_write.paged_write_batched(*moved, hq, hkv, 1e-6, 1)
+    assert same_bits(backend.to_numpy(q), np.concatenate(want_q))
+    assert same_bits(backend.to_numpy(moved[5]), want_pools[0])
+    assert same_bits(backend.to_numpy(moved[6]), want_pools[1])
+    seq, pos = token_positions(starts, np.array(offsets))
+    assert seq.tolist() == [0, 0, 0, 1] and pos.tolist() == [6, 7, 8, 0]
+
+
+# --- bad inputs: a clear error, and nothing written ----------------------------------------------
+
+BAD = [  # {argument: bad value}, error, message
+    ({"qkv": np.zeros((5, 3 * 64), np.float16)}, ValueError,
+     r"qkv must have 256 columns per token \(\(num_q_heads 2 \+ 2 x num_kv_heads 1\) x head_dim "
+     r"64"),
+    ({"num_q_heads": 3}, ValueError, "qkv must have 320 columns"),
+    ({"num_q_heads": 3, "num_kv_heads": 2}, ValueError, "must be a multiple of num_kv_heads"),
+    ({"qkv": np.zeros((5, 256), np.float32)}, TypeError, "qkv must have the cache's dtype"),
+    ({"block_table": np.array([1], np.int32)}, ValueError, "the block table is too short"),
+    ({"block_table": np.array([1, -1], np.int32)}, ValueError,
+     r"block table entries must be in \[0, 4\).*got \[-1, -1, -1\]"),
+    ({"pos_offset": -1}, ValueError, r"pos_offset must be in \[0, 2\*\*31\)"),
+    ({"pos_offset": 40}, ValueError, "outside the RoPE table"),
+    ({"qk_mode": 4}, ValueError, "qk_mode must be 0"),
+    ({"eps": -1.0}, ValueError, "eps must be a float"),
+    ({"q_norm_w": np.ones(32, np.float32)}, ValueError, r"q_norm_w must have shape \[head_dim\]"),
+    ({"k_norm_w": np.ones(64, np.int32)}, TypeError, "k_norm_w must have dtype float16 or"),
+    ({"cos": np.zeros((32, 40), np.float32)}, ValueError, r"sin must have shape"),
+    ({"k_scales": np.zeros((4, 16, 1), np.float16)}, ValueError, "only for a quantized cache"),
+]
+
+
+def bad_case(**changes: Any) -> dict:
+    case = make_case(5, 2, 1, 64, 14)  # a write crossing from block 0 into block 1
+    case.update(changes)
+    return case
+
+
+@pytest.mark.parametrize("changes, error, message", BAD,
+                         ids=[f"{next(iter(c))}-{i}" for i, (c, _, _) in enumerate(BAD)])
+def test_bad_inputs_raise_and_write_nothing(backend, changes, error, message):
+    case = bad_case(**changes)
+    moved = {k: (backend.asarray(v) if k in ARRAYS and v is not None else v)
+             for k, v in case.items()}
+    with pytest.raises(error, match=message):
+        backend.fused_write.paged_write(qk_mode=case.pop("qk_mode", 1), **{
+            k: v for k, v in moved.items() if k != "qk_mode"})
+    for name in ("k_pool", "v_pool"):
+        assert not backend.to_numpy(moved[name]).any(), name
+
+
+def test_quantized_cache_refuses_nan(backend):
+    case = make_case(2, 2, 1, 32, 0, kv_dtype="int8")
+    case["qkv"][1, 2 * 32 + 3] = np.nan  # a K element
+    moved = {k: (backend.asarray(v) if k in ARRAYS and v is not None else v)
+             for k, v in case.items()}
+    with pytest.raises(ValueError, match="qkv's K holds 1 value"):
+        backend.fused_write.paged_write(qk_mode=1, **moved)
+    assert not backend.to_numpy(moved["k_pool"]).any()
+
+
+# --- the seed's API: KvLayer.paged_write / contig_write ------------------------------------------
+
+def test_layer_paged_write_checks_len_reserves_and_rolls_back(backend):
+    layer = KvLayer.alloc_paged(4, 16, 1, 64, backend=backend, dtype="int8")
+    case = make_case(14, 2, 1, 64, 0)
+    args = [backend.asarray(case[k]) for k in ("qkv", "q_norm_w", "k_norm_w", "cos", "sin")]
+    layer.paged_write(*args, pos_offset=0, eps=1e-6, qk_mode=1)
+    assert layer.len == 14 and len(layer.paged_block_indices) == 1
+    more = make_case(5, 2, 1, 64, 14)
+    more_args = [backend.asarray(more[k]) for k in ("qkv", "q_norm_w", "k_norm_w", "cos", "sin")]
+    with pytest.raises(ValueError, match="pos_offset must equal the cache length 14, got 13"):
+        layer.paged_write(*more_args, pos_offset=13, eps=1e-6, qk_mode=1)
+    short_tables = [more_args[0], more_args[1], more_args[2], *(backend.asarray(t[:10]) for t in
+                                                                 (more["cos"], more["sin"]))]
+    with pytest.raises(ValueError, match="outside the RoPE table"):
+        layer.paged_write(*short_tables, pos_offset=14, eps=1e-6, qk_mode=1)
+    assert layer.len == 14 and len(layer.paged_block_indices) == 1  # the new block went back
+    q = layer.paged_write(*more_args, pos_offset=14, eps=1e-6, qk_mode=1)
+    assert layer.len == 19 and len(layer.paged_block_indices) == 2
+    assert backend.to_numpy(q).shape == (5, 2, 64)
+    k, _ = layer.gather()
+    assert backend.to_numpy(k).shape == (19, 1, 64)
+
+
+def test_layer_contig_write(backend):
+    layer = KvLayer.alloc_contig(32, 1, 64, backend=backend)
+    case = make_case(5, 2, 1, 64, 0)
+    args = [backend.asarray(case[k]) for k in ("qkv", "q_norm_w", "k_norm_w", "cos", "sin")]
+    q = layer.contig_write(*args, pos_offset=0, eps=1e-6, qk_mode=2)
+    assert layer.len == 5
+    want = unfused(case, 2)["q_out"]
+    assert same_bits(backend.to_numpy(q), want)
+
+
+# --- a real size on a GPU ------------------------------------------------------------------------
+
+def gpu_case(kv_dtype):
+    """Qwen3-8B's heads (32 q, 8 kv, head_dim 128): a 4096-token prefill after 100 cached."""
+    return make_case(4096, 32, 8, 128, 100, kv_dtype=kv_dtype, seed=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_gpu_prefill_matches_numpy(kv_dtype):
+    assert cuda_mode() == "gpu"
+    case = gpu_case(kv_dtype)
+    assert_fused_equals_unfused(run_paged_write(get_backend("cuda"), case, 1), unfused(case, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitize
+def test_gpu_prefill_under_sanitizer():
+    """Run by ../shared/gpu under compute-sanitizer: no out-of-bounds access, no race."""
+    case = make_case(64, 32, 8, 128, 14, kv_dtype="fp8_e4m3", seed=9)
+    assert_fused_equals_unfused(run_paged_write(get_backend("cuda"), case, 3), unfused(case, 3))
