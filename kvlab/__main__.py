@@ -1,4 +1,5 @@
-"""kvlab's command line: ``python -m kvlab plan ...`` (later stages add ``bench`` and ``plot``)."""
+"""kvlab's command line: ``python -m kvlab plan ...`` and ``python -m kvlab bench ...`` (a later
+stage adds ``plot``)."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,16 @@ def _positive(kind):
         return value
 
     return parse
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return value
 
 
 def _human(n: float) -> str:
@@ -118,7 +129,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=_positive(int), default=16, help="paged block size in tokens (default 16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_plan)
+
+    b = sub.add_parser(
+        "bench",
+        help="time every stage's ops against baselines",
+        description="For each stage and op: shapes, bytes moved, median time after warm-up, GB/s "
+        "and speedups against baselines run in the same process on the same data (torch SDPA, "
+        "gather-then-SDPA, FP16 vs INT8, unfused vs fused, the other backend). On a GPU: CUDA "
+        "events, L2 flushed between runs, fraction of the measured copy bandwidth. On the CPU only "
+        "the ratios are meaningful.",
+    )
+    b.add_argument("--stage", action="append", metavar="STAGE",
+                   help="stage(s) to run, repeatable or comma-separated: paging, quant, rope, "
+                   "fused_write, attention (default: all)")
+    b.add_argument("--backend", choices=("numpy", "cuda", "torch"), default="numpy",
+                   help="implementation to time (default numpy); cuda = Numba kernels (GPU, else the "
+                   "simulator at smoke size), torch = kvlab's torch ops (mps, cuda or cpu)")
+    b.add_argument("--size", choices=("smoke", "real"), default=None,
+                   help="smoke: tiny shapes (CI, simulator); real: issue #9's shapes, 8 x 32k cached "
+                   "tokens, 8 kv heads, GQA 4, head_dim 128, 4k-token prefill (default: real for "
+                   "cuda on a GPU, else smoke)")
+    b.add_argument("--json", metavar="FILE", help="also write the rows and metadata to FILE as JSON")
+    b.add_argument("--warmup", type=_non_negative_int, default=None,
+                   help="untimed calls first (default 1; 2 on a GPU)")
+    b.add_argument("--repeats", type=_positive(int), default=None,
+                   help="timed runs per measurement (default 10; 20 on a GPU; fewer when one run is slow)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    b.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_bench(args) -> int:
+    from kvlab.bench import cmd_bench as run  # imports numba/torch only when asked to bench
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
