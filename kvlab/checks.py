@@ -634,6 +634,9 @@ def check_paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables:
                          f"(tokens <= context)")
     scale, window = check_attention_options(scale, sliding_window, head_dim)
     splits = check_int("num_splits", num_splits, minimum=1)
+    # Partitions past the longest context are empty: fewer splits give the same partitions (each
+    # a single token), so the result is unchanged and no backend launches empty work.
+    splits = min(splits, max(1, int(lens.max()) if lens.size else 1))
     return kv_dtype, lens, starts, scale, window, splits
 
 

@@ -19,7 +19,7 @@ symmetric rule with its own largest code ``qmax`` (127, 448, 7)::
     store fp16(scale);   x' = decode(code) * float32(fp16(scale))
 
 **FP8 is scaled too** (a decision, see docs/ops.md): an unscaled E4M3 byte would flush every
-|x| < 2^-9 to zero and keep only 3 mantissa bits, so kvlab stores the same per-(token, kv_head) fp16
+|x| <= 2^-10 to zero and keep only 3 mantissa bits, so kvlab stores the same per-(token, kv_head) fp16
 scale as int8 (``scale = amax / 448``), in the same scale pools. vLLM's ``fp8_e4m3`` KV cache uses a
 per-tensor scale instead; notebook 02 measures both granularities.
 

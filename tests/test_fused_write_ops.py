@@ -226,6 +226,20 @@ def test_quantized_cache_refuses_nan(backend):
     assert not backend.to_numpy(moved["k_pool"]).any()
 
 
+def test_quantized_cache_refuses_k_that_overflows_after_rope(backend):
+    """Raw qkv is finite, but rotating the pair (60000, 60000) by 1 radian gives 82,900: inf in
+    fp16. Every backend must see the rotated K, refuse it, and write nothing (the CUDA wrapper
+    runs the kernel dry first for exactly this)."""
+    case = make_case(2, 2, 1, 32, 0, kv_dtype="int8")
+    case["qkv"][1, 2 * 32 + 0] = case["qkv"][1, 2 * 32 + 16] = 60000.0  # token 1 = position 1
+    moved = {k: (backend.asarray(v) if k in ARRAYS and v is not None else v)
+             for k, v in case.items()}
+    with pytest.raises(ValueError, match="holds"):
+        backend.fused_write.paged_write(qk_mode=2, **moved)
+    for name in ("k_pool", "v_pool", "k_scales", "v_scales"):
+        assert not backend.to_numpy(moved[name]).any(), name
+
+
 # --- the seed's API: KvLayer.paged_write / contig_write ------------------------------------------
 
 def test_layer_paged_write_checks_len_reserves_and_rolls_back(backend):

@@ -53,6 +53,22 @@ def kernel(*signatures: str) -> Callable:
     return register
 
 
+# ``a * c - b * s`` (RoPE) is where a GPU compiler likes to contract a multiply and an add into
+# one FMA: one rounding instead of two, so a GPU result would differ from the reference's in the
+# last bit. ``mul_rn`` is a multiply the compiler promises never to contract (libdevice's
+# ``fmul_rn``); the simulator, plain Python floats, never contracts and multiplies as written.
+if MODE == "gpu":
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline="always")
+    def mul_rn(a, b):
+        return libdevice.fmul_rn(a, b)
+else:
+    @cuda.jit(device=True, inline="always")
+    def mul_rn(a, b):
+        return a * b
+
+
 def load_all_stages() -> list[str]:
     """Import every stage module in this package (so REGISTRY is complete); return their names."""
     names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]

@@ -293,6 +293,8 @@ def _run(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, context_
     if num_splits == 1:
         paged_attention_kernel[(num_rows, heads), THREADS_PER_BLOCK](*args, out)
         return out
+    if num_splits > 65535:  # a CUDA grid's z dimension
+        raise ValueError(f"num_splits must be <= 65535 on a GPU, got {num_splits}")
     part_out = cuda.device_array((num_rows, num_q_heads, num_splits, head_dim), np.float32)
     part_lse = cuda.device_array((num_rows, num_q_heads, num_splits), np.float32)
     paged_attention_split_kernel[(num_rows, heads, num_splits), THREADS_PER_BLOCK](

@@ -23,9 +23,8 @@ The grid is ``(T tokens, Hq + 2 * Hkv heads)``: block ``(t, j)`` takes columns
                  thread encodes its d's
 
 Each step is the reference's float32 operation in the reference's order (the tree sum included),
-so the simulator and a GPU without FMA contraction match NumPy bit for bit. A GPU compiler may
-contract ``a * c - b * s`` into one FMA (see tests/test_rope_ops.py), which can move a rounded
-value by one ulp and, rarely, an int8 code by one: the GPU tests state that bound.
+and RoPE's products go through ``mul_rn`` (no FMA contraction on a GPU), so the simulator and a
+GPU match NumPy bit for bit.
 
 The launch wrappers have ``kvlab.ref.fused_write``'s names and parameters, check the arguments
 first (:func:`kvlab.checks.check_fused_write`), and take and return Numba device arrays.
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from kvlab.checks import check_fused_write
-from kvlab.kernels.cuda import MODE, cuda, kernel
+from kvlab.kernels.cuda import MODE, cuda, kernel, mul_rn
 from kvlab.kernels.cuda.quant import _check_values as _check_quant_values
 from kvlab.kernels.cuda.quant import _fp8_e4m3_encode
 from kvlab.ref.fused_write import _one_sequence
@@ -67,27 +66,15 @@ def _signatures() -> tuple[str, ...]:
                 f"void({x}[:, ::1], float32[::1], float32[::1], float32[:, ::1], float32[:, ::1], "
                 f"{pool}[:, :, :, ::1], {pool}[:, :, :, ::1], float16[:, :, ::1], "
                 f"float16[:, :, ::1], int32[:, ::1], int32[::1], int32[::1], int64, int64, "
-                f"float32, int64, int64, boolean, boolean, float32, {x}[:, :, ::1])")
+                f"float32, int64, int64, boolean, boolean, float32, {x}[:, :, ::1], float32, "
+                f"boolean, int32[::1])")
     return tuple(out)
 
 
 # --- device functions (inlined: see kvlab.kernels.cuda.quant) -----------------------------------
 #
-# RoPE's ``a * c - b * s`` is where a GPU compiler likes to contract a multiply and a subtract
-# into one FMA (one rounding instead of two), which the reference does not do. On a GPU the
-# products go through libdevice's ``fmul_rn``, a multiply the compiler promises never to
-# contract; the simulator (plain Python floats, no contraction) multiplies as written.
-
-if MODE == "gpu":
-    from numba.cuda import libdevice
-
-    @cuda.jit(device=True, inline="always")
-    def _mul_rn(a, b):
-        return libdevice.fmul_rn(a, b)
-else:
-    @cuda.jit(device=True, inline="always")
-    def _mul_rn(a, b):
-        return a * b
+# RoPE's products go through ``mul_rn`` (kvlab.kernels.cuda): no FMA contraction on a GPU, so the
+# fused kernel rounds exactly where the reference does.
 
 
 @cuda.jit(device=True, inline="always")
@@ -131,7 +118,8 @@ def _store(res, head_dim, pool, scales, block, offset, head, cache_kind, qmax, p
 @kernel(*_signatures())
 def fused_write_kernel(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales,
                        block_tables, query_start, pos_offsets, num_q_heads, num_kv_heads, eps,
-                       qk_mode, cache_kind, paged, is_half, qmax, q_out):
+                       qk_mode, cache_kind, paged, is_half, qmax, q_out, max_input, check_only,
+                       flag):
     token = cuda.blockIdx.x
     row = cuda.blockIdx.y  # which head of the packed row: Q heads, then K, then V
     tid = cuda.threadIdx.x
@@ -190,8 +178,8 @@ def fused_write_kernel(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scal
                 s = sin[pos, p]
                 a = buf[i]
                 b = buf[j]
-                out_i = _mul_rn(a, c) - _mul_rn(b, s)
-                out_j = _mul_rn(b, c) + _mul_rn(a, s)
+                out_i = mul_rn(a, c) - mul_rn(b, s)
+                out_j = mul_rn(b, c) + mul_rn(a, s)
             else:  # pass-through dims beyond rotary_dim
                 i = 2 * half + 2 * (p - half)
                 j = i + 1
@@ -206,6 +194,16 @@ def fused_write_kernel(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scal
         for d in range(tid, head_dim, step):
             res[d] = buf[d]
     cuda.syncthreads()
+
+    # 4a. a dry run before a quantized write (check_only): flag a K value the cache cannot store
+    # (NaN, inf, or so large its fp16 scale overflows) and write nothing. Norm and rotation can
+    # make K larger than the raw qkv the wrapper checked, so only this pass sees the real values.
+    if check_only:
+        if num_q_heads <= row and not is_v:
+            for d in range(tid, head_dim, step):
+                if not abs(res[d]) <= max_input:  # NaN fails every comparison
+                    flag[0] = 1
+        return
 
     # 4. store: Q to q_out, K and V to the cache
     if row < num_q_heads:
@@ -285,11 +283,23 @@ def _launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scale
     if not paged:
         block_tables = _dummy("block_tables")
     grid = (shape.num_tokens, shape.num_q_heads + 2 * shape.num_kv_heads)
-    fused_write_kernel[grid, THREADS_PER_BLOCK](
-        qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales, block_tables,
-        query_start, pos_offsets, shape.num_q_heads, shape.num_kv_heads, np.float32(eps),
-        qk_mode, CACHE_KIND[kv_dtype], paged, qkv.dtype == np.float16,
-        QMAX.get(kv_dtype, ONE), q_out)
+
+    def run(check_only: bool, max_input: float, flag: Any) -> None:
+        fused_write_kernel[grid, THREADS_PER_BLOCK](
+            qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales, block_tables,
+            query_start, pos_offsets, shape.num_q_heads, shape.num_kv_heads, np.float32(eps),
+            qk_mode, CACHE_KIND[kv_dtype], paged, qkv.dtype == np.float16,
+            QMAX.get(kv_dtype, ONE), q_out, np.float32(max_input), check_only, flag)
+
+    flag = cuda.to_device(np.zeros(1, dtype=np.int32))
+    if shape.kv_dtype is not None:  # the dry run first: nothing is written if it flags
+        max_input = shape.kv_dtype.max_input
+        run(True, max_input, flag)
+        if flag.copy_to_host()[0]:
+            raise ValueError(f"qkv's K after norm/RoPE holds NaN, inf or values beyond "
+                             f"±{max_input:g}, which a {shape.kv_dtype.name} cache cannot store "
+                             f"(nothing was written)")
+    run(False, 0.0, flag)
     return q_out
 
 

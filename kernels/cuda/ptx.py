@@ -2,7 +2,7 @@
 
 The simulator runs any Python (even lists inside a kernel), so passing it proves little about the
 real compiler. Run as ``NUMBA_ENABLE_CUDASIM=0 python -m kvlab.kernels.cuda.ptx [--cc 9.0]``; it
-prints one JSON line ``{"kernel name": ptx_bytes, ...}`` and exits non-zero on the first failure.
+prints one JSON line ``{"kernel name": {"bytes": ..., "fma_f32": ...}, ...}`` and exits non-zero on the first failure.
 (``numba.cuda.compile_ptx`` does not exist in the simulator, hence a process of its own.)
 """
 from __future__ import annotations
@@ -12,8 +12,10 @@ import json
 import sys
 
 
-def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, int]:
-    """Compile each (kernel, signature) pair; return ``{"module.kernel[i]": len(ptx)}``."""
+def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, dict[str, int]]:
+    """Compile each (kernel, signature) pair; return ``{"module.kernel[i]": {"bytes": len(ptx),
+    "fma_f32": count}}``, the count of float32 fused multiply-adds the compiler chose to emit
+    (kernels that promise the reference's roundings must have none)."""
     from kvlab.kernels import cuda as kcuda
 
     if kcuda.MODE != "gpu":
@@ -25,7 +27,7 @@ def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, int]:
     for entry in kcuda.REGISTRY:
         for i, signature in enumerate(entry.signatures):
             ptx, _ = compile_ptx(entry.py_func, signature, cc=cc)
-            sizes[f"{entry.name}[{i}]"] = len(ptx)
+            sizes[f"{entry.name}[{i}]"] = {"bytes": len(ptx), "fma_f32": ptx.count("fma.rn.f32")}
     return sizes
 
 

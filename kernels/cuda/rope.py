@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from kvlab.checks import ROPE_X_DTYPES, check_apply_rope
-from kvlab.kernels.cuda import MODE, cuda, kernel
+from kvlab.kernels.cuda import MODE, cuda, kernel, mul_rn
 from kvlab.ref import rope as _ref
 
 from numba import float32  # noqa: E402,I001  (numba is configured once kvlab.kernels.cuda is)
@@ -80,8 +80,10 @@ def apply_rope_kernel(x, cos, sin, positions, rotary_dim, interleaved, out):
     s = sin[pos, p]
     a = float32(x[token, head, i])  # widen fp16 once; all arithmetic in float32
     b = float32(x[token, head, j])
-    out[token, head, i] = a * c - b * s  # the store rounds once to out's dtype
-    out[token, head, j] = b * c + a * s
+    # mul_rn: no FMA contraction on a GPU, so the result is bit-equal to the reference's; the
+    # store rounds once to out's dtype
+    out[token, head, i] = mul_rn(a, c) - mul_rn(b, s)
+    out[token, head, j] = mul_rn(b, c) + mul_rn(a, s)
 
 
 def apply_rope(x: Any, cos: Any, sin: Any, positions: Any, style: str = "neox",

@@ -253,7 +253,10 @@ def _one_sequence(qkv: Any, block_table: Any, pos_offset: Any):
     num_tokens = qkv.shape[0] if hasattr(qkv, "shape") and len(qkv.shape) else 0
     starts = np.array([0, num_tokens], INDEX_DTYPE)
     offsets = np.array([pos_offset], INDEX_DTYPE)
-    if block_table is not None and hasattr(block_table, "shape") and len(block_table.shape) != 1:
+    if block_table is not None and not hasattr(block_table, "shape"):
+        raise TypeError(f"block_table must be an int32 array [max_blocks], got "
+                        f"{type(block_table).__name__}")
+    if block_table is not None and len(block_table.shape) != 1:
         raise ValueError(f"block_table must be 1-D [max_blocks] (one sequence; use "
                          f"paged_write_batched for many), got shape {shape_of(block_table)}")
     table = block_table.reshape(1, block_table.shape[0]) if block_table is not None else None

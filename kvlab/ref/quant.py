@@ -11,8 +11,9 @@ change (DESIGN.md §4, the seed engine's ``KvInt8``)::
 
 The codes are computed with the float32 scale and read back with its fp16 rounding, as the seed's
 CUDA path does: the 1e-8 floor then keeps ``x / scale`` finite even for an all-zero vector (whose
-fp16 scale underflows to 0 and dequantizes to exact zeros). So the round-trip error per element is
-at most ``scale / 2`` (rounding) plus ``qmax * |scale - fp16(scale)|`` (the scale's own rounding).
+fp16 scale underflows to 0 and dequantizes to exact zeros). So for int8 and int4 the round-trip
+error per element is at most ``scale / 2`` (rounding) plus ``qmax * |scale - fp16(scale)|`` (the
+scale's own rounding); fp8 rounds to 3 mantissa bits instead, a relative error (tests state it).
 
 Arrays (token-first, DESIGN.md §4)::
 
