@@ -98,9 +98,17 @@ def test_paged_decode_attention_matches_reference(backend, name):
     args = paged_batch(lens, tokens, hq, hkv, d)
     want = reference(args, **options)
     # one split, and three (a split-K launch + merge); the simulator splits a few cases only
-    splits = (1, 3) if backend.name != "cuda" or name in SPLIT_ON_THE_SIMULATOR else (1,)
+    simulated = backend.name == "cuda" and backend.device == "simulator"
+    splits = (1, 3) if not simulated or name in SPLIT_ON_THE_SIMULATOR else (1,)
     for num_splits in splits:
         assert_close(run_paged(backend, args, num_splits=num_splits, **options), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CASES)
+def test_gpu_paged_decode_attention_every_case_and_split(name):
+    """The whole parity table with split-K on a real GPU (the simulator splits a few cases)."""
+    test_paged_decode_attention_matches_reference(get_backend("cuda"), name)
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])

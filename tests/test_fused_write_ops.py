@@ -102,7 +102,7 @@ CASES = [  # id, tokens, hq, hkv, d, pos_offset, dtype, kv_dtype, sim
     ("prefill-0-gqa4", 20, 4, 1, 64, 0, "float16", None, False),
     ("prefill-0-gqa8-int8", 40, 8, 1, 32, 0, "float16", "int8", False),
     ("mha-2-heads-fp32", 9, 2, 2, 64, 7, "float32", None, False),
-    ("fp32-int8", 6, 2, 2, 64, 3, "float32", "int8", False),
+    ("fp32-int8", 6, 2, 2, 64, 3, "float32", "int8", True),
     ("d128", 3, 2, 1, 128, 40, "float16", "int8", False),
     ("d256", 2, 1, 1, 256, 17, "float16", None, True),
 ]
@@ -117,6 +117,17 @@ def test_paged_write_equals_unfused(backend, qk_mode, cid, tokens, hq, hkv, d, p
         pytest.skip("simulator: a subset of cases (qk_mode 1 and 3); the GPU run takes them all")
     case = make_case(tokens, hq, hkv, d, pos_offset, dtype, kv_dtype, seed=tokens + qk_mode)
     assert_fused_equals_unfused(run_paged_write(backend, case, qk_mode), unfused(case, qk_mode))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qk_mode", [0, 1, 2, 3])
+@pytest.mark.parametrize("cid, tokens, hq, hkv, d, pos_offset, dtype, kv_dtype, sim", CASES,
+                         ids=[c[0] for c in CASES])
+def test_gpu_paged_write_equals_unfused_every_case(qk_mode, cid, tokens, hq, hkv, d, pos_offset,
+                                                   dtype, kv_dtype, sim):
+    """The whole parity table on a real GPU (the simulator runs a subset): run by -m gpu."""
+    test_paged_write_equals_unfused(get_backend("cuda"), qk_mode, cid, tokens, hq, hkv, d,
+                                    pos_offset, dtype, kv_dtype, sim)
 
 
 def test_partial_rotary_and_unshuffled_table(backend):
