@@ -640,6 +640,34 @@ class KvCacheManager:
         seq.token_ids.extend(tokens)
         self._register_full_blocks(seq)
 
+    def reserve(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
+        """Take the blocks for ``T = len(token_ids)`` new tokens and record the tokens, without
+        writing K/V: for an op that writes through the block table itself (the fused
+        ``paged_write_batched`` of a model step, :mod:`kvlab.generate`). Call it, then run the op
+        with :meth:`block_tables` and ``pos_offset`` = the length before this call.
+
+        Copy-on-write happens here (a shared last block is copied before the op writes into it),
+        and blocks that become full are registered in the prefix cache at once: the caller must
+        write their K/V before another sequence is added. All or nothing, as :meth:`append`.
+        """
+        seq = self._seq(seq_id)
+        tokens = _token_list(token_ids)
+        if seq.num_tokens + len(tokens) > self.capacity:
+            raise ValueError(f"sequence {seq_id!r} cannot hold {seq.num_tokens + len(tokens)} "
+                             f"tokens: capacity is {self.capacity} ({self.max_blocks_per_seq} "
+                             f"blocks of {self.block_size})")
+        if not tokens:
+            return
+        growth = self.allocator.grow(seq.blocks, seq.num_tokens, len(tokens))  # may raise
+        try:
+            self.pool.copy_blocks(growth.copies)
+        except BaseException:
+            self.allocator.undo_grow(growth)
+            raise
+        seq.blocks = growth.blocks
+        seq.token_ids.extend(tokens)
+        self._register_full_blocks(seq)
+
     def _register_full_blocks(self, seq: SequenceState) -> None:
         """Key every block that has become full since the last call (one key per full block)."""
         bs = self.block_size

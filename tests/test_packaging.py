@@ -80,7 +80,8 @@ def test_built_wheel_carries_kernels_and_data(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("kvlab/__init__.py", "kvlab/kernels/__init__.py", "kvlab/kernels/cuda/__init__.py",
                    "kvlab/kernels/mps/__init__.py", "kvlab/ref/__init__.py", "kvlab/plot/paging.py",
-                   "kvlab/_data/models.json", "kvlab/_data/trace_sharegpt.csv"):
+                   "kvlab/_data/models.json", "kvlab/_data/trace_sharegpt.csv",
+                   "kvlab/_data/tiny_qwen3/model.safetensors"):
         assert needed in names, needed
     assert not any(n.startswith(("kernels/", "data/", "tests/")) for n in names), "stray top level"
     target = tmp_path / "site"

@@ -23,6 +23,7 @@ from kvlab.plot.attention import (
     H100_SXM_NOMINAL, plot_roofline, plot_scores_over_table, plot_split_k,
 )
 from kvlab.plot.fused_write import plot_thread_blocks, plot_write_traffic
+from kvlab.plot.capstone import plot_pool_timeline
 from kvlab.plot.paging import (
     plot_all_layouts, plot_block_table, plot_layout_addresses, plot_pool_occupancy,
     plot_waste_summary,
@@ -41,6 +42,7 @@ from kvlab.plot.style import (
 from kvlab.plot.tour import plot_bytes_per_token, plot_decode_cost, plot_tokens_that_fit
 
 __all__ = [
+    "plot_pool_timeline",
     "COLOR_FREE", "COLOR_REFERENCE", "COLOR_WITH_CACHE", "COLOR_WITHOUT_CACHE", "DTYPE_COLORS",
     "OKABE_ITO", "POLICY_COLORS", "SCALING_COLORS", "SEQ_COLORS", "dtype_color", "plot_all_layouts",
     "plot_block_table", "plot_bytes_per_token", "plot_channel_magnitudes",
