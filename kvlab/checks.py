@@ -227,6 +227,18 @@ def check_slot_mapping(block_table: Any, positions: Any, block_size: Any,
                          f"block_size {block_size} overflow an int32 slot (max {MAX_SLOT})")
 
 
+def check_slots(slots: Any, num_tokens: int, num_blocks: int, block_size: int) -> None:
+    """int32 ``[T]`` slots of a write into ``num_blocks`` blocks of ``block_size``: each in range,
+    no two tokens in one slot; negative slots (padding) are skipped and may repeat."""
+    check_array("slots", slots, ("T",), dtypes=[INDEX_DTYPE])  # the dtype is slots' own
+    check_array("slots", slots, ("T",), shape=[num_tokens], matching="k")  # its length is k's
+    written = host_ints(slots)
+    written = written[written >= 0]
+    _check_in_range("slots", written, num_blocks * block_size,
+                    f"{num_blocks} blocks of {block_size} slots; negative = skip")
+    _check_unique("slots", written, "each slot holds one token")
+
+
 def check_write_kv(k: Any, v: Any, k_pool: Any, v_pool: Any, slots: Any) -> None:
     """Checks for ``write_kv(k, v, k_pool, v_pool, slots)``.
 
@@ -239,13 +251,7 @@ def check_write_kv(k: Any, v: Any, k_pool: Any, v_pool: Any, slots: Any) -> None
     check_array("k", k, TOKEN_DIMS, shape=[None, num_kv_heads, head_dim], dtypes=pool_dtype,
                 matching="k_pool")
     check_array("v", v, TOKEN_DIMS, shape=shape_of(k), dtypes=pool_dtype, matching="k")
-    check_array("slots", slots, ("T",), dtypes=[INDEX_DTYPE])
-    check_array("slots", slots, ("T",), shape=shape_of(k)[:1], matching="k")
-    written = host_ints(slots)
-    written = written[written >= 0]
-    _check_in_range("slots", written, num_blocks * block_size,
-                    f"{num_blocks} blocks of {block_size} slots; negative = skip")
-    _check_unique("slots", written, "each slot holds one token")
+    check_slots(slots, shape_of(k)[0], num_blocks, block_size)
 
 
 def check_gather_kv(k_pool: Any, v_pool: Any, block_table: Any, context_len: Any) -> np.ndarray:
@@ -472,13 +478,7 @@ def check_write_kv_quant(k: Any, v: Any, k_pool: Any, v_pool: Any, k_scales: Any
     check_array("k", k, TOKEN_DIMS, shape=[None, num_kv_heads, head_dim],
                 dtypes=QUANT_INPUT_DTYPES, matching="k_pool")
     check_array("v", v, TOKEN_DIMS, shape=shape_of(k), dtypes=[dtype_name(k)], matching="k")
-    check_array("slots", slots, ("T",), dtypes=[INDEX_DTYPE])
-    check_array("slots", slots, ("T",), shape=shape_of(k)[:1], matching="k")
-    written = host_ints(slots)
-    written = written[written >= 0]
-    _check_in_range("slots", written, num_blocks * block_size,
-                    f"{num_blocks} blocks of {block_size} slots; negative = skip")
-    _check_unique("slots", written, "each slot holds one token")
+    check_slots(slots, shape_of(k)[0], num_blocks, block_size)
     return dt
 
 

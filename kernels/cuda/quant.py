@@ -136,11 +136,12 @@ def _fp8_e4m3_decode(code):
 #   block, offset = divmod(slots[t], block_size); a negative slot returns before any barrier
 #   (the whole thread block returns together, so no thread waits at a barrier alone).
 
-_WRITE_SIG = "void({x}[:, :, ::1], {code}[:, :, :, ::1], float16[:, :, ::1], int32[::1])"
+_WRITE_SIG = ("void({x}[:, :, ::1], {code}[:, :, :, ::1], float16[:, :, ::1], int32[::1], "
+              "boolean)")
 
 
-@kernel(*_signatures(_WRITE_SIG, x=_INPUTS, code=("int8",)))
-def write_int8_kernel(x, pool, scales, slots):
+@kernel(*_signatures(_WRITE_SIG, x=_INPUTS, code=("int8", "uint8")))
+def write_quant_kernel(x, pool, scales, slots, is_fp8):
     token = cuda.blockIdx.x
     head = cuda.blockIdx.y
     slot = slots[token]
@@ -150,31 +151,16 @@ def write_int8_kernel(x, pool, scales, slots):
     offset = slot % pool.shape[1]
     partial = cuda.shared.array(THREADS_PER_BLOCK, np.float32)
     amax = _block_amax(x, token, head, 0, x.shape[2], partial)
-    scale = max(amax, AMAX_FLOOR) / QMAX_INT8
+    qmax = QMAX_FP8 if is_fp8 else QMAX_INT8
+    scale = max(amax, AMAX_FLOOR) / qmax
     if cuda.threadIdx.x == 0:
         scales[block, offset, head] = scale
     for d in range(cuda.threadIdx.x, x.shape[2], cuda.blockDim.x):
-        y = min(max(np.float32(x[token, head, d]) / scale, -QMAX_INT8), QMAX_INT8)
-        pool[block, offset, head, d] = round(y)
-
-
-@kernel(*_signatures(_WRITE_SIG, x=_INPUTS, code=("uint8",)))
-def write_fp8_kernel(x, pool, scales, slots):
-    token = cuda.blockIdx.x
-    head = cuda.blockIdx.y
-    slot = slots[token]
-    if slot < 0:
-        return
-    block = slot // pool.shape[1]
-    offset = slot % pool.shape[1]
-    partial = cuda.shared.array(THREADS_PER_BLOCK, np.float32)
-    amax = _block_amax(x, token, head, 0, x.shape[2], partial)
-    scale = max(amax, AMAX_FLOOR) / QMAX_FP8
-    if cuda.threadIdx.x == 0:
-        scales[block, offset, head] = scale
-    for d in range(cuda.threadIdx.x, x.shape[2], cuda.blockDim.x):
-        y = min(max(np.float32(x[token, head, d]) / scale, -QMAX_FP8), QMAX_FP8)
-        pool[block, offset, head, d] = _fp8_e4m3_encode(y)
+        y = min(max(np.float32(x[token, head, d]) / scale, -qmax), qmax)
+        if is_fp8:
+            pool[block, offset, head, d] = _fp8_e4m3_encode(y)
+        else:
+            pool[block, offset, head, d] = round(y)  # half to even, as the reference
 
 
 # --- the value check: one flag per call --------------------------------------------------------
@@ -200,7 +186,6 @@ def _check_values(name: str, x: Any, dt) -> None:
         raise_for_values(name, x.copy_to_host(), dt)
 
 
-_WRITE_KERNELS = {"int8": write_int8_kernel, "fp8_e4m3": write_fp8_kernel}
 
 
 def write_kv_quant(k: Any, v: Any, k_pool: Any, v_pool: Any, k_scales: Any, v_scales: Any,
@@ -213,8 +198,9 @@ def write_kv_quant(k: Any, v: Any, k_pool: Any, v_pool: Any, k_scales: Any, v_sc
     _check_values("k", k, dt)
     _check_values("v", v, dt)
     grid = (k.shape[0], k.shape[1])
-    _launch(_WRITE_KERNELS[kv_dtype], grid, k, k_pool, k_scales, slots)
-    _launch(_WRITE_KERNELS[kv_dtype], grid, v, v_pool, v_scales, slots)
+    is_fp8 = kv_dtype == "fp8_e4m3"
+    _launch(write_quant_kernel, grid, k, k_pool, k_scales, slots, is_fp8)
+    _launch(write_quant_kernel, grid, v, v_pool, v_scales, slots, is_fp8)
 
 
 # --- int4: one block per (token, head, group of 32) -------------------------------------------
@@ -257,7 +243,8 @@ def quantize(x: Any, kv_dtype: str) -> tuple[Any, Any]:
     codes = cuda.device_array((num_tokens, 1, num_kv_heads, head_dim), dtype=dt.storage)
     scales = cuda.device_array((num_tokens, 1, num_kv_heads), dtype=np.float16)
     slots = cuda.to_device(np.arange(num_tokens, dtype=np.int32))
-    _launch(_WRITE_KERNELS[kv_dtype], (num_tokens, num_kv_heads), x, codes, scales, slots)
+    _launch(write_quant_kernel, (num_tokens, num_kv_heads), x, codes, scales, slots,
+            kv_dtype == "fp8_e4m3")
     return (codes.reshape(num_tokens, num_kv_heads, head_dim),
             scales.reshape(num_tokens, num_kv_heads))
 
