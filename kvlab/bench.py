@@ -63,6 +63,9 @@ PRESETS: dict[str, dict[str, int]] = {
     "real": dict(num_seqs=8, context_len=32768, num_kv_heads=8, group=4, head_dim=128,
                  block_size=16, prefill=4096, copy_blocks=1024, num_splits=16),
 }
+# cuda backend only: notebook 05's numbered attention kernels timed alone (arguments checked once,
+# outside the timing), {version: split counts} per size.
+SPLIT_SWEEP = {"smoke": {1: (1, 2), 2: (1, 2)}, "real": {1: (1, 16), 2: (1, 8, 16, 32, 64, 128)}}
 EPS = 1e-6
 THETA = 1e6
 
@@ -355,6 +358,9 @@ def _decode_batch(ctx: Ctx) -> dict[str, Any]:
         q=_rand_f16(rng, (b, h * s["group"], d)),
         k_pool=_rand_f16(rng, pool_shape), v_pool=_rand_f16(rng, pool_shape),
         k_codes=_rand_int8_codes(rng, pool_shape), v_codes=_rand_int8_codes(rng, pool_shape),
+        # fp8_e4m3 codes with exponent field <= 14: finite, |x| <= 0.94 (no NaN code 0x7f/0xff)
+        k_fp8=_random_bytes(rng, pool_shape) & np.uint8(0x77),
+        v_fp8=_random_bytes(rng, pool_shape) & np.uint8(0x77),
         k_scales=(_rand_f16(rng, pool_shape[:3]) + 1.5) / 128,   # 0.004 .. 0.02, fp16
         v_scales=(_rand_f16(rng, pool_shape[:3]) + 1.5) / 128,
     )
@@ -535,6 +541,28 @@ def bench_fused_write(ctx: Ctx) -> None:
     ctx.compare(mine, base)
     ctx.pair("fused_write", "fused paged_write (qk_mode 1, Qwen3 norm)", shape,
              traffic(1, "fused"), fused(1))
+    if ctx.backend.name == "cuda":
+        kernel = ctx.run("fused_write", "fused kernel alone (qk_mode 2)", ctx.impl, ctx.timer,
+                         _fused_kernel_only(ctx, pre, hq, h), shape, traffic(2, "fused"),
+                         baseline=base)
+        ctx.compare(mine, kernel)  # < 1: what the op's checks and small copies cost on top
+
+
+def _fused_kernel_only(ctx: Ctx, pre: dict[str, Any], hq: int, h: int) -> Callable[[], Any]:
+    """kvlab.kernels.cuda.fused_write.launch on arguments checked once, outside the timing."""
+    from kvlab.checks import check_fused_write
+    from kvlab.kernels.cuda import fused_write
+    from kvlab.ref.fused_write import _one_sequence
+
+    be = ctx.backend
+    qkv, cos, sin = be.asarray(pre["qkv"]), be.asarray(pre["cos"]), be.asarray(pre["sin"])
+    kp = be.asarray(np.zeros(pre["pool_shape"], np.float16))
+    vp = be.asarray(np.zeros(pre["pool_shape"], np.float16))
+    table, starts, offsets = (be.asarray(a) for a in _one_sequence(pre["qkv"], pre["table"], 0))
+    shape = check_fused_write(qkv, None, None, cos, sin, kp, vp, table, starts, offsets, hq, h,
+                              EPS, 2, None, None, None)
+    return lambda: fused_write.launch(qkv, None, None, cos, sin, kp, vp, None, None, table,
+                                      starts, offsets, shape, EPS, 2, None, True)
 
 
 def bench_attention(ctx: Ctx) -> None:
@@ -578,6 +606,8 @@ def bench_attention(ctx: Ctx) -> None:
                          bytes_paged_decode(b, n, bs, hq, h, d))
         ctx.compare(fp16[1], theirs)
 
+    kernels = _attention_kernel_rows(ctx, arrays, shape, fp16) if be.name == "cuda" else []
+
     torch = ctx.torch
     if torch is None:
         return
@@ -610,9 +640,62 @@ def bench_attention(ctx: Ctx) -> None:
                   ctx.torch_timer, sdpa, shape + " fp16", bytes_sdpa(b, n, hq, h, d), note=note)
     gts = ctx.run("attention", "torch gather-then-SDPA", f"torch-sdpa-{dev}", ctx.torch_timer,
                   gather_then_sdpa, shape + " fp16", bytes_gather_then_sdpa(b, n, bs, hq, h, d))
-    for row in fp16.values():
+    for row in [*fp16.values(), *kernels]:
         ctx.compare(row, ref)
         ctx.compare(row, gts)
+
+
+def _attention_kernel_rows(ctx: Ctx, arrays: Callable[..., list[Any]], shape: str,
+                           public: dict[int, Row]) -> list[Row]:
+    """The CUDA attention kernels alone (``kvlab.kernels.cuda.attention.launch`` on arguments
+    checked once, outside the timing): every numbered version over SPLIT_SWEEP, and v2 on int8 and
+    fp8 pools. Returns the fp16 rows (for the SDPA comparisons)."""
+    from kvlab.checks import check_paged_decode_attention
+    from kvlab.kernels.cuda import attention
+
+    s = ctx.shape
+    b, n, h, d, bs = s["num_seqs"], s["context_len"], s["num_kv_heads"], s["head_dim"], s["block_size"]
+    hq = h * s["group"]
+    be = ctx.backend
+    q, tables, lens, starts = arrays(be, "q", "tables", "lens", "query_start")
+    pools = {None: arrays(be, "k_pool", "v_pool") + [None, None],
+             "int8": arrays(be, "k_codes", "v_codes", "k_scales", "v_scales"),
+             "fp8_e4m3": arrays(be, "k_fp8", "v_fp8", "k_scales", "v_scales")}
+
+    def launch(version: int, kv_dtype: str | None, num_splits: int):
+        kp, vp, ks, vs = pools[kv_dtype]
+        _, _, _, scale, window, splits = check_paged_decode_attention(
+            q, kp, vp, tables, lens, starts, None, 0, ks, vs, num_splits)
+        return lambda: attention.launch(q, kp, vp, ks, vs, kv_dtype, tables, lens, starts, scale,
+                                        window, True, splits, version=version)
+
+    rows: list[Row] = []
+    for version, sweep in SPLIT_SWEEP[ctx.preset].items():
+        for num_splits in sweep:
+            try:
+                row = ctx.run("attention", f"kernel v{version} fp16 splits={num_splits}", ctx.impl,
+                              ctx.timer, launch(version, None, num_splits), shape + " fp16",
+                              bytes_paged_decode(b, n, bs, hq, h, d),
+                              note=attention.VERSIONS[version].split(":")[0])
+            except Exception as exc:  # noqa: BLE001  (one failing version must not end a GPU run)
+                ctx.notes.append(f"attention kernel v{version} splits={num_splits} failed: "
+                                 f"{type(exc).__name__}: {exc}")
+                continue
+            if num_splits in public and version == attention.DEFAULT_VERSION:
+                ctx.compare(public[num_splits], row)  # < 1: what the op's checks cost on top
+            rows.append(row)
+    best = min((r for r in rows if r.op.startswith(f"kernel v{attention.DEFAULT_VERSION} ")),
+               key=lambda r: r.median_s, default=None)
+    if best is not None:
+        num_splits = int(best.op.rsplit("=", 1)[1])
+        for kv_dtype in ("int8", "fp8_e4m3"):
+            ctx.run("attention", f"kernel v{attention.DEFAULT_VERSION} {kv_dtype} "
+                    f"splits={num_splits}", ctx.impl, ctx.timer,
+                    launch(attention.DEFAULT_VERSION, kv_dtype, num_splits),
+                    shape + f" {kv_dtype}", bytes_paged_decode(b, n, bs, hq, h, d,
+                                                               kv_dtype=kv_dtype),
+                    baseline=best)
+    return rows
 
 
 STAGES: dict[str, Callable[[Ctx], None]] = {
@@ -670,6 +753,21 @@ def _copy_bandwidth(backend: Any, timer: Any, torch: Any) -> float:
         fn = lambda: dst.copy_(src)  # noqa: E731
     times = measure(timer, fn, 2, 10)  # src and dst are freed when this returns
     return 2 * COPY_BW_BYTES / statistics.median(times) / 1e9
+
+
+def _fp32_matmul_tflops(torch: Any, timer: Any) -> float:
+    """TFLOP/s of a 4096^3 float32 matrix product through torch (cuBLAS) with TF32 off: the
+    measured ceiling of plain float32 arithmetic, the compute roof of notebook 05's roofline."""
+    n = 4096
+    a = torch.randn(n, n, device="cuda")
+    b = torch.randn(n, n, device="cuda")
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        times = measure(timer, lambda: a @ b, 2, 10)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    return 2 * n**3 / statistics.median(times) / 1e12
 
 
 def _progress(quiet: bool) -> Any:
@@ -795,6 +893,8 @@ def run_bench(backend_name: str = "numpy", stages: list[str] | None = None,
                      "meaningful" if backend_name != "cuda" else
                      "Numba CUDA simulator: times are meaningless; this checks the code path only")
 
+    fp32_tflops = (_fp32_matmul_tflops(torch, torch_timer)
+                   if torch_timer is not None and torch_device.startswith("cuda") else None)
     progress = _progress(quiet)
     ctx = Ctx(backend, impl, timer, other, other_impl, other_timer,
               torch if torch_device else None, torch_device, torch_timer, size, PRESETS[size],
@@ -814,7 +914,8 @@ def run_bench(backend_name: str = "numpy", stages: list[str] | None = None,
         "cuda_mode": cuda_mode() if backend_name == "cuda" else None,
         "timer": timer.label, "baseline_timer": getattr(torch_timer, "label", None),
         "l2_flush_bytes": L2_FLUSH_BYTES if gpu_timing else None,
-        "copy_bandwidth_gb_per_s": copy_bw, "size": size, "shape": PRESETS[size],
+        "copy_bandwidth_gb_per_s": copy_bw, "fp32_matmul_tflops": fp32_tflops,
+        "size": size, "shape": PRESETS[size], "split_sweep": SPLIT_SWEEP[size],
         "warmup": warmup, "repeats": repeats, "stages": stages, "not_built": skipped,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(torch), "speedups": "{baseline impl/op: baseline median / this median} (> 1: faster)",
@@ -849,6 +950,8 @@ def format_report(result: dict[str, Any]) -> str:
     ]
     if meta["copy_bandwidth_gb_per_s"]:
         lines.append(f"device copy bandwidth (D2D, read + write): {meta['copy_bandwidth_gb_per_s']:,.0f} GB/s")
+    if meta.get("fp32_matmul_tflops"):
+        lines.append(f"float32 matrix product (torch, TF32 off): {meta['fp32_matmul_tflops']:.1f} TFLOP/s")
     lines.append("speedup = baseline median / this median (> 1: faster than the baseline); "
                  f"times are medians on {meta['device']}")
     gpu = meta["copy_bandwidth_gb_per_s"] is not None

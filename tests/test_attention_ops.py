@@ -198,6 +198,50 @@ def test_decode_attention_rejects_bad_inputs(backend):
         backend.attention.decode_attention(q, k3, k3)
 
 
+VERSION_CASES = ["decode-ragged-1,bs-1,bs,bs+1-GQA", "window-5", "head_dim-256",
+                 "group-10-over-two-head-tiles", "a-sequence-without-tokens"]
+
+
+def run_version(version, args, num_splits, **options):
+    """kvlab.kernels.cuda.attention.launch (a numbered kernel version) on checked arguments."""
+    from kvlab.checks import check_paged_decode_attention
+    from kvlab.kernels.cuda import attention
+
+    cuda_be = get_backend("cuda")
+    q, k_pool, v_pool, tables, lens, starts, k_scales, v_scales = (
+        None if a is None else cuda_be.asarray(a) for a in args)
+    kv_dtype, _, _, scale, window, splits = check_paged_decode_attention(
+        q, k_pool, v_pool, tables, lens, starts, options.get("scale"),
+        options.get("sliding_window", 0), k_scales, v_scales, num_splits)
+    out = attention.launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, tables, lens, starts,
+                           scale, window, True, splits, version=version)
+    return cuda_be.to_numpy(out)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("name", VERSION_CASES)
+def test_cuda_kernel_versions_match_reference(version, name):
+    """Notebook 05's numbered kernels: each version, not only the one the public op launches."""
+    lens, tokens, hq, hkv, d, options = CASES[name]
+    args = paged_batch(lens, tokens, hq, hkv, d, seed=3)
+    want = reference(args, **options)
+    for num_splits in (1, 2):
+        assert_close(run_version(version, args, num_splits, **options), want)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+def test_cuda_kernel_versions_quantized(version, kv_dtype):
+    args = paged_batch([3, 9], [1, 2], 4, 2, 32, kv_dtype=kv_dtype, seed=4)
+    assert_close(run_version(version, args, 2), reference(args))
+
+
+def test_cuda_launch_rejects_unknown_version():
+    args = paged_batch([3], [1], 2, 1, 16)
+    with pytest.raises(ValueError, match="version must be one of"):
+        run_version(3, args, 1)
+
+
 # --- real sizes, real GPU (skipped without one; ../shared/gpu/run.sh runs them) ----------------
 
 @pytest.mark.gpu
@@ -209,6 +253,17 @@ def test_gpu_at_real_size(kv_dtype, num_splits):
     args = paged_batch(lens, [1] * 8, 32, 8, 128, block_size=16, seed=7, kv_dtype=kv_dtype)
     gpu = get_backend("cuda", device="gpu")
     assert_close(run_paged(gpu, args, num_splits=num_splits), reference(args))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", [1, 2])
+def test_gpu_versions_at_real_size_ragged(version):
+    # the bench's shape family (GQA 4, head_dim 128, 16-token blocks), ragged and not block-aligned
+    lens = [8191, 33, 2048, 5000]
+    args = paged_batch(lens, [1] * 4, 32, 8, 128, block_size=16, seed=9)
+    want = reference(args)
+    for num_splits in (1, 16, 64):
+        assert_close(run_version(version, args, num_splits), want)
 
 
 @pytest.mark.gpu

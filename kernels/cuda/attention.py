@@ -1,6 +1,18 @@
 """Decode attention as Numba CUDA kernels: the ops of :mod:`kvlab.ref.attention`, on a GPU.
 
-Three kernels and one device function they share:
+Two versions, numbered the way llm.c's ``dev/cuda`` numbers its kernels (notebook 05 measures
+them side by side; ``VERSIONS`` says what each one changes):
+
+- **v1, tiles** (``_attend``): the first, readable design below. Simple, and slow on a GPU: each
+  thread reads one key's whole row (a warp's load touches 32 rows: uncoalesced), and one thread per
+  query head computes the softmax statistics of a tile while the others wait.
+- **v2, warps** (``warp_attention_kernel``): what the public ops launch. A group of lanes shares
+  one key (each lane a slice of its dims, so a warp's loads are contiguous), the dot product is
+  summed across the group with warp shuffles, and every group keeps its own online softmax and
+  output in registers — no barrier inside the loop over keys. The groups' partial results are
+  merged once at the end.
+
+v1's kernels and the device function they share:
 
 - ``_attend`` (device, inlined): one thread block's job — one query row, one kv head, a tile of
   up to ``GROUP_TILE`` query heads of its GQA group — over a range of positions, as an **online
@@ -41,6 +53,7 @@ MAX_HEAD_DIM = 256  # shared memory is sized at compile time
 KIND_FLOAT, KIND_INT8, KIND_FP8 = 0, 1, 2
 NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
 
 _POOLS = ("float16", "float32", "int8", "uint8")
 
@@ -79,6 +92,25 @@ def _row_setup(query_start, context_lens, row, causal, window):
     if window > 0:
         start = max(0, position - window + 1)
     return seq, start, stop
+
+
+@cuda.jit(device=True, inline="always")
+def _head_tile(block_y, num_q_heads, num_kv_heads, tile):
+    """``(kv_head, head0, ng)``: grid column ``block_y`` takes query heads ``head0 .. head0+ng-1``
+    (at most ``tile``), all of kv head ``kv_head``'s GQA group."""
+    group = num_q_heads // num_kv_heads
+    tiles = (group + tile - 1) // tile
+    kv_head = block_y // tiles
+    head0 = kv_head * group + (block_y % tiles) * tile
+    return kv_head, head0, min(tile, kv_head * group + group - head0)
+
+
+@cuda.jit(device=True, inline="always")
+def _partition(start, stop, length, split, num_splits):
+    """``[start, stop)`` clipped to partition ``split`` of ``0 .. length-1``
+    (:func:`kvlab.ref.attention.split_bounds`); empty when the partition is."""
+    size = (length + num_splits - 1) // num_splits
+    return max(start, min(split * size, length)), min(stop, min((split + 1) * size, length))
 
 
 #   One thread block, a tile of ng <= GROUP_TILE query heads sharing kv head `kv_head`,
@@ -168,12 +200,7 @@ _ATTN_ARGS = ("{q}[:, :, ::1], {pool}[:, :, :, ::1], {pool}[:, :, :, ::1], float
 def paged_attention_kernel(q, k_pool, v_pool, k_scales, v_scales, kind, block_tables,
                            context_lens, query_start, scale, window, causal, out):
     row = cuda.blockIdx.x
-    num_kv_heads = k_pool.shape[2]
-    group = q.shape[1] // num_kv_heads
-    tiles = (group + GROUP_TILE - 1) // GROUP_TILE
-    kv_head = cuda.blockIdx.y // tiles
-    head0 = kv_head * group + (cuda.blockIdx.y % tiles) * GROUP_TILE
-    ng = min(GROUP_TILE, kv_head * group + group - head0)
+    kv_head, head0, ng = _head_tile(cuda.blockIdx.y, q.shape[1], k_pool.shape[2], GROUP_TILE)
     q_sh = cuda.shared.array((GROUP_TILE, MAX_HEAD_DIM), np.float32)
     acc_sh = cuda.shared.array((GROUP_TILE, MAX_HEAD_DIM), np.float32)
     s_sh = cuda.shared.array((GROUP_TILE, THREADS_PER_BLOCK), np.float32)
@@ -197,12 +224,7 @@ def paged_attention_split_kernel(q, k_pool, v_pool, k_scales, v_scales, kind, bl
     row = cuda.blockIdx.x
     split = cuda.blockIdx.z
     num_splits = cuda.gridDim.z
-    num_kv_heads = k_pool.shape[2]
-    group = q.shape[1] // num_kv_heads
-    tiles = (group + GROUP_TILE - 1) // GROUP_TILE
-    kv_head = cuda.blockIdx.y // tiles
-    head0 = kv_head * group + (cuda.blockIdx.y % tiles) * GROUP_TILE
-    ng = min(GROUP_TILE, kv_head * group + group - head0)
+    kv_head, head0, ng = _head_tile(cuda.blockIdx.y, q.shape[1], k_pool.shape[2], GROUP_TILE)
     q_sh = cuda.shared.array((GROUP_TILE, MAX_HEAD_DIM), np.float32)
     acc_sh = cuda.shared.array((GROUP_TILE, MAX_HEAD_DIM), np.float32)
     s_sh = cuda.shared.array((GROUP_TILE, THREADS_PER_BLOCK), np.float32)
@@ -210,11 +232,7 @@ def paged_attention_split_kernel(q, k_pool, v_pool, k_scales, v_scales, kind, bl
     l_sh = cuda.shared.array(GROUP_TILE, np.float32)
     c_sh = cuda.shared.array(GROUP_TILE, np.float32)
     seq, start, stop = _row_setup(query_start, context_lens, row, causal, window)
-    # this block's partition of 0 .. length-1 (kvlab.ref.attention.split_bounds), clipped
-    length = context_lens[seq]
-    size = (length + num_splits - 1) // num_splits
-    start = max(start, min(split * size, length))
-    stop = min(stop, min((split + 1) * size, length))
+    start, stop = _partition(start, stop, context_lens[seq], split, num_splits)
     _attend(q, k_pool, v_pool, k_scales, v_scales, kind, block_tables, seq, row, kv_head, head0,
             ng, start, stop, scale, q_sh, s_sh, acc_sh, m_sh, l_sh, c_sh)
     head_dim = q.shape[2]
@@ -257,9 +275,187 @@ def widen_kernel(x, out):
             out[r // num_heads, r % num_heads, d] = np.float32(x[r // num_heads, r % num_heads, d])
 
 
+# --- v2: warps ---------------------------------------------------------------------------------
+#
+#   One thread block = (query row, kv head, tile of <= HEAD_TILE query heads, split), WARPS warps.
+#   Lanes are grouped L to a key (L = lanes_per_key: the smallest power of two with
+#   L * DIM_SLOTS >= head_dim; 16 for head_dim 128), so a warp holds 32 / L keys at a time and
+#   the block G = WARPS * 32 / L key "streams". Lane r of a group holds dims r, r + L, r + 2L, ...
+#   of q (pre-scaled), of the key and value it reads and of its output accumulator:
+#
+#       key j, lanes r = 0..L-1:   K[j, r], K[j, r+L], ...   -> a warp's load is 32 neighbours
+#       stream g walks keys  start + g, start + g + G, start + g + 2G, ...
+#
+#   Per key: partial dot over the lane's dims -> summed over the L lanes (shuffles) -> online
+#   softmax update (m, l) and acc <- acc * c + p * V[j] — all in registers, no barrier. At the end
+#   the G streams' (m, l, acc) are merged through shared memory exactly as split-K partitions are.
+
+LANES = 32 if MODE == "gpu" else 8      # a warp. The simulator runs every thread as a Python thread,
+WARPS = 4 if MODE == "gpu" else 1       # so it gets one narrow stand-in "warp" (shared-memory sums)
+DIM_SLOTS = MAX_HEAD_DIM // LANES       # dims of a key one lane holds: 8 on a GPU
+HEAD_TILE = 4                           # q heads per block: q and acc are HEAD_TILE x DIM_SLOTS
+#                                         registers per lane (8 heads would double them and halve
+#                                         the warps an SM can keep in flight)
+WARP_THREADS = WARPS * LANES            # threads per block
+_RED = 1 if MODE == "gpu" else WARP_THREADS    # the simulator's scratch for its lane sums
+
+
+def lanes_per_key(head_dim: int) -> int:
+    """L: the smallest power of two with ``L * DIM_SLOTS >= head_dim`` (at most a warp)."""
+    lanes = 1
+    while lanes * DIM_SLOTS < head_dim:
+        lanes *= 2
+    return lanes
+
+
+if MODE == "gpu":
+    @cuda.jit(device=True, inline="always")
+    def _sum_over_key_lanes(partial, lanes, scratch):
+        """Sum each ``partial[g]`` over the ``lanes`` lanes sharing a key, in place: a butterfly of
+        warp shuffles (every lane ends with the same sum, so all keep identical m and l)."""
+        for g in range(HEAD_TILE):
+            x = partial[g]
+            offset = lanes // 2
+            while offset > 0:
+                x += cuda.shfl_xor_sync(0xFFFFFFFF, x, offset)
+                offset //= 2
+            partial[g] = x
+else:
+    @cuda.jit(device=True, inline="always")
+    def _sum_over_key_lanes(partial, lanes, scratch):
+        """Simulator stand-in (it has no shuffles): the sums through shared memory."""
+        tid = cuda.threadIdx.x
+        first = tid - tid % lanes
+        for g in range(HEAD_TILE):
+            scratch[g, tid] = partial[g]
+        cuda.syncthreads()
+        for g in range(HEAD_TILE):
+            x = ZERO
+            for r in range(lanes):
+                x += scratch[g, first + r]
+            partial[g] = x
+        cuda.syncthreads()
+
+
+@cuda.jit(device=True, inline="always")
+def _code(pool, kind, block, offset, head, dim):
+    """One K or V element as float32, before its scale: widened float, int8 code, or fp8 decoded."""
+    if kind == KIND_FP8:
+        return _fp8_e4m3_decode(pool[block, offset, head, dim])
+    return np.float32(pool[block, offset, head, dim])
+
+
+@kernel(*_signatures("void(" + _ATTN_ARGS + ", int32, float32[:, :, :, ::1], float32[:, :, ::1])"))
+def warp_attention_kernel(q, k_pool, v_pool, k_scales, v_scales, kind, block_tables,
+                          context_lens, query_start, scale, window, causal, lanes, part_out,
+                          part_lse):
+    tid = cuda.threadIdx.x
+    lane = tid % lanes                   # r: which slice of the dims
+    stream = tid // lanes                # which key stream of the block
+    num_streams = cuda.blockDim.x // lanes
+    row = cuda.blockIdx.x
+    split = cuda.blockIdx.z
+    num_splits = cuda.gridDim.z
+    head_dim = q.shape[2]
+    block_size = k_pool.shape[1]
+    kv_head, head0, ng = _head_tile(cuda.blockIdx.y, q.shape[1], k_pool.shape[2], HEAD_TILE)
+    seq, start, stop = _row_setup(query_start, context_lens, row, causal, window)
+    start, stop = _partition(start, stop, context_lens[seq], split, num_splits)
+
+    scratch = cuda.shared.array((HEAD_TILE, _RED), np.float32)
+    m_sh = cuda.shared.array((HEAD_TILE, WARP_THREADS), np.float32)
+    l_sh = cuda.shared.array((HEAD_TILE, WARP_THREADS), np.float32)
+    acc_sh = cuda.shared.array((HEAD_TILE, WARP_THREADS, DIM_SLOTS), np.float32)
+    q_r = cuda.local.array((HEAD_TILE, DIM_SLOTS), np.float32)     # registers: constant-size
+    acc = cuda.local.array((HEAD_TILE, DIM_SLOTS), np.float32)     # loops index them, so the
+    m = cuda.local.array(HEAD_TILE, np.float32)                    # compiler unrolls them
+    l = cuda.local.array(HEAD_TILE, np.float32)
+    s = cuda.local.array(HEAD_TILE, np.float32)
+    k_r = cuda.local.array(DIM_SLOTS, np.float32)
+    v_r = cuda.local.array(DIM_SLOTS, np.float32)
+    for g in range(HEAD_TILE):
+        m[g] = NEG_INF
+        l[g] = ZERO
+        for i in range(DIM_SLOTS):
+            d = lane + i * lanes
+            use = g < ng and d < head_dim        # heads past the tile and dims past head_dim: 0
+            q_r[g, i] = q[row, head0 + g, d] * scale if use else ZERO
+            acc[g, i] = ZERO
+
+    # Every thread runs the same number of steps (the shuffles need the whole warp); a stream
+    # whose key is past the partition reads a real key and discards it.
+    for first in range(start, stop, num_streams):
+        j = first + stream
+        valid = j < stop
+        jj = j if valid else start
+        block = block_tables[seq, jj // block_size]
+        offset = jj % block_size
+        for i in range(DIM_SLOTS):               # K and V loads issued together: more in flight
+            d = lane + i * lanes
+            k_r[i] = _code(k_pool, kind, block, offset, kv_head, d) if d < head_dim else ZERO
+            v_r[i] = _code(v_pool, kind, block, offset, kv_head, d) if d < head_dim else ZERO
+        for g in range(HEAD_TILE):
+            s[g] = ZERO
+            for i in range(DIM_SLOTS):
+                s[g] += q_r[g, i] * k_r[i]
+        _sum_over_key_lanes(s, lanes, scratch)
+        if valid:
+            k_scale = ONE
+            v_scale = ONE
+            if kind != KIND_FLOAT:               # one scale per (token, kv head): once per key
+                k_scale = np.float32(k_scales[block, offset, kv_head])
+                v_scale = np.float32(v_scales[block, offset, kv_head])
+            for g in range(HEAD_TILE):
+                score = s[g] * k_scale
+                m_new = max(m[g], score)
+                correction = math.exp(m[g] - m_new)   # exp(-inf) = 0 on the stream's first key
+                p = math.exp(score - m_new)
+                l[g] = l[g] * correction + p
+                m[g] = m_new
+                pv = p * v_scale
+                for i in range(DIM_SLOTS):
+                    acc[g, i] = acc[g, i] * correction + pv * v_r[i]
+
+    # Merge the streams: out = sum_k e^(m_k - M) acc_k / sum_k e^(m_k - M) l_k, M = max_k m_k.
+    for g in range(HEAD_TILE):
+        if lane == 0:
+            m_sh[g, stream] = m[g]
+            l_sh[g, stream] = l[g]
+        for i in range(DIM_SLOTS):
+            acc_sh[g, tid, i] = acc[g, i]
+    cuda.syncthreads()
+    for e in range(tid, ng * head_dim, cuda.blockDim.x):
+        g = e // head_dim
+        d = e % head_dim
+        top = NEG_INF
+        for k in range(num_streams):
+            top = max(top, m_sh[g, k])
+        total = ZERO
+        out = ZERO
+        for k in range(num_streams):
+            if m_sh[g, k] > NEG_INF:            # a stream that saw no key adds nothing
+                w = math.exp(m_sh[g, k] - top)
+                total += l_sh[g, k] * w
+                out += acc_sh[g, k * lanes + d % lanes, d // lanes] * w
+        part_out[row, head0 + g, split, d] = out / total if total > ZERO else ZERO
+        if d == 0:
+            part_lse[row, head0 + g, split] = top + math.log(total) if total > ZERO else NEG_INF
+
+
 # --- launch wrappers -----------------------------------------------------------------------------
 
 _NO_SCALES = None  # a 1x1x1 fp16 dummy for float pools, made once per process
+_WORKSPACE: dict[str, Any] = {}  # scratch reused across calls (one stream: launches are serial)
+
+
+def _workspace(name: str, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A device array for the launches' own scratch (a widened q, split-K partials), kept for the
+    next call of the same shape: ``cuda.device_array`` is a cuMemAlloc each time (Numba has no
+    caching allocator), which would cost a decode step tens of microseconds."""
+    buf = _WORKSPACE.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = _WORKSPACE[name] = cuda.device_array(shape, dtype)
+    return buf
 
 
 def _dummy_scales() -> Any:
@@ -269,17 +465,30 @@ def _dummy_scales() -> Any:
     return _NO_SCALES
 
 
-def _run(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, context_lens,
-         query_start, scale, window, causal, num_splits):
-    """Launch the kernels on checked arguments; returns float32 ``[T, Hq, D]``."""
+VERSIONS = {
+    1: "tiles: a thread per key (uncoalesced K rows), softmax statistics by one thread per head",
+    2: "warps: lanes share a key (coalesced), shuffle-summed dots, online softmax in registers",
+}
+DEFAULT_VERSION = 2
+
+
+def launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, context_lens,
+           query_start, scale, window, causal, num_splits, version=DEFAULT_VERSION):
+    """Launch kernel version ``version`` on arguments **already checked** (the public ops below
+    check them first); returns float32 ``[T, Hq, D]``. Public so that the benchmark and notebook
+    05 can time the kernels alone and compare versions on the same data."""
     num_rows, num_q_heads, head_dim = q.shape
     out = cuda.device_array((num_rows, num_q_heads, head_dim), np.float32)
     if num_rows == 0:
         return out
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {head_dim} > {MAX_HEAD_DIM}, the kernels' shared memory size")
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {sorted(VERSIONS)}, got {version!r}")
+    if num_splits > 65535:  # a CUDA grid's z dimension
+        raise ValueError(f"num_splits must be <= 65535 on a GPU, got {num_splits}")
     if q.dtype == np.float16:
-        wide = cuda.device_array(q.shape, np.float32)
+        wide = _workspace("q", q.shape, np.float32)
         rows = q.shape[0] * q.shape[1]
         widen_kernel[-(-rows // THREADS_PER_BLOCK), THREADS_PER_BLOCK](q, wide)
         q = wide
@@ -287,18 +496,21 @@ def _run(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, context_
     if kv_dtype is None:
         k_scales = v_scales = _dummy_scales()
     group = num_q_heads // k_pool.shape[2]
-    heads = k_pool.shape[2] * (-(-group // GROUP_TILE))
+    tile = GROUP_TILE if version == 1 else HEAD_TILE
+    heads = k_pool.shape[2] * (-(-group // tile))
     args = (q, k_pool, v_pool, k_scales, v_scales, np.int32(kind), block_tables, context_lens,
             query_start, np.float32(scale), np.int32(window), np.int32(causal))
-    if num_splits == 1:
+    if version == 1 and num_splits == 1:
         paged_attention_kernel[(num_rows, heads), THREADS_PER_BLOCK](*args, out)
         return out
-    if num_splits > 65535:  # a CUDA grid's z dimension
-        raise ValueError(f"num_splits must be <= 65535 on a GPU, got {num_splits}")
-    part_out = cuda.device_array((num_rows, num_q_heads, num_splits, head_dim), np.float32)
-    part_lse = cuda.device_array((num_rows, num_q_heads, num_splits), np.float32)
-    paged_attention_split_kernel[(num_rows, heads, num_splits), THREADS_PER_BLOCK](
-        *args, part_out, part_lse)
+    part_out = _workspace("part_out", (num_rows, num_q_heads, num_splits, head_dim), np.float32)
+    part_lse = _workspace("part_lse", (num_rows, num_q_heads, num_splits), np.float32)
+    if version == 1:
+        paged_attention_split_kernel[(num_rows, heads, num_splits), THREADS_PER_BLOCK](
+            *args, part_out, part_lse)
+    else:
+        warp_attention_kernel[(num_rows, heads, num_splits), WARP_THREADS](
+            *args, np.int32(lanes_per_key(head_dim)), part_out, part_lse)
     merge_splits_kernel[(num_rows, num_q_heads), THREADS_PER_BLOCK](part_out, part_lse, out)
     return out
 
@@ -318,8 +530,8 @@ def decode_attention(q: Any, k: Any, v: Any, scale: float | None = None, causal:
     table = cuda.to_device(np.zeros((1, 1), np.int32))
     lens = cuda.to_device(np.array([length], np.int32))
     starts = cuda.to_device(np.array([0, q.shape[0]], np.int32))
-    return _run(q, k_pool, v_pool, None, None, None, table, lens, starts, scale, window,
-                bool(causal), 1)
+    return launch(q, k_pool, v_pool, None, None, None, table, lens, starts, scale, window,
+                  bool(causal), 1)
 
 
 def paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables: Any,
@@ -331,5 +543,5 @@ def paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables: Any,
     kv_dtype, _, _, scale, window, splits = check_paged_decode_attention(
         q, k_pool, v_pool, block_tables, context_lens, query_start, scale, sliding_window,
         k_scales, v_scales, num_splits)
-    return _run(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, context_lens,
-                query_start, scale, window, True, splits)
+    return launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, context_lens,
+                  query_start, scale, window, True, splits)

@@ -258,8 +258,11 @@ def _dummy(kind: str) -> Any:
     return _DUMMIES[kind]
 
 
-def _launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales, block_tables,
-            query_start, pos_offsets, shape, eps, qk_mode, kv_dtype, paged) -> Any:
+def launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales, block_tables,
+           query_start, pos_offsets, shape, eps, qk_mode, kv_dtype, paged) -> Any:
+    """The kernel on arguments **already checked** (``shape`` from
+    :func:`kvlab.checks.check_fused_write`); returns q_out. Public so that the benchmark can time
+    the kernel alone."""
     if shape.head_dim > MAX_HEAD_DIM:
         raise ValueError(f"the CUDA fused write holds a head in shared memory: head_dim must be "
                          f"<= {MAX_HEAD_DIM}, got {shape.head_dim}")
@@ -313,7 +316,7 @@ def paged_write_batched(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: A
     shape = check_fused_write(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, block_tables,
                               query_start, pos_offsets, num_q_heads, num_kv_heads, eps, qk_mode,
                               k_scales, v_scales, kv_dtype)
-    return _launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales,
+    return launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales,
                    block_tables, query_start, pos_offsets, shape, eps, qk_mode, kv_dtype, True)
 
 
@@ -340,5 +343,5 @@ def contig_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any, k_c
                               v_scales, kv_dtype, paged=False)
     pools = [c.reshape(c.shape[0], 1, *c.shape[1:]) if c is not None else None
              for c in (k_cache, v_cache, k_scales, v_scales)]  # capacity blocks of one slot
-    return _launch(qkv, q_norm_w, k_norm_w, cos, sin, pools[0], pools[1], pools[2], pools[3],
+    return launch(qkv, q_norm_w, k_norm_w, cos, sin, pools[0], pools[1], pools[2], pools[3],
                    None, starts, offsets, shape, eps, qk_mode, kv_dtype, False)

@@ -31,10 +31,44 @@ def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, dict[str, int]]:
     return sizes
 
 
+def resource_usage(name_filter: str = "") -> dict[str, dict[str, int]]:
+    """On a GPU: each registered kernel's (first signature's) registers per thread, static shared
+    memory per block and local memory (spills, stack) per thread, as the driver reports them —
+    what decides how many warps an SM can keep in flight. ``name_filter``: comma-separated
+    substrings of the kernels' names ("" for all)."""
+    import importlib
+
+    from kvlab.kernels import cuda as kcuda
+
+    kcuda.check_available()
+    kcuda.load_all_stages()
+    usage = {}
+    for entry in kcuda.REGISTRY:
+        if not any(part in entry.name for part in name_filter.split(",")):
+            continue
+        module, _, func = entry.name.rpartition(".")
+        dispatcher = getattr(importlib.import_module(module), func)
+        signature = entry.signatures[0]
+        compiled = dispatcher.compile(signature)
+        usage[f"{entry.name} {signature}"] = {
+            "registers": compiled.regs_per_thread,
+            "shared_bytes": compiled.shared_mem_per_block,
+            "local_bytes": compiled.local_mem_per_thread,
+            "max_threads_per_block": compiled.max_threads_per_block,
+        }
+    return usage
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cc", default="9.0", help="compute capability, e.g. 8.0 or 9.0")
+    parser.add_argument("--resources", metavar="NAMES", nargs="?", const="",
+                        help="on a GPU: registers / shared / local memory of the kernels whose "
+                             "name contains one of the comma-separated NAMES (all without)")
     args = parser.parse_args(argv)
+    if args.resources is not None:
+        print(json.dumps(resource_usage(args.resources), indent=1))
+        return 0
     major, minor = (int(p) for p in args.cc.split("."))
     print(json.dumps(compile_all((major, minor))))
     return 0
