@@ -65,7 +65,11 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 # cuda backend only: notebook 05's numbered attention kernels timed alone (arguments checked once,
 # outside the timing), {version: split counts} per size.
-SPLIT_SWEEP = {"smoke": {1: (1, 2), 2: (1, 2)}, "real": {1: (1, 16), 2: (1, 8, 16, 32, 64, 128)}}
+SPLIT_SWEEP = {"smoke": {1: (1, 2), 2: (2,), 3: (2,), 4: (1, 2)},
+               "real": {1: (1, 16), 2: (16,), 3: (16,), 4: (1, 8, 16, 32, 64, 128)}}
+# cuda backend only: the fused-write kernel alone, tokens carried per thread block (1: the first
+# version, a block per token and head)
+TOKENS_SWEEP = {"smoke": (1, 8), "real": (1, 4, 8, 16, 32)}
 EPS = 1e-6
 THETA = 1e6
 
@@ -542,13 +546,18 @@ def bench_fused_write(ctx: Ctx) -> None:
     ctx.pair("fused_write", "fused paged_write (qk_mode 1, Qwen3 norm)", shape,
              traffic(1, "fused"), fused(1))
     if ctx.backend.name == "cuda":
-        kernel = ctx.run("fused_write", "fused kernel alone (qk_mode 2)", ctx.impl, ctx.timer,
-                         _fused_kernel_only(ctx, pre, hq, h), shape, traffic(2, "fused"),
-                         baseline=base)
-        ctx.compare(mine, kernel)  # < 1: what the op's checks and small copies cost on top
+        from kvlab.kernels.cuda.fused_write import TOKENS_PER_BLOCK
+
+        for tokens in TOKENS_SWEEP[ctx.preset]:
+            kernel = ctx.run("fused_write", f"fused kernel alone (qk_mode 2) tokens/block={tokens}",
+                             ctx.impl, ctx.timer, _fused_kernel_only(ctx, pre, hq, h, tokens),
+                             shape, traffic(2, "fused"), baseline=base)
+            if tokens == TOKENS_PER_BLOCK:
+                ctx.compare(mine, kernel)  # < 1: what the op's checks and small copies cost
 
 
-def _fused_kernel_only(ctx: Ctx, pre: dict[str, Any], hq: int, h: int) -> Callable[[], Any]:
+def _fused_kernel_only(ctx: Ctx, pre: dict[str, Any], hq: int, h: int,
+                       tokens_per_block: int) -> Callable[[], Any]:
     """kvlab.kernels.cuda.fused_write.launch on arguments checked once, outside the timing."""
     from kvlab.checks import check_fused_write
     from kvlab.kernels.cuda import fused_write
@@ -562,7 +571,8 @@ def _fused_kernel_only(ctx: Ctx, pre: dict[str, Any], hq: int, h: int) -> Callab
     shape = check_fused_write(qkv, None, None, cos, sin, kp, vp, table, starts, offsets, hq, h,
                               EPS, 2, None, None, None)
     return lambda: fused_write.launch(qkv, None, None, cos, sin, kp, vp, None, None, table,
-                                      starts, offsets, shape, EPS, 2, None, True)
+                                      starts, offsets, shape, EPS, 2, None, True,
+                                      tokens_per_block)
 
 
 def bench_attention(ctx: Ctx) -> None:

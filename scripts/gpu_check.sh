@@ -16,7 +16,7 @@ export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3
 python3 -c "import numpy, numba, torch, numba.cuda as c, kvlab; print('numpy', numpy.__version__, 'numba', numba.__version__, 'torch', torch.__version__, 'cuda', c.is_available())" | tee -a "$OUT/gpu.txt"
 step resources
-timeout 60 python3 -m kvlab.kernels.cuda.ptx --resources attention_kernel,attention_split_kernel,merge_splits,fused_write_kernel > "$OUT/resources.json" 2>&1
+timeout 60 python3 -m kvlab.kernels.cuda.ptx --resources paged_attention,merge_splits,warp_attention,fused_write_kernel > "$OUT/resources.json" 2>&1
 grep -B1 -A3 '"registers"' "$OUT/resources.json" | grep -E 'attention|fused_write_kernel|registers|local' | cut -c1-120
 step bench
 timeout 200 python3 -m kvlab bench --backend cuda --size real --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
@@ -25,7 +25,7 @@ step "pytest -m gpu"
 timeout 170 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests > "$OUT/gpu_tests.log" 2>&1
 echo "rc=$?"; tail -15 "$OUT/gpu_tests.log"
 step memcheck
-timeout 80 compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -m "gpu and sanitize" -q -p no:cacheprovider tests > "$OUT/memcheck.log" 2>&1
+timeout 80 compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -q -p no:cacheprovider tests > "$OUT/memcheck.log" 2>&1
 echo "rc=$?"; tail -4 "$OUT/memcheck.log"
 step racecheck
 timeout 60 compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests > "$OUT/racecheck.log" 2>&1

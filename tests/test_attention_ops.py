@@ -218,7 +218,7 @@ def run_version(version, args, num_splits, **options):
     return cuda_be.to_numpy(out)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 @pytest.mark.parametrize("name", VERSION_CASES)
 def test_cuda_kernel_versions_match_reference(version, name):
     """Notebook 05's numbered kernels: each version, not only the one the public op launches."""
@@ -229,7 +229,7 @@ def test_cuda_kernel_versions_match_reference(version, name):
         assert_close(run_version(version, args, num_splits, **options), want)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
 def test_cuda_kernel_versions_quantized(version, kv_dtype):
     args = paged_batch([3, 9], [1, 2], 4, 2, 32, kv_dtype=kv_dtype, seed=4)
@@ -239,7 +239,7 @@ def test_cuda_kernel_versions_quantized(version, kv_dtype):
 def test_cuda_launch_rejects_unknown_version():
     args = paged_batch([3], [1], 2, 1, 16)
     with pytest.raises(ValueError, match="version must be one of"):
-        run_version(3, args, 1)
+        run_version(5, args, 1)
 
 
 # --- real sizes, real GPU (skipped without one; ../shared/gpu/run.sh runs them) ----------------
@@ -256,7 +256,7 @@ def test_gpu_at_real_size(kv_dtype, num_splits):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_gpu_versions_at_real_size_ragged(version):
     # the bench's shape family (GQA 4, head_dim 128, 16-token blocks), ragged and not block-aligned
     lens = [8191, 33, 2048, 5000]

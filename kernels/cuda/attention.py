@@ -339,108 +339,177 @@ else:
 
 @cuda.jit(device=True, inline="always")
 def _code(pool, kind, block, offset, head, dim):
-    """One K or V element as float32, before its scale: widened float, int8 code, or fp8 decoded."""
+    """v2's load: one K or V element as float32 before its scale (widened float, int8 code, or fp8
+    decoded) — the branch on ``kind`` sits between each load and the next."""
     if kind == KIND_FP8:
         return _fp8_e4m3_decode(pool[block, offset, head, dim])
     return np.float32(pool[block, offset, head, dim])
 
 
-@kernel(*_signatures("void(" + _ATTN_ARGS + ", int32, float32[:, :, :, ::1], float32[:, :, ::1])"))
-def warp_attention_kernel(q, k_pool, v_pool, k_scales, v_scales, kind, block_tables,
-                          context_lens, query_start, scale, window, causal, lanes, part_out,
-                          part_lse):
-    tid = cuda.threadIdx.x
-    lane = tid % lanes                   # r: which slice of the dims
-    stream = tid // lanes                # which key stream of the block
-    num_streams = cuda.blockDim.x // lanes
-    row = cuda.blockIdx.x
-    split = cuda.blockIdx.z
-    num_splits = cuda.gridDim.z
-    head_dim = q.shape[2]
+@cuda.jit(device=True, inline="always")
+def _load_key(k_pool, v_pool, k_scales, v_scales, kind, block_tables, seq, j, kv_head, lane,
+              lanes, k_r, v_r):
+    """v3+: a lane's slice of key ``j``'s K and V rows into ``k_r``, ``v_r`` as plain widening
+    loads (an fp8 byte arrives as its integer value; :func:`_decode` turns it into the number),
+    with no branch between them, so all 2 x DIM_SLOTS are in flight at once. Slots past head_dim
+    re-read the last dim (in bounds; q is 0 there and those outputs are never written).
+    Returns the key's ``(k_scale, v_scale)`` (1 for a float pool)."""
     block_size = k_pool.shape[1]
-    kv_head, head0, ng = _head_tile(cuda.blockIdx.y, q.shape[1], k_pool.shape[2], HEAD_TILE)
-    seq, start, stop = _row_setup(query_start, context_lens, row, causal, window)
-    start, stop = _partition(start, stop, context_lens[seq], split, num_splits)
+    last = k_pool.shape[3] - 1
+    block = block_tables[seq, j // block_size]
+    offset = j % block_size
+    for i in range(DIM_SLOTS):
+        d = min(lane + i * lanes, last)
+        k_r[i] = np.float32(k_pool[block, offset, kv_head, d])
+        v_r[i] = np.float32(v_pool[block, offset, kv_head, d])
+    if kind == KIND_FLOAT:
+        return ONE, ONE
+    return np.float32(k_scales[block, offset, kv_head]), np.float32(v_scales[block, offset, kv_head])
 
-    scratch = cuda.shared.array((HEAD_TILE, _RED), np.float32)
-    m_sh = cuda.shared.array((HEAD_TILE, WARP_THREADS), np.float32)
-    l_sh = cuda.shared.array((HEAD_TILE, WARP_THREADS), np.float32)
-    acc_sh = cuda.shared.array((HEAD_TILE, WARP_THREADS, DIM_SLOTS), np.float32)
-    q_r = cuda.local.array((HEAD_TILE, DIM_SLOTS), np.float32)     # registers: constant-size
-    acc = cuda.local.array((HEAD_TILE, DIM_SLOTS), np.float32)     # loops index them, so the
-    m = cuda.local.array(HEAD_TILE, np.float32)                    # compiler unrolls them
-    l = cuda.local.array(HEAD_TILE, np.float32)
-    s = cuda.local.array(HEAD_TILE, np.float32)
-    k_r = cuda.local.array(DIM_SLOTS, np.float32)
-    v_r = cuda.local.array(DIM_SLOTS, np.float32)
-    for g in range(HEAD_TILE):
-        m[g] = NEG_INF
-        l[g] = ZERO
+
+@cuda.jit(device=True, inline="always")
+def _decode(kind, k_r, v_r):
+    """fp8 pools: the bytes :func:`_load_key` widened -> their E4M3 values (exact: 0..255 fit)."""
+    if kind == KIND_FP8:
         for i in range(DIM_SLOTS):
-            d = lane + i * lanes
-            use = g < ng and d < head_dim        # heads past the tile and dims past head_dim: 0
-            q_r[g, i] = q[row, head0 + g, d] * scale if use else ZERO
-            acc[g, i] = ZERO
+            k_r[i] = _fp8_e4m3_decode(np.uint8(k_r[i]))
+            v_r[i] = _fp8_e4m3_decode(np.uint8(v_r[i]))
 
-    # Every thread runs the same number of steps (the shuffles need the whole warp); a stream
-    # whose key is past the partition reads a real key and discards it.
-    for first in range(start, stop, num_streams):
-        j = first + stream
-        valid = j < stop
-        jj = j if valid else start
-        block = block_tables[seq, jj // block_size]
-        offset = jj % block_size
-        for i in range(DIM_SLOTS):               # K and V loads issued together: more in flight
-            d = lane + i * lanes
-            k_r[i] = _code(k_pool, kind, block, offset, kv_head, d) if d < head_dim else ZERO
-            v_r[i] = _code(v_pool, kind, block, offset, kv_head, d) if d < head_dim else ZERO
+
+def _make_warp_kernel(version: int) -> Any:
+    """v2, v3 and v4 share one source; ``version`` is a compile-time constant in it, so each
+    kernel holds only its own steps (a learner diffs the ``if version ...`` blocks):
+
+    - v2: loads through :func:`_code`, each behind a branch (kind, and d < head_dim);
+    - v3: branch-free loads, all issued before the arithmetic (:func:`_load_key`);
+    - v4: v3 with the next key's loads issued one step ahead (software pipelining): a stream
+      waits for memory once, at the start, instead of at every key.
+    """
+    def warp_attention(q, k_pool, v_pool, k_scales, v_scales, kind, block_tables, context_lens,
+                       query_start, scale, window, causal, lanes, part_out, part_lse):
+        tid = cuda.threadIdx.x
+        lane = tid % lanes                   # r: which slice of the dims
+        stream = tid // lanes                # which key stream of the block
+        num_streams = cuda.blockDim.x // lanes
+        row = cuda.blockIdx.x
+        split = cuda.blockIdx.z
+        head_dim = q.shape[2]
+        block_size = k_pool.shape[1]
+        kv_head, head0, ng = _head_tile(cuda.blockIdx.y, q.shape[1], k_pool.shape[2], HEAD_TILE)
+        seq, start, stop = _row_setup(query_start, context_lens, row, causal, window)
+        start, stop = _partition(start, stop, context_lens[seq], split, cuda.gridDim.z)
+
+        scratch = cuda.shared.array((HEAD_TILE, _RED), np.float32)
+        m_sh = cuda.shared.array((HEAD_TILE, WARP_THREADS), np.float32)
+        l_sh = cuda.shared.array((HEAD_TILE, WARP_THREADS), np.float32)
+        acc_sh = cuda.shared.array((HEAD_TILE, WARP_THREADS, DIM_SLOTS), np.float32)
+        q_r = cuda.local.array((HEAD_TILE, DIM_SLOTS), np.float32)  # registers: constant-size
+        acc = cuda.local.array((HEAD_TILE, DIM_SLOTS), np.float32)  # loops index them, so the
+        m = cuda.local.array(HEAD_TILE, np.float32)                 # compiler unrolls them
+        l = cuda.local.array(HEAD_TILE, np.float32)
+        s = cuda.local.array(HEAD_TILE, np.float32)
+        k_r = cuda.local.array(DIM_SLOTS, np.float32)
+        v_r = cuda.local.array(DIM_SLOTS, np.float32)
+        k_next = cuda.local.array(DIM_SLOTS, np.float32)            # v4's loads in flight
+        v_next = cuda.local.array(DIM_SLOTS, np.float32)
         for g in range(HEAD_TILE):
-            s[g] = ZERO
+            m[g] = NEG_INF
+            l[g] = ZERO
             for i in range(DIM_SLOTS):
-                s[g] += q_r[g, i] * k_r[i]
-        _sum_over_key_lanes(s, lanes, scratch)
-        if valid:
+                d = lane + i * lanes
+                use = g < ng and d < head_dim    # heads past the tile and dims past head_dim: 0
+                q_r[g, i] = q[row, head0 + g, d] * scale if use else ZERO
+                acc[g, i] = ZERO
+
+        scales_next = (ONE, ONE)
+        if version >= 4 and start < stop:        # v4: the first key's loads before the loop
+            scales_next = _load_key(k_pool, v_pool, k_scales, v_scales, kind, block_tables, seq,
+                                    min(start + stream, stop - 1), kv_head, lane, lanes, k_next,
+                                    v_next)
+        # Every thread runs the same number of steps (the shuffles need the whole warp); a stream
+        # whose key is past the partition reads a real key and discards it.
+        for first in range(start, stop, num_streams):
+            j = first + stream
+            valid = j < stop
+            jj = j if valid else start
             k_scale = ONE
             v_scale = ONE
-            if kind != KIND_FLOAT:               # one scale per (token, kv head): once per key
-                k_scale = np.float32(k_scales[block, offset, kv_head])
-                v_scale = np.float32(v_scales[block, offset, kv_head])
-            for g in range(HEAD_TILE):
-                score = s[g] * k_scale
-                m_new = max(m[g], score)
-                correction = math.exp(m[g] - m_new)   # exp(-inf) = 0 on the stream's first key
-                p = math.exp(score - m_new)
-                l[g] = l[g] * correction + p
-                m[g] = m_new
-                pv = p * v_scale
+            if version == 2:
+                block = block_tables[seq, jj // block_size]
+                offset = jj % block_size
                 for i in range(DIM_SLOTS):
-                    acc[g, i] = acc[g, i] * correction + pv * v_r[i]
+                    d = lane + i * lanes
+                    k_r[i] = _code(k_pool, kind, block, offset, kv_head, d) if d < head_dim else ZERO
+                    v_r[i] = _code(v_pool, kind, block, offset, kv_head, d) if d < head_dim else ZERO
+                if kind != KIND_FLOAT:           # one scale per (token, kv head): once per key
+                    k_scale = np.float32(k_scales[block, offset, kv_head])
+                    v_scale = np.float32(v_scales[block, offset, kv_head])
+            elif version == 3:
+                k_scale, v_scale = _load_key(k_pool, v_pool, k_scales, v_scales, kind,
+                                             block_tables, seq, jj, kv_head, lane, lanes, k_r, v_r)
+            else:                                # v4: take the loads issued a step ago ...
+                k_scale, v_scale = scales_next
+                for i in range(DIM_SLOTS):
+                    k_r[i] = k_next[i]
+                    v_r[i] = v_next[i]
+                # ... and issue the next step's now, to land while this step computes
+                scales_next = _load_key(k_pool, v_pool, k_scales, v_scales, kind, block_tables,
+                                        seq, min(j + num_streams, stop - 1), kv_head, lane, lanes,
+                                        k_next, v_next)
+            if version >= 3:
+                _decode(kind, k_r, v_r)
+            for g in range(HEAD_TILE):
+                s[g] = ZERO
+                for i in range(DIM_SLOTS):
+                    s[g] += q_r[g, i] * k_r[i]
+            _sum_over_key_lanes(s, lanes, scratch)
+            if valid:
+                for g in range(HEAD_TILE):
+                    score = s[g] * k_scale
+                    m_new = max(m[g], score)
+                    correction = math.exp(m[g] - m_new)  # exp(-inf) = 0 on the stream's first key
+                    p = math.exp(score - m_new)
+                    l[g] = l[g] * correction + p
+                    m[g] = m_new
+                    pv = p * v_scale
+                    for i in range(DIM_SLOTS):
+                        acc[g, i] = acc[g, i] * correction + pv * v_r[i]
 
-    # Merge the streams: out = sum_k e^(m_k - M) acc_k / sum_k e^(m_k - M) l_k, M = max_k m_k.
-    for g in range(HEAD_TILE):
-        if lane == 0:
-            m_sh[g, stream] = m[g]
-            l_sh[g, stream] = l[g]
-        for i in range(DIM_SLOTS):
-            acc_sh[g, tid, i] = acc[g, i]
-    cuda.syncthreads()
-    for e in range(tid, ng * head_dim, cuda.blockDim.x):
-        g = e // head_dim
-        d = e % head_dim
-        top = NEG_INF
-        for k in range(num_streams):
-            top = max(top, m_sh[g, k])
-        total = ZERO
-        out = ZERO
-        for k in range(num_streams):
-            if m_sh[g, k] > NEG_INF:            # a stream that saw no key adds nothing
-                w = math.exp(m_sh[g, k] - top)
-                total += l_sh[g, k] * w
-                out += acc_sh[g, k * lanes + d % lanes, d // lanes] * w
-        part_out[row, head0 + g, split, d] = out / total if total > ZERO else ZERO
-        if d == 0:
-            part_lse[row, head0 + g, split] = top + math.log(total) if total > ZERO else NEG_INF
+        # Merge the streams: out = sum_k e^(m_k - M) acc_k / sum_k e^(m_k - M) l_k, M = max m_k.
+        for g in range(HEAD_TILE):
+            if lane == 0:
+                m_sh[g, stream] = m[g]
+                l_sh[g, stream] = l[g]
+            for i in range(DIM_SLOTS):
+                acc_sh[g, tid, i] = acc[g, i]
+        cuda.syncthreads()
+        for e in range(tid, ng * head_dim, cuda.blockDim.x):
+            g = e // head_dim
+            d = e % head_dim
+            top = NEG_INF
+            for k in range(num_streams):
+                top = max(top, m_sh[g, k])
+            total = ZERO
+            out = ZERO
+            for k in range(num_streams):
+                if m_sh[g, k] > NEG_INF:        # a stream that saw no key adds nothing
+                    w = math.exp(m_sh[g, k] - top)
+                    total += l_sh[g, k] * w
+                    out += acc_sh[g, k * lanes + d % lanes, d // lanes] * w
+            part_out[row, head0 + g, split, d] = out / total if total > ZERO else ZERO
+            if d == 0:
+                part_lse[row, head0 + g, split] = top + math.log(total) if total > ZERO else NEG_INF
 
+    warp_attention.__name__ = warp_attention.__qualname__ = f"warp_attention_v{version}_kernel"
+    return kernel(*_signatures("void(" + _ATTN_ARGS + ", int32, float32[:, :, :, ::1], "
+                                "float32[:, :, ::1])"))(warp_attention)
+
+
+warp_attention_v2_kernel = _make_warp_kernel(2)
+warp_attention_v3_kernel = _make_warp_kernel(3)
+warp_attention_v4_kernel = _make_warp_kernel(4)
+WARP_KERNELS = {2: warp_attention_v2_kernel, 3: warp_attention_v3_kernel,
+                4: warp_attention_v4_kernel}
 
 # --- launch wrappers -----------------------------------------------------------------------------
 
@@ -468,8 +537,10 @@ def _dummy_scales() -> Any:
 VERSIONS = {
     1: "tiles: a thread per key (uncoalesced K rows), softmax statistics by one thread per head",
     2: "warps: lanes share a key (coalesced), shuffle-summed dots, online softmax in registers",
+    3: "batched loads: v2 with every K/V load of a key issued before any is used (no branches)",
+    4: "pipelined: v3 with the next key's loads issued a step ahead",
 }
-DEFAULT_VERSION = 2
+DEFAULT_VERSION = 4
 
 
 def launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, context_lens,
@@ -509,7 +580,7 @@ def launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, contex
         paged_attention_split_kernel[(num_rows, heads, num_splits), THREADS_PER_BLOCK](
             *args, part_out, part_lse)
     else:
-        warp_attention_kernel[(num_rows, heads, num_splits), WARP_THREADS](
+        WARP_KERNELS[version][(num_rows, heads, num_splits), WARP_THREADS](
             *args, np.int32(lanes_per_key(head_dim)), part_out, part_lse)
     merge_splits_kernel[(num_rows, num_q_heads), THREADS_PER_BLOCK](part_out, part_lse, out)
     return out

@@ -5,8 +5,11 @@ the cache), and each one reads its input from memory and writes its output back.
 block owns one head of one token's packed row and carries it from ``qkv`` to its destination
 without leaving the chip: the packed row is read once, ``q_out`` and the cache are written once.
 
-The grid is ``(T tokens, Hq + 2 * Hkv heads)``: block ``(t, j)`` takes columns
-``j * D .. j * D + D - 1`` of row t, a Q head (j < Hq), a K head or a V head. Its threads::
+The grid is ``(T tokens / TOKENS_PER_BLOCK, Hq + 2 * Hkv heads)``: block ``(b, j)`` takes
+columns ``j * D .. j * D + D - 1`` — a Q head (j < Hq), a K head or a V head — of rows
+``t = b * TOKENS_PER_BLOCK ...``, one row after another (the first version took one row per
+block: ~200k tiny blocks for a 4k-token prefill, and the GPU spent its time scheduling them).
+For each row t its threads::
 
     1. load      thread i: buf[d] = float32(qkv[t, j*D + d])  for d = i, i + B, ...   (shared)
     2. norm      (qk_mode 1, Q and K)  sq[d] = buf[d]**2, zero-padded to P = 2**k >= D;
@@ -48,6 +51,7 @@ from numba.types import float16  # noqa: E402
 # Threads per block, a power of two. The simulator runs each thread as a Python thread and each
 # barrier costs it milliseconds, so it gets few: the strided loops then take several turns.
 THREADS_PER_BLOCK = 128 if MODE == "gpu" else 16
+TOKENS_PER_BLOCK = 8  # tokens one block carries (of one head), one after another
 MAX_HEAD_DIM = 512  # the shared buffers' size: one head of up to 512 dims
 
 AMAX_FLOOR = np.float32(1e-8)
@@ -67,7 +71,7 @@ def _signatures() -> tuple[str, ...]:
                 f"{pool}[:, :, :, ::1], {pool}[:, :, :, ::1], float16[:, :, ::1], "
                 f"float16[:, :, ::1], int32[:, ::1], int32[::1], int32[::1], int64, int64, "
                 f"float32, int64, int64, boolean, boolean, float32, {x}[:, :, ::1], float32, "
-                f"boolean, int32[::1])")
+                f"boolean, int32[::1], int64)")
     return tuple(out)
 
 
@@ -119,8 +123,7 @@ def _store(res, head_dim, pool, scales, block, offset, head, cache_kind, qmax, p
 def fused_write_kernel(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales,
                        block_tables, query_start, pos_offsets, num_q_heads, num_kv_heads, eps,
                        qk_mode, cache_kind, paged, is_half, qmax, q_out, max_input, check_only,
-                       flag):
-    token = cuda.blockIdx.x
+                       flag, tokens_per_block):
     row = cuda.blockIdx.y  # which head of the packed row: Q heads, then K, then V
     tid = cuda.threadIdx.x
     step = cuda.blockDim.x
@@ -129,100 +132,105 @@ def fused_write_kernel(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scal
     res = cuda.shared.array(MAX_HEAD_DIM, np.float32)
     partial = cuda.shared.array(THREADS_PER_BLOCK, np.float32)
 
-    seq = 0  # this token's sequence: few sequences, so a walk is simpler than a search
-    while token >= query_start[seq + 1]:
-        seq += 1
-    pos = pos_offsets[seq] + token - query_start[seq]
-    is_v = row >= num_q_heads + num_kv_heads
-    rotate = qk_mode != 0 and not is_v
+    # v2: a block carries `tokens_per_block` tokens of its head, one after another: a block per
+    # (token, head) made the GPU schedule ~200k tiny blocks for a 4k-token prefill (v1: 1 token)
+    first = cuda.blockIdx.x * tokens_per_block
+    for token in range(first, min(first + tokens_per_block, query_start[query_start.shape[0] - 1])):
+        cuda.syncthreads()  # the previous token is done with buf, res and partial
+        seq = 0  # this token's sequence: few sequences, so a walk is simpler than a search
+        while token >= query_start[seq + 1]:
+            seq += 1
+        pos = pos_offsets[seq] + token - query_start[seq]
+        is_v = row >= num_q_heads + num_kv_heads
+        rotate = qk_mode != 0 and not is_v
 
-    # 1. load one head of the packed row (each thread keeps the d's it loaded until step 3)
-    for d in range(tid, head_dim, step):
-        buf[d] = float32(qkv[token, row * head_dim + d])
+        # 1. load one head of the packed row (each thread keeps the d's it loaded until step 3)
+        for d in range(tid, head_dim, step):
+            buf[d] = float32(qkv[token, row * head_dim + d])
 
-    # 2. RMSNorm: the tree-ordered sum of squares, then scale, round (HF's cast), weight
-    if qk_mode == 1 and rotate:
-        width = 1
-        while width < head_dim:
-            width *= 2
-        for d in range(tid, width, step):
-            res[d] = buf[d] * buf[d] if d < head_dim else ZERO
-        cuda.syncthreads()
-        while width > 1:
-            width //= 2
-            for i in range(tid, width, step):
-                res[i] += res[i + width]
+        # 2. RMSNorm: the tree-ordered sum of squares, then scale, round (HF's cast), weight
+        if qk_mode == 1 and rotate:
+            width = 1
+            while width < head_dim:
+                width *= 2
+            for d in range(tid, width, step):
+                res[d] = buf[d] * buf[d] if d < head_dim else ZERO
             cuda.syncthreads()
-        r = ONE / math.sqrt(res[0] / float32(head_dim) + eps)
-        cuda.syncthreads()  # everyone has read res[0] before step 3 overwrites it
-        for d in range(tid, head_dim, step):
-            n = buf[d] * r
-            if is_half:
-                n = float32(float16(n))
-            w = q_norm_w[d] if row < num_q_heads else k_norm_w[d]
-            buf[d] = float32(w) * n
-    cuda.syncthreads()
-
-    # 3. rotate pairs (or copy), rounding to qkv's dtype once
-    if rotate:
-        half = cos.shape[1]  # rotary_dim / 2
-        for p in range(tid, head_dim // 2, step):
-            if p < half:
-                if qk_mode == 3:  # interleaved: neighbours
-                    i = 2 * p
-                    j = i + 1
-                else:  # rotate-half
-                    i = p
-                    j = p + half
-                c = cos[pos, p]
-                s = sin[pos, p]
-                a = buf[i]
-                b = buf[j]
-                out_i = mul_rn(a, c) - mul_rn(b, s)
-                out_j = mul_rn(b, c) + mul_rn(a, s)
-            else:  # pass-through dims beyond rotary_dim
-                i = 2 * half + 2 * (p - half)
-                j = i + 1
-                out_i = buf[i]
-                out_j = buf[j]
-            if is_half:
-                out_i = float32(float16(out_i))
-                out_j = float32(float16(out_j))
-            res[i] = out_i
-            res[j] = out_j
-    else:
-        for d in range(tid, head_dim, step):
-            res[d] = buf[d]
-    cuda.syncthreads()
-
-    # 4a. a dry run before a quantized write (check_only): flag a K value the cache cannot store
-    # (NaN, inf, or so large its fp16 scale overflows) and write nothing. Norm and rotation can
-    # make K larger than the raw qkv the wrapper checked, so only this pass sees the real values.
-    if check_only:
-        if num_q_heads <= row and not is_v:
+            while width > 1:
+                width //= 2
+                for i in range(tid, width, step):
+                    res[i] += res[i + width]
+                cuda.syncthreads()
+            r = ONE / math.sqrt(res[0] / float32(head_dim) + eps)
+            cuda.syncthreads()  # everyone has read res[0] before step 3 overwrites it
             for d in range(tid, head_dim, step):
-                if not abs(res[d]) <= max_input:  # NaN fails every comparison
-                    flag[0] = 1
-        return
+                n = buf[d] * r
+                if is_half:
+                    n = float32(float16(n))
+                w = q_norm_w[d] if row < num_q_heads else k_norm_w[d]
+                buf[d] = float32(w) * n
+        cuda.syncthreads()
 
-    # 4. store: Q to q_out, K and V to the cache
-    if row < num_q_heads:
-        for d in range(tid, head_dim, step):
-            q_out[token, row, d] = res[d]
-        return
-    if paged:
-        block_size = k_pool.shape[1]
-        block = block_tables[seq, pos // block_size]
-        offset = pos % block_size
-    else:  # a contiguous cache: capacity blocks of one slot
-        block = pos
-        offset = 0
-    if is_v:
-        _store(res, head_dim, v_pool, v_scales, block, offset, row - num_q_heads - num_kv_heads,
-               cache_kind, qmax, partial)
-    else:
-        _store(res, head_dim, k_pool, k_scales, block, offset, row - num_q_heads, cache_kind,
-               qmax, partial)
+        # 3. rotate pairs (or copy), rounding to qkv's dtype once
+        if rotate:
+            half = cos.shape[1]  # rotary_dim / 2
+            for p in range(tid, head_dim // 2, step):
+                if p < half:
+                    if qk_mode == 3:  # interleaved: neighbours
+                        i = 2 * p
+                        j = i + 1
+                    else:  # rotate-half
+                        i = p
+                        j = p + half
+                    c = cos[pos, p]
+                    s = sin[pos, p]
+                    a = buf[i]
+                    b = buf[j]
+                    out_i = mul_rn(a, c) - mul_rn(b, s)
+                    out_j = mul_rn(b, c) + mul_rn(a, s)
+                else:  # pass-through dims beyond rotary_dim
+                    i = 2 * half + 2 * (p - half)
+                    j = i + 1
+                    out_i = buf[i]
+                    out_j = buf[j]
+                if is_half:
+                    out_i = float32(float16(out_i))
+                    out_j = float32(float16(out_j))
+                res[i] = out_i
+                res[j] = out_j
+        else:
+            for d in range(tid, head_dim, step):
+                res[d] = buf[d]
+        cuda.syncthreads()
+
+        # 4a. a dry run before a quantized write (check_only): flag a K value the cache cannot store
+        # (NaN, inf, or so large its fp16 scale overflows) and write nothing. Norm and rotation can
+        # make K larger than the raw qkv the wrapper checked, so only this pass sees the real values.
+        if check_only:
+            if num_q_heads <= row and not is_v:
+                for d in range(tid, head_dim, step):
+                    if not abs(res[d]) <= max_input:  # NaN fails every comparison
+                        flag[0] = 1
+            continue
+
+        # 4. store: Q to q_out, K and V to the cache
+        if row < num_q_heads:
+            for d in range(tid, head_dim, step):
+                q_out[token, row, d] = res[d]
+            continue
+        if paged:
+            block_size = k_pool.shape[1]
+            block = block_tables[seq, pos // block_size]
+            offset = pos % block_size
+        else:  # a contiguous cache: capacity blocks of one slot
+            block = pos
+            offset = 0
+        if is_v:
+            _store(res, head_dim, v_pool, v_scales, block, offset, row - num_q_heads - num_kv_heads,
+                   cache_kind, qmax, partial)
+        else:
+            _store(res, head_dim, k_pool, k_scales, block, offset, row - num_q_heads, cache_kind,
+                   qmax, partial)
 
 
 # --- launch wrappers ---------------------------------------------------------------------------
@@ -252,17 +260,20 @@ def _dummy(kind: str) -> Any:
     if kind not in _DUMMIES:
         shapes = {"float16": ((1,), np.float16), "float32": ((1,), np.float32),
                   "table": ((1, 1), np.float32),
-                  "scales": ((1, 1, 1), np.float16), "block_tables": ((1, 1), np.int32)}
+                  "scales": ((1, 1, 1), np.float16), "block_tables": ((1, 1), np.int32),
+                  "flag": ((1,), np.int32)}
         shape, dtype = shapes[kind]
         _DUMMIES[kind] = cuda.to_device(np.zeros(shape, dtype))
     return _DUMMIES[kind]
 
 
 def launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales, block_tables,
-           query_start, pos_offsets, shape, eps, qk_mode, kv_dtype, paged) -> Any:
+           query_start, pos_offsets, shape, eps, qk_mode, kv_dtype, paged,
+           tokens_per_block=TOKENS_PER_BLOCK) -> Any:
     """The kernel on arguments **already checked** (``shape`` from
     :func:`kvlab.checks.check_fused_write`); returns q_out. Public so that the benchmark can time
-    the kernel alone."""
+    the kernel alone (and ``tokens_per_block`` = 1, the first version: a block per token and
+    head)."""
     if shape.head_dim > MAX_HEAD_DIM:
         raise ValueError(f"the CUDA fused write holds a head in shared memory: head_dim must be "
                          f"<= {MAX_HEAD_DIM}, got {shape.head_dim}")
@@ -285,17 +296,19 @@ def launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales
         k_scales = v_scales = _dummy("scales")
     if not paged:
         block_tables = _dummy("block_tables")
-    grid = (shape.num_tokens, shape.num_q_heads + 2 * shape.num_kv_heads)
+    grid = (-(-shape.num_tokens // tokens_per_block), shape.num_q_heads + 2 * shape.num_kv_heads)
 
     def run(check_only: bool, max_input: float, flag: Any) -> None:
         fused_write_kernel[grid, THREADS_PER_BLOCK](
             qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales, block_tables,
             query_start, pos_offsets, shape.num_q_heads, shape.num_kv_heads, np.float32(eps),
             qk_mode, CACHE_KIND[kv_dtype], paged, qkv.dtype == np.float16,
-            QMAX.get(kv_dtype, ONE), q_out, np.float32(max_input), check_only, flag)
+            QMAX.get(kv_dtype, ONE), q_out, np.float32(max_input), check_only, flag,
+            tokens_per_block)
 
-    flag = cuda.to_device(np.zeros(1, dtype=np.int32))
+    flag = _dummy("flag")  # read only by a dry run, which gets a fresh one
     if shape.kv_dtype is not None:  # the dry run first: nothing is written if it flags
+        flag = cuda.to_device(np.zeros(1, dtype=np.int32))
         max_input = shape.kv_dtype.max_input
         run(True, max_input, flag)
         if flag.copy_to_host()[0]:
