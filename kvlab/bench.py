@@ -749,20 +749,27 @@ def _device_name(backend: Any, torch: Any) -> str:
     return f"CPU {platform.processor() or platform.machine()}"
 
 
-def _copy_bandwidth(backend: Any, timer: Any, torch: Any) -> float:
-    """GB/s of a device-to-device copy of COPY_BW_BYTES, counting bytes read + written."""
+def _copy_bandwidth(backend: Any, timer: Any, torch: Any, torch_timer: Any = None) -> float:
+    """GB/s of a device-to-device copy of COPY_BW_BYTES, counting bytes read + written: the faster
+    of Numba's copy (cuMemcpyDtoD) and torch's ``copy_`` when both can run (on an H100 the driver's
+    copy measured 2.5 TB/s while torch SDPA read K/V at 2.9 TB/s: the slower copy is no roof)."""
+    def timed(fn: Callable[[], Any], clock: Any) -> float:
+        return 2 * COPY_BW_BYTES / statistics.median(measure(clock, fn, 2, 10)) / 1e9
+
+    rates = []
     if backend.name == "cuda":
         from numba import cuda
 
         src = cuda.device_array(COPY_BW_BYTES, np.uint8)
         dst = cuda.device_array(COPY_BW_BYTES, np.uint8)
-        fn = lambda: dst.copy_to_device(src)  # noqa: E731
-    else:
-        src = torch.empty(COPY_BW_BYTES, dtype=torch.uint8, device=backend.device)
+        rates.append(timed(lambda: dst.copy_to_device(src), timer))
+        del src, dst
+    device = backend.device if backend.name == "torch" else "cuda"
+    if backend.name == "torch" or (torch_timer is not None and torch.cuda.is_available()):
+        src = torch.empty(COPY_BW_BYTES, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
-        fn = lambda: dst.copy_(src)  # noqa: E731
-    times = measure(timer, fn, 2, 10)  # src and dst are freed when this returns
-    return 2 * COPY_BW_BYTES / statistics.median(times) / 1e9
+        rates.append(timed(lambda: dst.copy_(src), torch_timer or timer))
+    return max(rates)
 
 
 def _fp32_matmul_tflops(torch: Any, timer: Any) -> float:
@@ -897,7 +904,8 @@ def run_bench(backend_name: str = "numpy", stages: list[str] | None = None,
                      + (" (run --backend cuda for the Numba kernels)" if impl.startswith("torch-") else ""))
 
     device = _device_name(backend, torch)
-    copy_bw = _copy_bandwidth(backend, timer, torch) if gpu_timing and backend.name != "numpy" else None
+    copy_bw = (_copy_bandwidth(backend, timer, torch, torch_timer)
+               if gpu_timing and backend.name != "numpy" else None)
     if copy_bw is None:
         notes.append("CPU: absolute times describe this machine only; the ratios are what is "
                      "meaningful" if backend_name != "cuda" else
@@ -988,6 +996,23 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append((line + "  " + ratio + ("  " + r["note"] if r["note"] else "")).rstrip())
     if result["notes"]:
         lines += ["", *(f"note: {n}" for n in result["notes"])]
+    return "\n".join(lines)
+
+
+def markdown_summary(result: dict[str, Any], stages: tuple[str, ...] = ("attention", "fused_write"),
+                     ) -> str:
+    """A Markdown table of a result's rows for ``stages`` (README and notebook 05 quote it; a test
+    keeps the README's copy equal to this function's output on the stored result)."""
+    meta = result["meta"]
+    lines = [f"Measured on {meta['device']}, {meta['date'][:10]}, `python -m kvlab bench --backend "
+             f"{meta['backend']} --size {meta['size']}` (medians; copy bandwidth "
+             f"{meta['copy_bandwidth_gb_per_s'] or 0:,.0f} GB/s):", "",
+             "| stage | op | impl | median | GB/s | % of copy |", "| --- | --- | --- | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        if r["stage"] in stages:
+            copy = "" if r["copy_bw_fraction"] is None else f"{100 * r['copy_bw_fraction']:.0f}%"
+            lines.append(f"| {r['stage']} | {r['op']} | {r['impl']} | {_time(r['median_s'])} | "
+                         f"{r['gb_per_s']:,.0f} | {copy} |")
     return "\n".join(lines)
 
 

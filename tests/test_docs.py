@@ -29,3 +29,12 @@ def test_done_rows_name_existing_tests():
                 assert (ROOT / path).exists(), f"{seed}: {path}"
             for nb in re.findall(r"\d\d_\w+", notebook):
                 assert (ROOT / "notebooks" / f"{nb}.ipynb").exists(), f"{seed}: {nb}"
+
+
+def test_readme_gpu_table_is_the_stored_result():
+    """The README's GPU table is kvlab.bench.markdown_summary of data/bench/ (not retyped)."""
+    from kvlab.bench import markdown_summary
+    from kvlab.data import load_json
+
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_summary(load_json("bench/h100_2026-11-27.json")) in readme

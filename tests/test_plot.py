@@ -397,3 +397,57 @@ def test_paging_figures_keep_global_state():
     kplot.plot_all_layouts(1, 8, 2)
     kplot.plot_waste_summary({"paged-16": 0.98})
     assert dict(matplotlib.rcParams) == before
+
+
+# --- notebook 05: GPU results (data/bench/) --------------------------------------------------------
+
+def _h100():
+    from kvlab.data import load_json
+
+    return load_json("bench/h100_2026-11-27.json")
+
+
+def test_decode_flops_by_hand():
+    # 4 * B * Hq * L * D = 4 * 8 * 32 * 32768 * 128
+    assert kplot.decode_flops(_h100()["meta"]["shape"]) == 4 * 8 * 32 * 32768 * 128 == 4_294_967_296
+
+
+def test_kernel_versions_one_line_per_version_and_sdpa_lines():
+    result = _h100()
+    ax = kplot.plot_kernel_versions(result)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    v2 = lines["kvlab v2"]
+    assert list(v2.get_xdata()) == [1, 8, 16, 32, 64, 128]
+    times = {r["op"]: r["median_s"] * 1e3 for r in result["rows"] if r["impl"] == "cuda"}
+    assert v2.get_ydata()[2] == pytest.approx(times["kernel v2 fp16 splits=16"])
+    assert list(lines["kvlab v1"].get_xdata()) == [1, 16]
+    assert any(label.startswith("torch SDPA contiguous") for label in lines)
+    assert "NVIDIA H100" in ax.get_title() and "2026-11-27" in ax.get_title()
+    plt.close("all")
+
+
+def test_measured_roofline_points_at_intensity_and_achieved_rate():
+    result = _h100()
+    ax = kplot.plot_measured_roofline(result)
+    points = {line.get_label().split(":")[0]: line for line in ax.get_lines()
+              if line.get_marker() == "o"}
+    sdpa = next(r for r in result["rows"] if r["op"].startswith("torch SDPA"))
+    flops = kplot.decode_flops(result["meta"]["shape"])
+    x, y = points["torch SDPA contiguous (enable_gqa)"].get_xydata()[0]
+    assert x == pytest.approx(flops / sdpa["bytes"]) and y == pytest.approx(flops / sdpa["median_s"] / 1e12)
+    # the fastest split count stands for each version
+    v2 = min((r for r in result["rows"] if r["op"].startswith("kernel v2 fp16")),
+             key=lambda r: r["median_s"])
+    assert points["kernel v2 fp16"].get_xydata()[0][1] == pytest.approx(flops / v2["median_s"] / 1e12)
+    assert "NVIDIA H100" in ax.get_title()
+    plt.close("all")
+
+
+def test_gpu_result_plots_reject_cpu_results():
+    cpu = {"meta": {"device": "CPU", "date": "2026-11-27", "size": "smoke",
+                    "copy_bandwidth_gb_per_s": None, "fp32_matmul_tflops": None,
+                    "shape": _h100()["meta"]["shape"]}, "rows": []}
+    with pytest.raises(ValueError, match="copy bandwidth"):
+        kplot.plot_measured_roofline(cpu)
+    with pytest.raises(ValueError, match="kernel vN"):
+        kplot.plot_kernel_versions(cpu)

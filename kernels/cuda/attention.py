@@ -1,18 +1,21 @@
 """Decode attention as Numba CUDA kernels: the ops of :mod:`kvlab.ref.attention`, on a GPU.
 
-Two versions, numbered the way llm.c's ``dev/cuda`` numbers its kernels (notebook 05 measures
-them side by side; ``VERSIONS`` says what each one changes):
+Four versions, numbered the way llm.c's ``dev/cuda`` numbers its kernels: each one change, its
+reason, its measured effect (notebook 05 times them side by side; ``VERSIONS`` names the change;
+``DEFAULT_VERSION`` is what the public ops launch):
 
 - **v1, tiles** (``_attend``): the first, readable design below. Simple, and slow on a GPU: each
   thread reads one key's whole row (a warp's load touches 32 rows: uncoalesced), and one thread per
   query head computes the softmax statistics of a tile while the others wait.
-- **v2, warps** (``warp_attention_kernel``): what the public ops launch. A group of lanes shares
-  one key (each lane a slice of its dims, so a warp's loads are contiguous), the dot product is
-  summed across the group with warp shuffles, and every group keeps its own online softmax and
-  output in registers — no barrier inside the loop over keys. The groups' partial results are
-  merged once at the end.
+- **v2, warps** (``warp_attention_v2_kernel``): a group of lanes shares one key (each lane a slice
+  of its dims, so a warp's loads are contiguous), the dot product is summed across the group with
+  warp shuffles, and every group keeps its own online softmax and output in registers — no
+  barrier inside the loop over keys. The groups' partial results are merged once at the end.
+- **v3, batched loads**: v2's loads sit behind branches (the pool's kind, ``d < head_dim``), so
+  each waits for the one before; v3 issues all of a key's loads first, branch-free.
+- **v4, pipelined**: v3 with the next key's loads issued one step ahead.
 
-v1's kernels and the device function they share:
+v1's kernels and the device function they share:v1's kernels and the device function they share:
 
 - ``_attend`` (device, inlined): one thread block's job — one query row, one kv head, a tile of
   up to ``GROUP_TILE`` query heads of its GQA group — over a range of positions, as an **online
@@ -27,7 +30,10 @@ v1's kernels and the device function they share:
 - ``merge_splits_kernel``: grid ``(rows, num_q_heads)``, threads over head_dim: the log-sum-exp
   merge of the S partials.
 
-Simulator-safe: shared-memory reductions and ``cuda.syncthreads`` only (no warp shuffles). Pools
+v1 is simulator-safe as written (shared-memory reductions and barriers only). v2-v4 sum over a
+key's lanes with warp shuffles on a GPU; the simulator has none, so there they run one narrow
+stand-in "warp" that sums through shared memory (``_sum_over_key_lanes``) — the shuffle path
+itself is checked by the PTX compile and by ``pytest -m gpu``. Pools
 may be float16/float32, or int8 / uint8 (fp8_e4m3) codes dequantized on read with their fp16
 scales (a float pool gets a dummy scale array and ``kind`` says which). Launch wrappers have the
 reference's names and parameters, check the arguments first (:mod:`kvlab.checks`) and take and
@@ -540,7 +546,10 @@ VERSIONS = {
     3: "batched loads: v2 with every K/V load of a key issued before any is used (no branches)",
     4: "pipelined: v3 with the next key's loads issued a step ahead",
 }
-DEFAULT_VERSION = 4
+# What the public ops launch: the fastest version measured on a real GPU so far (v2: H100,
+# 2026-11-27, notebook 05). v3 and v4 pass the simulator and compile to PTX but have not run on a
+# GPU yet: scripts/gpu_check.sh measures them; promote one only after it passes `pytest -m gpu`.
+DEFAULT_VERSION = 2
 
 
 def launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, context_lens,

@@ -51,7 +51,11 @@ from numba.types import float16  # noqa: E402
 # Threads per block, a power of two. The simulator runs each thread as a Python thread and each
 # barrier costs it milliseconds, so it gets few: the strided loops then take several turns.
 THREADS_PER_BLOCK = 128 if MODE == "gpu" else 16
-TOKENS_PER_BLOCK = 8  # tokens one block carries (of one head), one after another
+# Tokens one block carries (of one head), one after another. 1 is the configuration measured on
+# a GPU (H100, 2026-11-27: 811 us for a 4k-token prefill, 5% of copy bandwidth); more per block
+# passes the simulator and is expected to cut the block-scheduling cost, but awaits a GPU run
+# (scripts/gpu_check.sh sweeps 1-32) before it becomes the default.
+TOKENS_PER_BLOCK = 1
 MAX_HEAD_DIM = 512  # the shared buffers' size: one head of up to 512 dims
 
 AMAX_FLOOR = np.float32(1e-8)

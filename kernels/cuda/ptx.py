@@ -14,8 +14,9 @@ import sys
 
 def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, dict[str, int]]:
     """Compile each (kernel, signature) pair; return ``{"module.kernel[i]": {"bytes": len(ptx),
-    "fma_f32": count}}``, the count of float32 fused multiply-adds the compiler chose to emit
-    (kernels that promise the reference's roundings must have none)."""
+    "fma_f32": count, "local_accesses": count}}``: the float32 fused multiply-adds the compiler
+    chose to emit (kernels that promise the reference's roundings must have none) and the loads and
+    stores of local memory (a per-thread array the compiler could not keep in registers)."""
     from kvlab.kernels import cuda as kcuda
 
     if kcuda.MODE != "gpu":
@@ -27,7 +28,9 @@ def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, dict[str, int]]:
     for entry in kcuda.REGISTRY:
         for i, signature in enumerate(entry.signatures):
             ptx, _ = compile_ptx(entry.py_func, signature, cc=cc)
-            sizes[f"{entry.name}[{i}]"] = {"bytes": len(ptx), "fma_f32": ptx.count("fma.rn.f32")}
+            sizes[f"{entry.name}[{i}]"] = {"bytes": len(ptx), "fma_f32": ptx.count("fma.rn.f32"),
+                                           "local_accesses": ptx.count("ld.local")
+                                           + ptx.count("st.local")}
     return sizes
 
 

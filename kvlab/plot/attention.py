@@ -105,3 +105,87 @@ def plot_roofline(variants: Sequence[dict], device: dict = H100_SXM_NOMINAL,
     ax.set_title(f"roofline: {device['name']}", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     return ax
+
+
+# --- measured on a GPU (a `python -m kvlab bench --json` result) -----------------------------------
+
+def decode_flops(shape: dict) -> int:
+    """FLOPs of one decode step of the bench's attention shape: ``4 B Hq L D`` (a multiply-add for
+    ``q . k`` and one for ``p v`` per cached position, query head and dim)."""
+    hq = shape["num_kv_heads"] * shape["group"]
+    return 4 * shape["num_seqs"] * hq * shape["context_len"] * shape["head_dim"]
+
+
+def _label(result: dict) -> str:
+    meta = result["meta"]
+    return f"{meta['device']}, {meta['date'][:10]} (kvlab bench, size {meta['size']})"
+
+
+def _attention_rows(result: dict) -> list[dict]:
+    return [r for r in result["rows"] if r["stage"] == "attention"]
+
+
+def plot_kernel_versions(result: dict, ax: Axes | None = None) -> Axes:
+    """Median time of each attention kernel version over its split counts (kernel alone), with torch
+    SDPA on contiguous K/V and gather-then-SDPA as horizontal lines: the version ladder of
+    notebook 05, measured. ``result``: a ``kvlab bench --backend cuda --json`` result."""
+    rows = [r for r in _attention_rows(result) if r["op"].startswith("kernel v")
+            and " fp16 " in r["op"]]
+    if not rows:
+        raise ValueError("the result holds no 'kernel vN fp16 splits=S' rows (run the cuda backend)")
+    ax = new_axes(ax, (7, 4.2))
+    versions = sorted({int(r["op"].split()[1][1:]) for r in rows})
+    for i, version in enumerate(versions):
+        mine = sorted((int(r["op"].rsplit("=", 1)[1]), r["median_s"]) for r in rows
+                      if r["op"].startswith(f"kernel v{version} "))
+        ax.plot([s for s, _ in mine], [t * 1e3 for _, t in mine], "o-",
+                color=SEQ_COLORS[i % len(SEQ_COLORS)], label=f"kvlab v{version}")
+    for r, style in zip([r for r in _attention_rows(result) if r["impl"].startswith("torch-sdpa")],
+                        ("-", "--")):
+        ax.axhline(r["median_s"] * 1e3, color=COLOR_REFERENCE, ls=style, lw=1.2,
+                   label=f"{r['op']} ({r['median_s'] * 1e6:.0f} us)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("num_splits (split-K partitions per sequence)")
+    ax.set_ylabel("median time per decode step (ms)")
+    ax.set_title(f"paged decode attention, fp16 — {_label(result)}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    return ax
+
+
+def plot_measured_roofline(result: dict, ax: Axes | None = None) -> Axes:
+    """A roofline from measurements: the memory roof is the device-to-device copy bandwidth the
+    bench measured, the compute roof its float32 matrix product (TF32 off); the datasheet HBM peak
+    is drawn dashed for scale. Each attention row is a point at its arithmetic intensity and the
+    FLOP/s it achieved (FLOPs from :func:`decode_flops`, bytes as the bench counts them)."""
+    meta = result["meta"]
+    bw = (meta.get("copy_bandwidth_gb_per_s") or 0) * 1e9
+    peak = (meta.get("fp32_matmul_tflops") or 0) * 1e12
+    if bw <= 0 or peak <= 0:
+        raise ValueError("the result has no measured copy bandwidth / fp32 matmul rate (a GPU run)")
+    rows = _attention_rows(result)
+    flops = decode_flops(meta["shape"])
+    ax = new_axes(ax, (7, 4.2))
+    x = np.logspace(-1, 3, 200)
+    ax.loglog(x, np.minimum(peak, x * bw) / 1e12, color=COLOR_REFERENCE, lw=2,
+              label=f"measured: copy {bw / 1e9:,.0f} GB/s, fp32 matmul {peak / 1e12:.1f} TFLOP/s")
+    nominal = H100_SXM_NOMINAL["bytes_per_s"]
+    ax.loglog(x, np.minimum(peak, x * nominal) / 1e12, color=COLOR_REFERENCE, lw=1, ls="--",
+              label=f"{nominal / 1e12:.2f} TB/s (H100 SXM datasheet HBM3)")
+    picks = [r for r in rows if r["op"].startswith(("kernel v", "torch SDPA", "torch gather"))
+             and " fp8" not in r["op"]]
+    best: dict[str, dict] = {}
+    for r in picks:  # one point per kernel version and dtype: its fastest split count
+        name = r["op"].rsplit(" splits=", 1)[0]
+        if name not in best or r["median_s"] < best[name]["median_s"]:
+            best[name] = r
+    for i, (name, r) in enumerate(best.items()):
+        achieved = flops / r["median_s"]
+        ax.plot(flops / r["bytes"], achieved / 1e12, "o", ms=7,
+                color=SEQ_COLORS[i % len(SEQ_COLORS)],
+                label=f"{name}: {r['median_s'] * 1e6:,.0f} us, {r['gb_per_s']:,.0f} GB/s")
+    ax.set_xlabel("arithmetic intensity (FLOPs per byte moved)")
+    ax.set_ylabel("achieved TFLOP/s")
+    ax.set_title(f"decode attention roofline — {_label(result)}", fontsize=9)
+    ax.legend(fontsize=6.5, loc="upper left")
+    return ax
