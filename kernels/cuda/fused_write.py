@@ -42,7 +42,7 @@ import numpy as np
 from kvlab.checks import check_fused_write
 from kvlab.kernels.cuda import MODE, cuda, kernel, mul_rn
 from kvlab.kernels.cuda.quant import _check_values as _check_quant_values
-from kvlab.kernels.cuda.quant import _fp8_e4m3_encode
+from kvlab.kernels.cuda.quant import _fp8_e4m3_encode, block_max
 from kvlab.ref.fused_write import _one_sequence
 
 from numba import float32  # noqa: E402,I001  (numba is configured by kvlab.kernels.cuda)
@@ -87,19 +87,11 @@ def _signatures() -> tuple[str, ...]:
 
 @cuda.jit(device=True, inline="always")
 def _shared_amax(values, length, partial):
-    """max |values[d]| for d < length, over the whole thread block (two barriers)."""
-    tid = cuda.threadIdx.x
+    """max |values[d]| for d < length, over the whole thread block (quant's ``block_max``)."""
     local = ZERO
-    for d in range(tid, length, cuda.blockDim.x):
+    for d in range(cuda.threadIdx.x, length, cuda.blockDim.x):
         local = max(local, abs(values[d]))
-    partial[tid] = local
-    cuda.syncthreads()
-    if tid == 0:
-        for i in range(1, cuda.blockDim.x):
-            local = max(local, partial[i])
-        partial[0] = local
-    cuda.syncthreads()
-    return partial[0]
+    return block_max(local, partial)
 
 
 @cuda.jit(device=True, inline="always")

@@ -2,9 +2,9 @@
 
 What is new since the paging kernels: a **reduction**. Every (token, kv_head) vector needs its
 ``amax = max |x|`` before any of its elements can be encoded, so the threads of a block must
-cooperate: each takes a strided slice of the vector, writes its partial max to shared memory, and
-after a barrier every thread reads the block's answer. (Warp shuffles would be faster, but Numba's
-simulator has none: see DESIGN.md §5.)
+cooperate: each takes a strided slice of the vector, writes its partial max to shared memory, a
+tree halves the partials log2(B) times (``block_max``), and every thread reads the block's answer.
+(Warp shuffles would be faster, but Numba's simulator has none: see DESIGN.md §5.)
 
 Launch wrappers have ``kvlab.ref.quant``'s names and parameters, check the arguments first
 (:mod:`kvlab.checks`), and take and return Numba device arrays. Codes must equal the reference's
@@ -70,25 +70,37 @@ def _launch(kernel_fn, grid: tuple[int, ...], *args: Any) -> None:
 #   thread     0   1  ...  B-1 |  0   1  ... |  ...      each thread: max |x| of its elements
 #                                    │
 #   partial[]  [m0, m1, ..., mB-1]  ◄┘  shared memory      barrier
-#   thread 0:  partial[0] = max(partial)                   barrier; everyone reads partial[0]
+#   tree       thread i < B/2: partial[i] = max(partial[i], partial[i + B/2])   barrier
+#              ... B/4, ..., 1: log2(B) steps; everyone reads partial[0]
 #
+# (The first version let thread 0 walk all B partials while the others waited: B dependent
+# shared-memory reads per vector. A max is exact in any order, so the tree changes no result.)
 # Device functions are inlined into their kernels (inline="always"): compile_ptx can then build
 # every kernel without asking a GPU which compute capability a separate device function targets.
 
 @cuda.jit(device=True, inline="always")
-def _block_amax(x, token, head, start, length, partial):
+def block_max(local, partial):
+    """The largest ``local`` over the thread block: a tree in shared memory ``partial`` (one float32
+    per thread; blockDim a power of two), log2(blockDim) + 1 barriers. Every thread must call it;
+    the caller must not write ``partial`` again before a barrier (others still read partial[0])."""
     tid = cuda.threadIdx.x
-    local = ZERO
-    for i in range(tid, length, cuda.blockDim.x):
-        local = max(local, abs(np.float32(x[token, head, start + i])))
     partial[tid] = local
     cuda.syncthreads()
-    if tid == 0:
-        for i in range(1, cuda.blockDim.x):
-            local = max(local, partial[i])
-        partial[0] = local
-    cuda.syncthreads()
+    width = cuda.blockDim.x // 2
+    while width > 0:
+        if tid < width:
+            partial[tid] = max(partial[tid], partial[tid + width])
+        cuda.syncthreads()
+        width //= 2
     return partial[0]
+
+
+@cuda.jit(device=True, inline="always")
+def _block_amax(x, token, head, start, length, partial):
+    local = ZERO
+    for i in range(cuda.threadIdx.x, length, cuda.blockDim.x):
+        local = max(local, abs(np.float32(x[token, head, start + i])))
+    return block_max(local, partial)
 
 
 @cuda.jit(device=True, inline="always")
@@ -129,7 +141,7 @@ def _fp8_e4m3_decode(code):
 # --- write_kv_quant (and quantize, a write into a pool of T blocks of one slot) ---------------
 #
 #   grid: (T tokens, Hkv heads); block (t, h) owns the vector k[t, h, :]:
-#     1. amax = _block_amax(...)                       (two barriers)
+#     1. amax = _block_amax(...)                       (log2(B) + 1 barriers)
 #     2. scale = max(amax, 1e-8) / qmax                every thread computes the same float32
 #     3. thread 0: scales[block, offset, h] = scale    stored as fp16
 #     4. thread i: pool[block, offset, h, d] = encode(clip(k[t, h, d] / scale)) for its d's
