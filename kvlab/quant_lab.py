@@ -23,11 +23,10 @@ in magnitude from token to token. ``data/`` holds no real activations yet, so no
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from kvlab.dtypes import get_dtype
+from kvlab.ref.attention import decode_attention
 from kvlab.ref.quant import decode, encode, symmetric_scale
 
 GRANULARITIES = ("tensor", "head", "token", "channel")
@@ -108,28 +107,15 @@ def relative_error(x: np.ndarray, x_hat: np.ndarray) -> float:
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float | None = None,
               causal: bool = True) -> np.ndarray:
-    """Softmax attention in float32 (a minimal reference; notebook 05 builds the real one).
+    """Softmax attention in float32: :func:`kvlab.ref.attention.decode_attention` (notebook 05
+    builds it) on float32 copies of any float input.
 
     q ``[Tq, Hq, D]``, k, v ``[L, Hkv, D]``; GQA: q head h reads kv head ``h // (Hq // Hkv)``.
     Causal when ``Tq > 1``: query i sees positions ``< L - Tq + 1 + i`` (DESIGN.md §4).
     Returns ``[Tq, Hq, D]`` float32.
     """
-    q, k, v = (np.asarray(a, np.float32) for a in (q, k, v))
-    num_q, num_q_heads, head_dim = q.shape
-    length, num_kv_heads, _ = k.shape
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"num_q_heads {num_q_heads} must be a multiple of num_kv_heads "
-                         f"{num_kv_heads}")
-    group = num_q_heads // num_kv_heads
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)     # [L, Hq, D]
-    scores = np.einsum("qhd,lhd->hql", q, k) * np.float32(scale or 1 / math.sqrt(head_dim))
-    if causal and num_q > 1:
-        visible = np.arange(length)[None, :] < (length - num_q + 1 + np.arange(num_q))[:, None]
-        scores = np.where(visible[None], scores, -np.inf)
-    scores = scores - scores.max(axis=-1, keepdims=True)
-    weights = np.exp(scores)
-    weights /= weights.sum(axis=-1, keepdims=True)
-    return np.einsum("hql,lhd->qhd", weights, v).astype(np.float32)
+    q, k, v = (np.ascontiguousarray(a, np.float32) for a in (q, k, v))
+    return decode_attention(q, k, v, scale=scale, causal=causal)
 
 
 def attention_error(reference: np.ndarray, approx: np.ndarray) -> dict[str, float]:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check of kvlab in one device call (issue 9): the card, the attention and fused-write
 # kernels' registers/shared/local memory, `python -m kvlab bench --size real`, `pytest -m gpu`,
-# then compute-sanitizer memcheck and racecheck over the `sanitize`-marked tests.
+# then compute-sanitizer memcheck, racecheck and initcheck over the `sanitize`-marked tests.
 # Run from the project root with .gpu/ prepared by ../shared/gpu/prepare.sh (the numpy<2.5 wheel):
 #     bash scripts/gpu_check.sh        (device tool: carry [".gpu"])
-# Logs go to $OUT: gpu.txt resources.json bench.txt bench.json gpu_tests.log memcheck.log racecheck.log
+# Logs go to $OUT (8 files, the device tool's limit): gpu.txt resources.json bench.txt bench.json
+# gpu_tests.log memcheck.log racecheck.log initcheck.log
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -30,4 +31,7 @@ echo "rc=$?"; tail -4 "$OUT/memcheck.log"
 step racecheck
 timeout 60 compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests > "$OUT/racecheck.log" 2>&1
 echo "rc=$?"; tail -4 "$OUT/racecheck.log"
+step initcheck
+timeout 60 compute-sanitizer --tool initcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests > "$OUT/initcheck.log" 2>&1
+echo "rc=$?"; tail -4 "$OUT/initcheck.log"
 step done
