@@ -346,6 +346,13 @@ def _rand_int8_codes(rng: np.random.Generator, shape: tuple[int, ...]) -> np.nda
     return np.maximum(_random_bytes(rng, shape).view(np.int8), -127)
 
 
+def _fp8_codes(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random E4M3 bytes, all finite: every exponent and mantissa, NaN codes moved one down."""
+    codes = _random_bytes(rng, shape).copy()
+    codes[(codes & 0x7F) == 0x7F] -= 1
+    return codes
+
+
 def _decode_batch(ctx: Ctx) -> dict[str, Any]:
     """The decode batch: shuffled block tables, fp16 pools, int8 pools (random codes + scales)."""
     s = ctx.shape
@@ -362,9 +369,8 @@ def _decode_batch(ctx: Ctx) -> dict[str, Any]:
         q=_rand_f16(rng, (b, h * s["group"], d)),
         k_pool=_rand_f16(rng, pool_shape), v_pool=_rand_f16(rng, pool_shape),
         k_codes=_rand_int8_codes(rng, pool_shape), v_codes=_rand_int8_codes(rng, pool_shape),
-        # fp8_e4m3 codes with exponent field <= 14: finite, |x| <= 0.94 (no NaN code 0x7f/0xff)
-        k_fp8=_random_bytes(rng, pool_shape) & np.uint8(0x77),
-        v_fp8=_random_bytes(rng, pool_shape) & np.uint8(0x77),
+        # fp8_e4m3 codes: every byte but the NaN codes 0x7f / 0xff (moved to 0x7e / 0xfe, ±448)
+        k_fp8=_fp8_codes(rng, pool_shape), v_fp8=_fp8_codes(rng, pool_shape),
         k_scales=(_rand_f16(rng, pool_shape[:3]) + 1.5) / 128,   # 0.004 .. 0.02, fp16
         v_scales=(_rand_f16(rng, pool_shape[:3]) + 1.5) / 128,
     )
@@ -548,12 +554,51 @@ def bench_fused_write(ctx: Ctx) -> None:
     if ctx.backend.name == "cuda":
         from kvlab.kernels.cuda.fused_write import TOKENS_PER_BLOCK
 
+        # kernels against kernels: the public ops above each check their arguments on the host
+        unfused_alone = ctx.run("fused_write", "unfused kernels alone (qk_mode 2)", ctx.impl,
+                                ctx.timer, _unfused_kernels_only(ctx, pre), shape,
+                                traffic(2, "unfused"), baseline=base)
         for tokens in TOKENS_SWEEP[ctx.preset]:
             kernel = ctx.run("fused_write", f"fused kernel alone (qk_mode 2) tokens/block={tokens}",
                              ctx.impl, ctx.timer, _fused_kernel_only(ctx, pre, hq, h, tokens),
-                             shape, traffic(2, "fused"), baseline=base)
+                             shape, traffic(2, "fused"), baseline=unfused_alone)
             if tokens == TOKENS_PER_BLOCK:
                 ctx.compare(mine, kernel)  # < 1: what the op's checks and small copies cost
+
+
+def _unfused_kernels_only(ctx: Ctx, pre: dict[str, Any]) -> Callable[[], Any]:
+    """The unfused sequence's four CUDA kernels (RoPE on Q, RoPE on K, slot mapping, write) launched
+    directly, without the public ops' host-side checks: the fair baseline for the fused kernel
+    alone. Outputs are allocated per call, as the ops (and the fused kernel) do."""
+    from numba import cuda
+
+    from kvlab.kernels.cuda import paging, rope
+
+    be = ctx.backend
+    q, k, v = be.asarray(pre["q"]), be.asarray(pre["k"]), be.asarray(pre["v"])
+    cos, sin, pos = be.asarray(pre["cos"]), be.asarray(pre["sin"]), be.asarray(pre["positions"])
+    table = be.asarray(pre["table"].reshape(1, -1))
+    seq_ids = be.asarray(np.zeros(len(pre["positions"]), np.int32))
+    kp = be.asarray(np.zeros(pre["pool_shape"], np.float16))
+    vp = be.asarray(np.zeros(pre["pool_shape"], np.float16))
+    num_tokens, block_size, rotary_dim = q.shape[0], pre["pool_shape"][1], q.shape[2]
+
+    def rotate(x: Any) -> Any:
+        out = cuda.device_array(x.shape, x.dtype)
+        blocks = -(-(x.shape[0] * x.shape[1] * rotary_dim // 2) // rope.THREADS_PER_BLOCK)
+        rope.apply_rope_kernel[blocks, rope.THREADS_PER_BLOCK](x, cos, sin, pos, rotary_dim,
+                                                                False, out)
+        return out
+
+    def run() -> Any:
+        q_out, k_rot = rotate(q), rotate(k)
+        slots = cuda.device_array(num_tokens, np.int32)
+        paging.slot_mapping_kernel[-(-num_tokens // paging.THREADS_PER_BLOCK),
+                                   paging.THREADS_PER_BLOCK](table, pos, block_size, seq_ids,
+                                                             slots)
+        paging.write_kv_kernel[num_tokens, paging.THREADS_PER_BLOCK](k_rot, v, kp, vp, slots)
+        return q_out
+    return run
 
 
 def _fused_kernel_only(ctx: Ctx, pre: dict[str, Any], hq: int, h: int,
@@ -616,11 +661,25 @@ def bench_attention(ctx: Ctx) -> None:
                          bytes_paged_decode(b, n, bs, hq, h, d))
         ctx.compare(fp16[1], theirs)
 
+    baselines = _sdpa_rows(ctx, dec, shape, lambda: paged(None, 1)())
+    # the kernels alone come last: a kernel that faults leaves the CUDA context unusable, and the
+    # baselines above are then already measured
     kernels = _attention_kernel_rows(ctx, arrays, shape, fp16) if be.name == "cuda" else []
+    for row in [*fp16.values(), *kernels]:
+        for baseline in baselines:
+            ctx.compare(row, baseline)
 
+
+def _sdpa_rows(ctx: Ctx, dec: dict[str, Any], shape: str,
+               paged_fp16: Callable[[], Any]) -> list[Row]:
+    """torch SDPA on contiguous K/V (enable_gqa) and gather-then-SDPA on the same data, after a
+    check that the paged op computes what SDPA computes; [] without torch."""
+    s = ctx.shape
+    b, n, h, d, bs = s["num_seqs"], s["context_len"], s["num_kv_heads"], s["head_dim"], s["block_size"]
+    hq = h * s["group"]
     torch = ctx.torch
     if torch is None:
-        return
+        return []
     dev = ctx.torch_device
     F = torch.nn.functional
     tq = torch.from_numpy(dec["q"]).to(dev).unsqueeze(2)                       # [B, Hq, 1, D]
@@ -640,7 +699,7 @@ def bench_attention(ctx: Ctx) -> None:
 
     # Same data: check the paged result against SDPA once before timing anything against it.
     want = sdpa().squeeze(2).float().cpu().numpy()
-    got = be.to_numpy(paged(None, 1)())
+    got = ctx.backend.to_numpy(paged_fp16())
     err = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
     note = f"max|paged - sdpa| / max|sdpa| = {err:.1e}"
     if not err <= 2e-2:  # fp16 SDPA output vs float32 paged: ~1e-3; wrong data gives ~1
@@ -650,9 +709,7 @@ def bench_attention(ctx: Ctx) -> None:
                   ctx.torch_timer, sdpa, shape + " fp16", bytes_sdpa(b, n, hq, h, d), note=note)
     gts = ctx.run("attention", "torch gather-then-SDPA", f"torch-sdpa-{dev}", ctx.torch_timer,
                   gather_then_sdpa, shape + " fp16", bytes_gather_then_sdpa(b, n, bs, hq, h, d))
-    for row in [*fp16.values(), *kernels]:
-        ctx.compare(row, ref)
-        ctx.compare(row, gts)
+    return [ref, gts]
 
 
 def _attention_kernel_rows(ctx: Ctx, arrays: Callable[..., list[Any]], shape: str,
@@ -694,17 +751,20 @@ def _attention_kernel_rows(ctx: Ctx, arrays: Callable[..., list[Any]], shape: st
             if num_splits in public and version == attention.DEFAULT_VERSION:
                 ctx.compare(public[num_splits], row)  # < 1: what the op's checks cost on top
             rows.append(row)
-    best = min((r for r in rows if r.op.startswith(f"kernel v{attention.DEFAULT_VERSION} ")),
-               key=lambda r: r.median_s, default=None)
-    if best is not None:
+    for version in sorted(attention.WARP_KERNELS):  # int8 / fp8 at each version's best split
+        best = min((r for r in rows if r.op.startswith(f"kernel v{version} ")),
+                   key=lambda r: r.median_s, default=None)
+        if best is None:
+            continue
         num_splits = int(best.op.rsplit("=", 1)[1])
         for kv_dtype in ("int8", "fp8_e4m3"):
-            ctx.run("attention", f"kernel v{attention.DEFAULT_VERSION} {kv_dtype} "
-                    f"splits={num_splits}", ctx.impl, ctx.timer,
-                    launch(attention.DEFAULT_VERSION, kv_dtype, num_splits),
-                    shape + f" {kv_dtype}", bytes_paged_decode(b, n, bs, hq, h, d,
-                                                               kv_dtype=kv_dtype),
-                    baseline=best)
+            try:
+                ctx.run("attention", f"kernel v{version} {kv_dtype} splits={num_splits}", ctx.impl,
+                        ctx.timer, launch(version, kv_dtype, num_splits), shape + f" {kv_dtype}",
+                        bytes_paged_decode(b, n, bs, hq, h, d, kv_dtype=kv_dtype), baseline=best)
+            except Exception as exc:  # noqa: BLE001
+                ctx.notes.append(f"attention kernel v{version} {kv_dtype} failed: "
+                                 f"{type(exc).__name__}: {exc}")
     return rows
 
 
@@ -749,26 +809,28 @@ def _device_name(backend: Any, torch: Any) -> str:
     return f"CPU {platform.processor() or platform.machine()}"
 
 
-def _copy_bandwidth(backend: Any, timer: Any, torch: Any, torch_timer: Any = None) -> float:
+def _copy_bandwidth(backend: Any, timer: Any, torch: Any,
+                    torch_timer: Any = None) -> tuple[float, str]:
     """GB/s of a device-to-device copy of COPY_BW_BYTES, counting bytes read + written: the faster
     of Numba's copy (cuMemcpyDtoD) and torch's ``copy_`` when both can run (on an H100 the driver's
-    copy measured 2.5 TB/s while torch SDPA read K/V at 2.9 TB/s: the slower copy is no roof)."""
+    copy measured 2.5 TB/s while torch SDPA read K/V at 2.9 TB/s: the slower copy is no roof).
+    Returns ``(GB/s, which copy)``."""
     def timed(fn: Callable[[], Any], clock: Any) -> float:
         return 2 * COPY_BW_BYTES / statistics.median(measure(clock, fn, 2, 10)) / 1e9
 
-    rates = []
+    rates = []  # (GB/s, how)
     if backend.name == "cuda":
         from numba import cuda
 
         src = cuda.device_array(COPY_BW_BYTES, np.uint8)
         dst = cuda.device_array(COPY_BW_BYTES, np.uint8)
-        rates.append(timed(lambda: dst.copy_to_device(src), timer))
+        rates.append((timed(lambda: dst.copy_to_device(src), timer), "numba copy_to_device"))
         del src, dst
     device = backend.device if backend.name == "torch" else "cuda"
     if backend.name == "torch" or (torch_timer is not None and torch.cuda.is_available()):
         src = torch.empty(COPY_BW_BYTES, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
-        rates.append(timed(lambda: dst.copy_(src), torch_timer or timer))
+        rates.append((timed(lambda: dst.copy_(src), torch_timer or timer), "torch copy_"))
     return max(rates)
 
 
@@ -904,8 +966,8 @@ def run_bench(backend_name: str = "numpy", stages: list[str] | None = None,
                      + (" (run --backend cuda for the Numba kernels)" if impl.startswith("torch-") else ""))
 
     device = _device_name(backend, torch)
-    copy_bw = (_copy_bandwidth(backend, timer, torch, torch_timer)
-               if gpu_timing and backend.name != "numpy" else None)
+    copy_bw, copy_how = ((_copy_bandwidth(backend, timer, torch, torch_timer))
+                         if gpu_timing and backend.name != "numpy" else (None, None))
     if copy_bw is None:
         notes.append("CPU: absolute times describe this machine only; the ratios are what is "
                      "meaningful" if backend_name != "cuda" else
@@ -924,7 +986,12 @@ def run_bench(backend_name: str = "numpy", stages: list[str] | None = None,
                 skipped.append(stage)
                 notes.append(f"{stage}: not built yet")
                 continue
-            STAGES[stage](ctx)
+            try:
+                STAGES[stage](ctx)
+            except Exception as exc:  # noqa: BLE001  (keep the rows measured so far)
+                if not on_gpu and not gpu_timing:
+                    raise  # on a CPU a failure is a bug to see, not a device fault to survive
+                notes.append(f"{stage}: stopped by {type(exc).__name__}: {exc}")
     finally:
         progress.close()
     meta = {
@@ -932,7 +999,8 @@ def run_bench(backend_name: str = "numpy", stages: list[str] | None = None,
         "cuda_mode": cuda_mode() if backend_name == "cuda" else None,
         "timer": timer.label, "baseline_timer": getattr(torch_timer, "label", None),
         "l2_flush_bytes": L2_FLUSH_BYTES if gpu_timing else None,
-        "copy_bandwidth_gb_per_s": copy_bw, "fp32_matmul_tflops": fp32_tflops,
+        "copy_bandwidth_gb_per_s": copy_bw, "copy_bandwidth_by": copy_how,
+        "fp32_matmul_tflops": fp32_tflops,
         "size": size, "shape": PRESETS[size], "split_sweep": SPLIT_SWEEP[size],
         "warmup": warmup, "repeats": repeats, "stages": stages, "not_built": skipped,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -1004,9 +1072,10 @@ def markdown_summary(result: dict[str, Any], stages: tuple[str, ...] = ("attenti
     """A Markdown table of a result's rows for ``stages`` (README and notebook 05 quote it; a test
     keeps the README's copy equal to this function's output on the stored result)."""
     meta = result["meta"]
+    copy = meta["copy_bandwidth_gb_per_s"]
     lines = [f"Measured on {meta['device']}, {meta['date'][:10]}, `python -m kvlab bench --backend "
-             f"{meta['backend']} --size {meta['size']}` (medians; copy bandwidth "
-             f"{meta['copy_bandwidth_gb_per_s'] or 0:,.0f} GB/s):", "",
+             f"{meta['backend']} --size {meta['size']}` (medians"
+             + (f"; copy bandwidth {copy:,.0f} GB/s" if copy else "") + "):", "",
              "| stage | op | impl | median | GB/s | % of copy |", "| --- | --- | --- | ---: | ---: | ---: |"]
     for r in result["rows"]:
         if r["stage"] in stages:

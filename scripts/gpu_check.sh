@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of kvlab in one device call (issue 9): the card, the attention and fused-write
-# kernels' registers/shared/local memory, `python -m kvlab bench --size real`, `pytest -m gpu`,
+# kernels' registers/shared/local memory, `pytest -m gpu` (first: it runs every kernel version
+# against NumPy), `python -m kvlab bench --size real`,
 # then compute-sanitizer memcheck, racecheck and initcheck over the `sanitize`-marked tests.
 # Run from the project root with .gpu/ prepared by ../shared/gpu/prepare.sh (the numpy<2.5 wheel):
 #     bash scripts/gpu_check.sh        (device tool: carry [".gpu"])
@@ -19,12 +20,12 @@ python3 -c "import numpy, numba, torch, numba.cuda as c, kvlab; print('numpy', n
 step resources
 timeout 60 python3 -m kvlab.kernels.cuda.ptx --resources paged_attention,merge_splits,warp_attention,fused_write_kernel > "$OUT/resources.json" 2>&1
 grep -B1 -A3 '"registers"' "$OUT/resources.json" | grep -E 'attention|fused_write_kernel|registers|local' | cut -c1-120
-step bench
-timeout 200 python3 -m kvlab bench --backend cuda --size real --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
-echo "rc=$?"; grep -vE '^\s*$' "$OUT/bench.txt" | grep -vE 'kvlab bench: ' | cut -c1-230 | tail -60
 step "pytest -m gpu"
 timeout 170 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests > "$OUT/gpu_tests.log" 2>&1
 echo "rc=$?"; tail -15 "$OUT/gpu_tests.log"
+step bench
+timeout 200 python3 -m kvlab bench --backend cuda --size real --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
+echo "rc=$?"; grep -vE '^\s*$' "$OUT/bench.txt" | grep -vE 'kvlab bench: ' | cut -c1-230 | tail -60
 step memcheck
 timeout 80 compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -q -p no:cacheprovider tests > "$OUT/memcheck.log" 2>&1
 echo "rc=$?"; tail -4 "$OUT/memcheck.log"

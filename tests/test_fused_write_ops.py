@@ -131,22 +131,22 @@ def test_gpu_paged_write_equals_unfused_every_case(qk_mode, cid, tokens, hq, hkv
 
 
 @pytest.mark.parametrize("tokens_per_block, kv_dtype", [(1, None), (3, "int8")])
-def test_cuda_kernel_tokens_per_block(tokens_per_block, kv_dtype):
+def test_cuda_kernel_tokens_per_block(tokens_per_block, kv_dtype, tokens=7, hq=2, hkv=1, d=32):
     """The CUDA kernel's blocks carry several tokens each (1 = the first version, a block per
     token and head): 7 tokens, 3 to a block, end in a partial block. (The public op's default,
-    TOKENS_PER_BLOCK = 8, runs in every other test.)"""
+    TOKENS_PER_BLOCK, runs in every other test.)"""
     from kvlab.checks import check_fused_write
     from kvlab.kernels.cuda import fused_write
     from kvlab.ref.fused_write import _one_sequence
 
-    case = make_case(7, 2, 1, 32, 5, kv_dtype=kv_dtype, seed=5)
+    case = make_case(tokens, hq, hkv, d, 5, kv_dtype=kv_dtype, seed=5)
     want = unfused(case, 1)
     gpu = get_backend("cuda")
     a = {k: (gpu.asarray(v) if k in ARRAYS and v is not None else v) for k, v in case.items()}
     table, starts, offsets = (gpu.asarray(x) for x in
                               _one_sequence(case["qkv"], case["block_table"], case["pos_offset"]))
     shape = check_fused_write(a["qkv"], a["q_norm_w"], a["k_norm_w"], a["cos"], a["sin"],
-                              a["k_pool"], a["v_pool"], table, starts, offsets, 2, 1, 1e-6, 1,
+                              a["k_pool"], a["v_pool"], table, starts, offsets, hq, hkv, 1e-6, 1,
                               a["k_scales"], a["v_scales"], kv_dtype)
     q = fused_write.launch(a["qkv"], a["q_norm_w"], a["k_norm_w"], a["cos"], a["sin"],
                            a["k_pool"], a["v_pool"], a["k_scales"], a["v_scales"], table, starts,
@@ -155,6 +155,16 @@ def test_cuda_kernel_tokens_per_block(tokens_per_block, kv_dtype):
            if a[k] is not None}
     got["q_out"] = gpu.to_numpy(q)
     assert_fused_equals_unfused(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens_per_block", [4, 8, 32])
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8_e4m3"])
+def test_gpu_kernel_tokens_per_block_at_prefill_size(tokens_per_block, kv_dtype):
+    """The bench's candidates for TOKENS_PER_BLOCK, bit-equal to the unfused path on a GPU:
+    1,000 tokens (not a multiple of any of them), Qwen3-8B-like heads."""
+    test_cuda_kernel_tokens_per_block(tokens_per_block, kv_dtype, tokens=1000, hq=32, hkv=8,
+                                      d=128)
 
 
 def test_partial_rotary_and_unshuffled_table(backend):

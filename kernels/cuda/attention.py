@@ -15,7 +15,7 @@ reason, its measured effect (notebook 05 times them side by side; ``VERSIONS`` n
   each waits for the one before; v3 issues all of a key's loads first, branch-free.
 - **v4, pipelined**: v3 with the next key's loads issued one step ahead.
 
-v1's kernels and the device function they share:v1's kernels and the device function they share:
+v1's kernels and the device function they share:
 
 - ``_attend`` (device, inlined): one thread block's job — one query row, one kv head, a tile of
   up to ``GROUP_TILE`` query heads of its GQA group — over a range of positions, as an **online
@@ -520,7 +520,10 @@ WARP_KERNELS = {2: warp_attention_v2_kernel, 3: warp_attention_v3_kernel,
 # --- launch wrappers -----------------------------------------------------------------------------
 
 _NO_SCALES = None  # a 1x1x1 fp16 dummy for float pools, made once per process
-_WORKSPACE: dict[str, Any] = {}  # scratch reused across calls (one stream: launches are serial)
+# Scratch reused across calls. Safe because every launch here goes to the legacy default stream of
+# one context, so a launch never overlaps the previous call's; per-thread default streams
+# (NUMBA_CUDA_PER_THREAD_DEFAULT_STREAM) with several host threads would need one per stream.
+_WORKSPACE: dict[str, Any] = {}
 
 
 def _workspace(name: str, shape: tuple[int, ...], dtype: Any) -> Any:
@@ -557,14 +560,14 @@ def launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, contex
     """Launch kernel version ``version`` on arguments **already checked** (the public ops below
     check them first); returns float32 ``[T, Hq, D]``. Public so that the benchmark and notebook
     05 can time the kernels alone and compare versions on the same data."""
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {sorted(VERSIONS)}, got {version!r}")
     num_rows, num_q_heads, head_dim = q.shape
     out = cuda.device_array((num_rows, num_q_heads, head_dim), np.float32)
     if num_rows == 0:
         return out
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {head_dim} > {MAX_HEAD_DIM}, the kernels' shared memory size")
-    if version not in VERSIONS:
-        raise ValueError(f"version must be one of {sorted(VERSIONS)}, got {version!r}")
     if num_splits > 65535:  # a CUDA grid's z dimension
         raise ValueError(f"num_splits must be <= 65535 on a GPU, got {num_splits}")
     if q.dtype == np.float16:

@@ -270,6 +270,9 @@ def launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales
     :func:`kvlab.checks.check_fused_write`); returns q_out. Public so that the benchmark can time
     the kernel alone (and ``tokens_per_block`` = 1, the first version: a block per token and
     head)."""
+    if isinstance(tokens_per_block, bool) or not isinstance(tokens_per_block, int) \
+            or tokens_per_block < 1:
+        raise ValueError(f"tokens_per_block must be an int >= 1, got {tokens_per_block!r}")
     if shape.head_dim > MAX_HEAD_DIM:
         raise ValueError(f"the CUDA fused write holds a head in shared memory: head_dim must be "
                          f"<= {MAX_HEAD_DIM}, got {shape.head_dim}")
