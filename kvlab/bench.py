@@ -17,7 +17,12 @@ compiles included) are not timed; on a GPU each run is bracketed by CUDA events 
 flushed before it by writing a 256 MiB buffer; the device's copy bandwidth is measured once (a large
 device-to-device copy, bytes read + written) and each row reports the fraction of it it reached.
 What is timed is the **public op** as a user calls it: argument checks (kvlab reads index arrays
-back to the host to check them, docs/ops.md), output allocation and launches.
+back to the host to check them, docs/ops.md), output allocation and launches. On the cuda backend
+the kernels are also timed **alone** (arguments checked once, outside the timing): every numbered
+attention kernel version over a split-K sweep (SPLIT_SWEEP), the fused-write kernel over
+TOKENS_SWEEP against the unfused sequence's four kernels alone. Those come after the baselines, and
+a stage that raises (on a GPU: a faulting kernel leaves the context unusable) ends with a note
+while the rows measured so far are kept.
 
 Bytes moved count the compulsory traffic of one call: every input the op must read once, every
 output it writes once (int32 indices 4 B each; fp16 2 B; int8 codes 1 B + one fp16 scale per
