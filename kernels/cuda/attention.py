@@ -22,13 +22,12 @@ v1's kernels and the device function they share:
   softmax** (running max ``m``, sum ``l``, unnormalized output ``acc``, all in shared memory).
   Each K and V element of the range is read **once for the whole tile of query heads**: that is
   what GQA saves in memory traffic, and a decode step is all memory traffic.
-- ``paged_attention_kernel``: num_splits = 1. Grid ``(query rows, kv heads x head tiles)``; the
-  range is everything the row sees; it writes ``acc / l``.
 - ``paged_attention_split_kernel``: flash-decoding. Grid ``(rows, kv heads x head tiles, S)``;
   block (…, j) attends partition j only (``kvlab.ref.attention.split_bounds``) and writes its
   ``lse = m + log l`` and normalized output; an empty partition writes ``lse = -inf``, zeros.
+  With S = 1 the one partition is everything the row sees.
 - ``merge_splits_kernel``: grid ``(rows, num_q_heads)``, threads over head_dim: the log-sum-exp
-  merge of the S partials.
+  merge of the S partials (every version ends with it; for S = 1 it copies, exactly).
 
 v1 is simulator-safe as written (shared-memory reductions and barriers only). v2-v4 sum over a
 key's lanes with warp shuffles on a GPU; the simulator has none, so there they run one narrow
@@ -200,27 +199,6 @@ def _attend(q, k_pool, v_pool, k_scales, v_scales, kind, block_tables, seq, row,
 _ATTN_ARGS = ("{q}[:, :, ::1], {pool}[:, :, :, ::1], {pool}[:, :, :, ::1], float16[:, :, ::1], "
               "float16[:, :, ::1], int32, int32[:, ::1], int32[::1], int32[::1], float32, int32, "
               "int32")
-
-
-@kernel(*_signatures("void(" + _ATTN_ARGS + ", float32[:, :, ::1])"))
-def paged_attention_kernel(q, k_pool, v_pool, k_scales, v_scales, kind, block_tables,
-                           context_lens, query_start, scale, window, causal, out):
-    row = cuda.blockIdx.x
-    kv_head, head0, ng = _head_tile(cuda.blockIdx.y, q.shape[1], k_pool.shape[2], GROUP_TILE)
-    q_sh = cuda.shared.array((GROUP_TILE, MAX_HEAD_DIM), np.float32)
-    acc_sh = cuda.shared.array((GROUP_TILE, MAX_HEAD_DIM), np.float32)
-    s_sh = cuda.shared.array((GROUP_TILE, THREADS_PER_BLOCK), np.float32)
-    m_sh = cuda.shared.array(GROUP_TILE, np.float32)
-    l_sh = cuda.shared.array(GROUP_TILE, np.float32)
-    c_sh = cuda.shared.array(GROUP_TILE, np.float32)
-    seq, start, stop = _row_setup(query_start, context_lens, row, causal, window)
-    _attend(q, k_pool, v_pool, k_scales, v_scales, kind, block_tables, seq, row, kv_head, head0,
-            ng, start, stop, scale, q_sh, s_sh, acc_sh, m_sh, l_sh, c_sh)
-    head_dim = q.shape[2]
-    for e in range(cuda.threadIdx.x, ng * head_dim, cuda.blockDim.x):
-        g = e // head_dim
-        d = e % head_dim
-        out[row, head0 + g, d] = acc_sh[g, d] / l_sh[g]
 
 
 @kernel(*_signatures("void(" + _ATTN_ARGS + ", float32[:, :, :, ::1], float32[:, :, ::1])"))
@@ -583,9 +561,6 @@ def launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, contex
     heads = k_pool.shape[2] * (-(-group // tile))
     args = (q, k_pool, v_pool, k_scales, v_scales, np.int32(kind), block_tables, context_lens,
             query_start, np.float32(scale), np.int32(window), np.int32(causal))
-    if version == 1 and num_splits == 1:
-        paged_attention_kernel[(num_rows, heads), THREADS_PER_BLOCK](*args, out)
-        return out
     part_out = _workspace("part_out", (num_rows, num_q_heads, num_splits, head_dim), np.float32)
     part_lse = _workspace("part_lse", (num_rows, num_q_heads, num_splits), np.float32)
     if version == 1:

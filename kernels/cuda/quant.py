@@ -263,25 +263,18 @@ def quantize(x: Any, kv_dtype: str) -> tuple[Any, Any]:
 
 # --- dequantize: one thread block per token, threads over its Hkv * D outputs ------------------
 
-@kernel("void(int8[:, :, ::1], float16[:, ::1], float32[:, :, ::1])")
-def dequantize_int8_kernel(codes, scales, out):
+@kernel("void(int8[:, :, ::1], float16[:, ::1], boolean, float32[:, :, ::1])",
+        "void(uint8[:, :, ::1], float16[:, ::1], boolean, float32[:, :, ::1])")
+def dequantize_8bit_kernel(codes, scales, is_fp8, out):
+    """int8 codes, or fp8 bytes (``is_fp8``), times their (token, head) scale."""
     token = cuda.blockIdx.x
     head_dim = out.shape[2]
     for element in range(cuda.threadIdx.x, out.shape[1] * head_dim, cuda.blockDim.x):
         head = element // head_dim
         d = element % head_dim
-        out[token, head, d] = np.float32(codes[token, head, d]) * np.float32(scales[token, head])
-
-
-@kernel("void(uint8[:, :, ::1], float16[:, ::1], float32[:, :, ::1])")
-def dequantize_fp8_kernel(codes, scales, out):
-    token = cuda.blockIdx.x
-    head_dim = out.shape[2]
-    for element in range(cuda.threadIdx.x, out.shape[1] * head_dim, cuda.blockDim.x):
-        head = element // head_dim
-        d = element % head_dim
-        out[token, head, d] = (_fp8_e4m3_decode(codes[token, head, d])
-                               * np.float32(scales[token, head]))
+        code = codes[token, head, d]
+        value = _fp8_e4m3_decode(code) if is_fp8 else np.float32(code)
+        out[token, head, d] = value * np.float32(scales[token, head])
 
 
 @kernel("void(uint8[:, :, ::1], float16[:, :, ::1], float32[:, :, ::1])")
@@ -297,17 +290,16 @@ def dequantize_int4_kernel(codes, scales, out):
         out[token, head, d] = np.float32(nibble) * np.float32(scales[token, head, d // INT4_GROUP])
 
 
-_DEQUANTIZE_KERNELS = {"int8": dequantize_int8_kernel, "fp8_e4m3": dequantize_fp8_kernel,
-                       "int4": dequantize_int4_kernel}
-
-
 def dequantize(codes: Any, scales: Any, kv_dtype: str) -> Any:
     """float32 ``[T, Hkv, D]`` as a new device array; as :func:`kvlab.ref.quant.dequantize`."""
     check_dequantize(codes, scales, kv_dtype)
     num_tokens, num_kv_heads, code_bytes = codes.shape
     head_dim = code_bytes * 2 if kv_dtype == "int4" else code_bytes
     out = cuda.device_array((num_tokens, num_kv_heads, head_dim), dtype=np.float32)
-    _launch(_DEQUANTIZE_KERNELS[kv_dtype], (num_tokens,), codes, scales, out)
+    if kv_dtype == "int4":
+        _launch(dequantize_int4_kernel, (num_tokens,), codes, scales, out)
+    else:
+        _launch(dequantize_8bit_kernel, (num_tokens,), codes, scales, kv_dtype == "fp8_e4m3", out)
     return out
 
 
