@@ -77,9 +77,10 @@ def contig_decode_attention(q: Any, layer: Any, cfg: AttnConfig | None = None) -
 
 
 def paged_layer_attention(q: Any, layer: Any, cfg: AttnConfig | None = None,
-                          num_splits: int = 1) -> Any:
+                          num_splits: int | None = None) -> Any:
     """Attention of q over a paged :class:`~kvlab.cache.KvLayer` (one sequence): the layer's pools,
-    table, length and scales passed to its backend's ``paged_decode_attention``."""
+    table, length and scales passed to its backend's ``paged_decode_attention`` (``num_splits``
+    None: the backend's choice)."""
     cfg = cfg or AttnConfig()
     if not layer.is_paged:
         raise ValueError("paged_layer_attention needs a paged layer; use contig_decode_attention")

@@ -640,7 +640,7 @@ def bench_attention(ctx: Ctx) -> None:
                 on_device[backend.name, name] = backend.asarray(dec[name])
         return [on_device[backend.name, name] for name in names]
 
-    def paged(kv_dtype: str | None, num_splits: int, backend: Any = None):
+    def paged(kv_dtype: str | None, num_splits: int | None, backend: Any = None):
         backend = backend or be
         qq, tt, ll, ss = arrays(backend, "q", "tables", "lens", "query_start")
         if kv_dtype is None:
@@ -660,6 +660,13 @@ def bench_attention(ctx: Ctx) -> None:
                 paged("int8", num_splits), shape + " int8",
                 bytes_paged_decode(b, n, bs, hq, h, d, kv_dtype="int8"),
                 baseline=fp16[num_splits])
+    if be.name == "cuda":  # num_splits=None: the op picks S for the device (the simulator: 1)
+        from kvlab.kernels.cuda.attention import device_num_splits
+
+        auto = device_num_splits(b, hq, h, n)
+        fp16["auto"] = ctx.run("attention", f"paged decode fp16 splits=auto ({auto})", ctx.impl,
+                               ctx.timer, paged(None, None), shape + " fp16",
+                               bytes_paged_decode(b, n, bs, hq, h, d))
     if ctx.other is not None:
         theirs = ctx.run("attention", "paged decode fp16 splits=1", ctx.other_impl,
                          ctx.other_timer, paged(None, 1, ctx.other), shape + " fp16",

@@ -441,12 +441,13 @@ class KvLayer:
                                          table, self._len, self.kv_dtype)
         return self.backend.paging.gather_kv(self.k_pool, self.v_pool, table, self._len)
 
-    def decode_attention(self, q: Any, cfg: Any = None, num_splits: int = 1) -> Any:
+    def decode_attention(self, q: Any, cfg: Any = None, num_splits: int | None = None) -> Any:
         """Attention of q ``[T, num_q_heads, head_dim]`` over this layer's ``len`` positions (the
         step's T tokens already written), float32 ``[T, num_q_heads, head_dim]``.
         ``cfg``: a :class:`kvlab.attention.AttnConfig` (None = the defaults). Contiguous: the
         seed's ``contig_decode_attention``; paged: ``paged_decode_attention`` with this layer's
-        pools, table and scales (``num_splits`` partitions, merged)."""
+        pools, table and scales (``num_splits`` partitions, merged; None: the backend
+        chooses)."""
         from kvlab.attention import contig_decode_attention, paged_layer_attention
 
         if self.is_paged:

@@ -589,9 +589,9 @@ def check_paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables:
                                  context_lens: Any, query_start: Any, scale: Any,
                                  sliding_window: Any, k_scales: Any, v_scales: Any,
                                  num_splits: Any) -> tuple[str | None, np.ndarray, np.ndarray,
-                                                           float, int, int]:
+                                                           float, int, int | None]:
     """Checks for ``paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens,
-    query_start, scale=None, sliding_window=0, k_scales=None, v_scales=None, num_splits=1)``.
+    query_start, scale=None, sliding_window=0, k_scales=None, v_scales=None, num_splits=None)``.
 
     q: float16/float32 ``[T, num_q_heads, head_dim]``, every sequence's rows one after another.
     Pools: float16/float32 without scales, or int8 (kv_dtype ``int8``) / uint8 (``fp8_e4m3``) with
@@ -599,7 +599,7 @@ def check_paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables:
     block_tables: int32 ``[num_seqs, max_blocks]``; context_lens: int32 ``[num_seqs]`` (each within
     its table, every block read in the pool). query_start: int32 ``[num_seqs + 1]``, 0 first, T
     last, non-decreasing; sequence s's ``query_start[s+1] - query_start[s]`` tokens must be at most
-    its context length. num_splits: int >= 1.
+    its context length. num_splits: int >= 1, or None (the backend's choice; returned as None).
 
     Returns ``(kv_dtype or None, context_lens, query_start, scale, sliding_window, num_splits)``,
     the index arrays on the host (int64).
@@ -647,6 +647,8 @@ def check_paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables:
                          f"{lens[s]}: the step's tokens must already be in the cache "
                          f"(tokens <= context)")
     scale, window = check_attention_options(scale, sliding_window, head_dim)
+    if num_splits is None:  # the backend chooses (the CUDA kernels: from the device's SMs)
+        return kv_dtype, lens, starts, scale, window, None
     splits = check_int("num_splits", num_splits, minimum=1)
     # Partitions past the longest context are empty: fewer splits give the same partitions (each
     # a single token), so the result is unchanged and no backend launches empty work.

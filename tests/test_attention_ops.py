@@ -121,9 +121,10 @@ def test_quantized_pools_match_reference(backend, kv_dtype, num_splits):
     assert_close(run_paged(backend, args, num_splits=num_splits), want)
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 3, 5, 8, 13])
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 5, 8, 13, None])
 def test_split_k_equal_for_any_number_of_splits(backend, num_splits):
-    # 13 splits of 9 positions: ceil(9/13) = 1 each, so four partitions are empty
+    # 13 splits of 9 positions: ceil(9/13) = 1 each, so four partitions are empty; None: the
+    # backend's own choice
     args = paged_batch([1, 9], [1, 2], 2, 1, 16, seed=2)
     assert_close(run_paged(backend, args, num_splits=num_splits), reference(args))
 
@@ -240,6 +241,51 @@ def test_cuda_launch_rejects_unknown_version():
     args = paged_batch([3], [1], 2, 1, 16)
     with pytest.raises(ValueError, match="version must be one of"):
         run_version(5, args, 1)
+
+
+# --- num_splits=None: split-K chosen for the device ----------------------------------------------
+
+def test_auto_num_splits_fills_the_gpu_without_short_partitions():
+    from kvlab.kernels.cuda.attention import MIN_KEYS_PER_SPLIT, auto_num_splits
+
+    h100 = dict(num_sms=132, blocks_per_sm=2048 // 128)     # 2,112 block slots
+    # 8 rows x 8 kv heads (one head tile each) = 64 blocks: 33 per slot needed -> 64
+    assert auto_num_splits(64, 32768, **h100) == 64
+    assert auto_num_splits(64 * 33, 32768, **h100) == 1       # already >= 2,112 blocks
+    assert auto_num_splits(64 * 32, 32768, **h100) == 2       # 2,048: one short
+    # one sequence: 8 blocks want 264 -> 512, but 32,768 keys allow 128 partitions of 256
+    assert auto_num_splits(8, 32768, **h100) == 32768 // MIN_KEYS_PER_SPLIT
+    assert auto_num_splits(8, 300, **h100) == 1                # too short to split
+    assert auto_num_splits(8, 1024, **h100) == 4               # 4 partitions of 256 keys
+    with pytest.raises(ValueError, match="num_sms must be >= 1"):
+        auto_num_splits(8, 1024, num_sms=0, blocks_per_sm=16)
+
+
+def test_auto_num_splits_picks_a_measured_best_on_the_h100():
+    """The rule against the split sweep measured on an H100 (data/bench): at the bench's shape it
+    must pick a split count whose measured time is within 5% of the fastest one."""
+    from kvlab.data import load_json
+    from kvlab.kernels.cuda.attention import DEFAULT_VERSION, HEAD_TILE, auto_num_splits
+
+    run = load_json("bench/h100_2026-11-27.json")
+    shape = run["meta"]["shape"]
+    timed = {int(r["op"].rsplit("=", 1)[1]): r["median_s"] for r in run["rows"]
+             if r["op"].startswith(f"kernel v{DEFAULT_VERSION} fp16 splits=")}
+    base = shape["num_seqs"] * shape["num_kv_heads"] * -(-shape["group"] // HEAD_TILE)
+    pick = auto_num_splits(base, shape["context_len"], num_sms=132, blocks_per_sm=2048 // 128)
+    assert pick in timed, (pick, sorted(timed))
+    assert timed[pick] <= 1.05 * min(timed.values()), (pick, timed)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_num_splits_at_real_size():
+    from kvlab.kernels.cuda.attention import device_num_splits
+
+    lens = [32768, 20000, 513, 8191]
+    args = paged_batch(lens, [1] * 4, 32, 8, 128, block_size=16, seed=10)
+    splits = device_num_splits(4, 32, 8, max(lens))
+    assert splits > 1 and splits & (splits - 1) == 0, splits  # 32 blocks cannot fill a GPU
+    assert_close(run_paged(get_backend("cuda", device="gpu"), args), reference(args))
 
 
 # --- real sizes, real GPU (skipped without one; ../shared/gpu/run.sh runs them) ----------------

@@ -156,6 +156,7 @@ def test_gpu_bench_events_flush_and_copy_bandwidth(tmp_path):
     assert not any("NOT the same computation" in n for n in result["notes"]), result["notes"]
     assert not any("failed" in n for n in result["notes"]), result["notes"]
     ops = {r["op"] for r in rows}
+    assert any(op.startswith("paged decode fp16 splits=auto (") for op in ops), ops
     for version, splits in bench.SPLIT_SWEEP["smoke"].items():
         assert {f"kernel v{version} fp16 splits={n}" for n in splits} <= ops
     assert meta["fp32_matmul_tflops"] > 1

@@ -346,6 +346,12 @@ def _load_key(k_pool, v_pool, k_scales, v_scales, kind, block_tables, seq, j, kv
         d = min(lane + i * lanes, last)
         k_r[i] = np.float32(k_pool[block, offset, kv_head, d])
         v_r[i] = np.float32(v_pool[block, offset, kv_head, d])
+    return _key_scales(k_scales, v_scales, kind, block, offset, kv_head)
+
+
+@cuda.jit(device=True, inline="always")
+def _key_scales(k_scales, v_scales, kind, block, offset, kv_head):
+    """A key's ``(k_scale, v_scale)``: one fp16 each per (token, kv head); 1 for a float pool."""
     if kind == KIND_FLOAT:
         return ONE, ONE
     return np.float32(k_scales[block, offset, kv_head]), np.float32(v_scales[block, offset, kv_head])
@@ -533,6 +539,55 @@ VERSIONS = {
 DEFAULT_VERSION = 2
 
 
+# --- split-K chosen for the device ---------------------------------------------------------------
+
+MIN_KEYS_PER_SPLIT = 256  # a partition's fixed cost (its setup, partial row, share of the merge)
+#                           is a few keys' worth; below ~256 keys it stops paying for itself
+
+
+def auto_num_splits(base_blocks: int, longest_context: int, num_sms: int,
+                    blocks_per_sm: int) -> int:
+    """Split-K partitions per sequence when the caller leaves ``num_splits=None``.
+
+    A decode launch has ``base_blocks`` thread blocks per partition (query rows x kv heads x head
+    tiles): 8 sequences x 8 kv heads = 64, while an H100 holds 132 SMs x 16 blocks of 128 threads.
+    Splitting each sequence S ways multiplies the blocks by S. The rule: the smallest power of two
+    S with ``base_blocks * S >= num_sms * blocks_per_sm`` (every block slot of the GPU gets work),
+    but no partition shorter than ``MIN_KEYS_PER_SPLIT`` keys. Powers of two because the benchmark
+    sweeps them: the choice is always a configuration that has been measured. Flash-decoding
+    (Dao et al., 2023) and FlashAttention-2's split heuristic reason the same way: split only
+    while the GPU is not yet full.
+    """
+    for name, value in (("base_blocks", base_blocks), ("num_sms", num_sms),
+                        ("blocks_per_sm", blocks_per_sm)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    most = max(1, longest_context // MIN_KEYS_PER_SPLIT)
+    splits = 1
+    while base_blocks * splits < num_sms * blocks_per_sm and splits * 2 <= most:
+        splits *= 2
+    return splits
+
+
+def _head_blocks(num_q_heads: int, num_kv_heads: int, version: int) -> int:
+    """The grid's second axis: kv heads x the head tiles of one GQA group."""
+    tile = GROUP_TILE if version == 1 else HEAD_TILE
+    return num_kv_heads * (-(-(num_q_heads // num_kv_heads) // tile))
+
+
+def device_num_splits(num_rows: int, num_q_heads: int, num_kv_heads: int, longest_context: int,
+                      version: int = DEFAULT_VERSION) -> int:
+    """:func:`auto_num_splits` for a launch of ``version`` on this process's device. The simulator
+    gets 1: it has no SMs to fill, and every partition costs it real time."""
+    if MODE != "gpu":
+        return 1
+    device = cuda.get_current_device()
+    threads = THREADS_PER_BLOCK if version == 1 else WARP_THREADS
+    return auto_num_splits(num_rows * _head_blocks(num_q_heads, num_kv_heads, version),
+                           longest_context, device.MULTIPROCESSOR_COUNT,
+                           device.MAX_THREADS_PER_MULTIPROCESSOR // threads)
+
+
 def launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, context_lens,
            query_start, scale, window, causal, num_splits, version=DEFAULT_VERSION):
     """Launch kernel version ``version`` on arguments **already checked** (the public ops below
@@ -556,9 +611,7 @@ def launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, contex
     kind = {None: KIND_FLOAT, "int8": KIND_INT8, "fp8_e4m3": KIND_FP8}[kv_dtype]
     if kv_dtype is None:
         k_scales = v_scales = _dummy_scales()
-    group = num_q_heads // k_pool.shape[2]
-    tile = GROUP_TILE if version == 1 else HEAD_TILE
-    heads = k_pool.shape[2] * (-(-group // tile))
+    heads = _head_blocks(num_q_heads, k_pool.shape[2], version)
     args = (q, k_pool, v_pool, k_scales, v_scales, np.int32(kind), block_tables, context_lens,
             query_start, np.float32(scale), np.int32(window), np.int32(causal))
     part_out = _workspace("part_out", (num_rows, num_q_heads, num_splits, head_dim), np.float32)
@@ -595,11 +648,14 @@ def decode_attention(q: Any, k: Any, v: Any, scale: float | None = None, causal:
 def paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables: Any,
                            context_lens: Any, query_start: Any, scale: float | None = None,
                            sliding_window: int = 0, k_scales: Any = None, v_scales: Any = None,
-                           num_splits: int = 1) -> Any:
+                           num_splits: int | None = None) -> Any:
     """float32 ``[T, Hq, D]`` device array; as :func:`kvlab.ref.attention.paged_decode_attention`
-    (device arrays; index arrays int32)."""
-    kv_dtype, _, _, scale, window, splits = check_paged_decode_attention(
+    (device arrays; index arrays int32). ``num_splits=None``: chosen for the device
+    (:func:`device_num_splits`)."""
+    kv_dtype, lens, _, scale, window, splits = check_paged_decode_attention(
         q, k_pool, v_pool, block_tables, context_lens, query_start, scale, sliding_window,
         k_scales, v_scales, num_splits)
+    if splits is None:
+        splits = device_num_splits(q.shape[0], q.shape[1], k_pool.shape[2], int(lens.max(initial=0)))
     return launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, context_lens,
                   query_start, scale, window, True, splits)

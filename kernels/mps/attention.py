@@ -88,11 +88,13 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
                            query_start: torch.Tensor, scale: float | None = None,
                            sliding_window: int = 0, k_scales: torch.Tensor | None = None,
                            v_scales: torch.Tensor | None = None,
-                           num_splits: int = 1) -> torch.Tensor:
-    """float32 ``[T, Hq, D]``; as :func:`kvlab.ref.attention.paged_decode_attention`."""
+                           num_splits: int | None = None) -> torch.Tensor:
+    """float32 ``[T, Hq, D]``; as :func:`kvlab.ref.attention.paged_decode_attention`
+    (``num_splits=None``: one partition; torch's batched matmuls already use the whole device)."""
     kv_dtype, lens, starts, scale, window, splits = check_paged_decode_attention(
         q, k_pool, v_pool, block_tables, context_lens, query_start, scale, sliding_window,
         k_scales, v_scales, num_splits)
+    splits = splits or 1
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     for seq, length in enumerate(lens.tolist()):
         first, last = int(starts[seq]), int(starts[seq + 1])

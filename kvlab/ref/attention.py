@@ -200,7 +200,8 @@ def paged_decode_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray
                            block_tables: np.ndarray, context_lens: np.ndarray,
                            query_start: np.ndarray, scale: float | None = None,
                            sliding_window: int = 0, k_scales: np.ndarray | None = None,
-                           v_scales: np.ndarray | None = None, num_splits: int = 1) -> np.ndarray:
+                           v_scales: np.ndarray | None = None,
+                           num_splits: int | None = None) -> np.ndarray:
     """Attention of a ragged batch over a paged cache; causal for every sequence.
 
     q: float16/float32 ``[T, num_q_heads, head_dim]``: sequence s owns rows
@@ -211,12 +212,14 @@ def paged_decode_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray
     ``[num_seqs, max_blocks]``; context_lens: int32 ``[num_seqs]``, lengths after the step;
     query_start: int32 ``[num_seqs + 1]``. num_splits: S >= 1 partitions per sequence
     (:func:`split_bounds`), attended separately and merged (flash-decoding); the result equals
-    S = 1 up to float32 rounding.
+    S = 1 up to float32 rounding. None (the default) lets the backend choose: here one partition;
+    the CUDA kernels pick S to fill the GPU's SMs.
     Returns float32 ``[T, num_q_heads, head_dim]``.
     """
     kv_dtype, lens, starts, scale, window, splits = check_paged_decode_attention(
         q, k_pool, v_pool, block_tables, context_lens, query_start, scale, sliding_window,
         k_scales, v_scales, num_splits)
+    splits = splits or 1
     out = np.zeros(q.shape, np.float32)
     for seq, length in enumerate(lens):
         rows = slice(int(starts[seq]), int(starts[seq + 1]))
