@@ -70,8 +70,9 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 # cuda backend only: notebook 05's numbered attention kernels timed alone (arguments checked once,
 # outside the timing), {version: split counts} per size.
-SPLIT_SWEEP = {"smoke": {1: (1, 2), 2: (2,), 3: (2,), 4: (1, 2)},
-               "real": {1: (1, 16), 2: (16,), 3: (16,), 4: (1, 8, 16, 32, 64, 128)}}
+SPLIT_SWEEP = {"smoke": {1: (1, 2), 2: (2,), 3: (2,), 4: (1, 2), 5: (1, 2)},
+               "real": {1: (1, 16), 2: (16,), 3: (16,), 4: (1, 8, 16, 32, 64, 128),
+                        5: (1, 8, 16, 32, 64, 128)}}
 # cuda backend only: the fused-write kernel alone, tokens carried per thread block (1: the first
 # version, a block per token and head)
 TOKENS_SWEEP = {"smoke": (1, 8), "real": (1, 4, 8, 16, 32)}
@@ -727,7 +728,7 @@ def _sdpa_rows(ctx: Ctx, dec: dict[str, Any], shape: str,
 def _attention_kernel_rows(ctx: Ctx, arrays: Callable[..., list[Any]], shape: str,
                            public: dict[int, Row]) -> list[Row]:
     """The CUDA attention kernels alone (``kvlab.kernels.cuda.attention.launch`` on arguments
-    checked once, outside the timing): every numbered version over SPLIT_SWEEP, and v2 on int8 and
+    checked once, outside the timing): every numbered version over SPLIT_SWEEP, and v2-v5 on int8 and
     fp8 pools. Returns the fp16 rows (for the SDPA comparisons)."""
     from kvlab.checks import check_paged_decode_attention
     from kvlab.kernels.cuda import attention
@@ -763,7 +764,7 @@ def _attention_kernel_rows(ctx: Ctx, arrays: Callable[..., list[Any]], shape: st
             if num_splits in public and version == attention.DEFAULT_VERSION:
                 ctx.compare(public[num_splits], row)  # < 1: what the op's checks cost on top
             rows.append(row)
-    for version in sorted(attention.WARP_KERNELS):  # int8 / fp8 at each version's best split
+    for version in sorted(set(attention.VERSIONS) - {1}):  # int8 / fp8 at each one's best split
         best = min((r for r in rows if r.op.startswith(f"kernel v{version} ")),
                    key=lambda r: r.median_s, default=None)
         if best is None:

@@ -10,7 +10,7 @@ of ms): shapes stay small, except one 1024-position case with one tiny head.
 import numpy as np
 import pytest
 
-from kvlab.backends import BACKENDS, get_backend
+from kvlab.backends import BACKENDS, cuda_mode, get_backend
 from kvlab.ref.attention import decode_attention, paged_decode_attention
 from kvlab.ref.quant import write_kv_quant
 
@@ -219,7 +219,7 @@ def run_version(version, args, num_splits, **options):
     return cuda_be.to_numpy(out)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("name", VERSION_CASES)
 def test_cuda_kernel_versions_match_reference(version, name):
     """Notebook 05's numbered kernels: each version, not only the one the public op launches."""
@@ -230,17 +230,65 @@ def test_cuda_kernel_versions_match_reference(version, name):
         assert_close(run_version(version, args, num_splits, **options), want)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
 def test_cuda_kernel_versions_quantized(version, kv_dtype):
     args = paged_batch([3, 9], [1, 2], 4, 2, 32, kv_dtype=kv_dtype, seed=4)
     assert_close(run_version(version, args, 2), reference(args))
 
 
+@pytest.mark.parametrize("pool, head_dim", [
+    ("float32", 64), ("float16", 20), ("float16", 6), ("int8", 12), ("fp8_e4m3", 24)])
+def test_cuda_v5_wide_loads_every_element_size(pool, head_dim):
+    """v5 reads the pools as 8-byte words: float32 (2 per word), float16 (4), int8/fp8 codes (8);
+    a row that is not whole words (6 fp16 = 12 bytes, 12 int8 codes) runs v3's narrow loads."""
+    kv_dtype = pool if pool in ("int8", "fp8_e4m3") else None
+    args = paged_batch([5, 11], [1, 2], 4, 2, head_dim, seed=11, kv_dtype=kv_dtype)
+    if pool == "float32":
+        args = (args[0], args[1].astype(np.float32), args[2].astype(np.float32), *args[3:])
+    assert_close(run_version(5, args, 2), reference(args))
+
+
+@pytest.mark.skipif(cuda_mode() != "simulator", reason="calls a device function from Python")
+def test_half_from_bits_every_code():
+    """v5's fp16 decode (integer steps, one multiply) against NumPy for all 65,536 bit patterns:
+    normals, subnormals, zeros, infinities and NaNs."""
+    from kvlab.kernels.cuda.attention import _half_from_bits
+
+    codes = np.arange(1 << 16, dtype=np.uint64)
+    got = np.array([_half_from_bits(c) for c in codes], np.float32)
+    want = codes.astype(np.uint16).view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))  # -0.0 too
+
+
+@pytest.mark.gpu
+def test_gpu_half_from_bits_every_code():
+    from numba import cuda
+
+    from kvlab.kernels.cuda.attention import _half_from_bits
+
+    @cuda.jit
+    def decode_all(codes, out):
+        i = cuda.grid(1)
+        if i < codes.size:
+            out[i] = _half_from_bits(codes[i])
+
+    codes = np.arange(1 << 16, dtype=np.uint64)
+    out = cuda.device_array(codes.size, np.float32)
+    decode_all[256, 256](cuda.to_device(codes), out)
+    got = out.copy_to_host()
+    want = codes.astype(np.uint16).view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
 def test_cuda_launch_rejects_unknown_version():
     args = paged_batch([3], [1], 2, 1, 16)
     with pytest.raises(ValueError, match="version must be one of"):
-        run_version(5, args, 1)
+        run_version(6, args, 1)
 
 
 # --- num_splits=None: split-K chosen for the device ----------------------------------------------
@@ -302,7 +350,7 @@ def test_gpu_at_real_size(kv_dtype, num_splits):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
 def test_gpu_versions_at_real_size_ragged(version):
     # the bench's shape family (GQA 4, head_dim 128, 16-token blocks), ragged and not block-aligned
     lens = [8191, 33, 2048, 5000]
@@ -310,6 +358,17 @@ def test_gpu_versions_at_real_size_ragged(version):
     want = reference(args)
     for num_splits in (1, 16, 64):
         assert_close(run_version(version, args, num_splits), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3", "float32"])
+def test_gpu_v5_every_element_size_at_real_size(kv_dtype):
+    args = paged_batch([8191, 33, 2048, 5000], [1] * 4, 32, 8, 128, block_size=16, seed=12,
+                       kv_dtype=None if kv_dtype == "float32" else kv_dtype)
+    if kv_dtype == "float32":
+        args = (args[0], args[1].astype(np.float32), args[2].astype(np.float32), *args[3:])
+    for num_splits in (1, 16):
+        assert_close(run_version(5, args, num_splits), reference(args))
 
 
 @pytest.mark.gpu

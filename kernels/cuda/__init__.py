@@ -57,16 +57,28 @@ def kernel(*signatures: str) -> Callable:
 # one FMA: one rounding instead of two, so a GPU result would differ from the reference's in the
 # last bit. ``mul_rn`` is a multiply the compiler promises never to contract (libdevice's
 # ``fmul_rn``); the simulator, plain Python floats, never contracts and multiplies as written.
+#
+# ``float_from_bits`` reads 32 bits as the float32 they encode (a bitcast, no conversion): how a
+# kernel that loads 8-byte words of a pool turns a word's halves back into numbers. libdevice's
+# ``int_as_float`` on a GPU (a register move); NumPy's ``view`` in the simulator.
 if MODE == "gpu":
     from numba.cuda import libdevice
 
     @cuda.jit(device=True, inline="always")
     def mul_rn(a, b):
         return libdevice.fmul_rn(a, b)
+
+    @cuda.jit(device=True, inline="always")
+    def float_from_bits(bits):
+        return libdevice.int_as_float(np.int32(np.uint32(bits)))
 else:
     @cuda.jit(device=True, inline="always")
     def mul_rn(a, b):
         return a * b
+
+    @cuda.jit(device=True, inline="always")
+    def float_from_bits(bits):
+        return np.uint32(bits).view(np.float32)
 
 
 def load_all_stages() -> list[str]:

@@ -1,6 +1,6 @@
 """Decode attention as Numba CUDA kernels: the ops of :mod:`kvlab.ref.attention`, on a GPU.
 
-Four versions, numbered the way llm.c's ``dev/cuda`` numbers its kernels: each one change, its
+Five versions, numbered the way llm.c's ``dev/cuda`` numbers its kernels: each one change, its
 reason, its measured effect (notebook 05 times them side by side; ``VERSIONS`` names the change;
 ``DEFAULT_VERSION`` is what the public ops launch):
 
@@ -14,6 +14,10 @@ reason, its measured effect (notebook 05 times them side by side; ``VERSIONS`` n
 - **v3, batched loads**: v2's loads sit behind branches (the pool's kind, ``d < head_dim``), so
   each waits for the one before; v3 issues all of a key's loads first, branch-free.
 - **v4, pipelined**: v3 with the next key's loads issued one step ahead.
+- **v5, wide loads**: v3 reading the pools as 8-byte words (``pool.view(np.uint64)``, no copy):
+  a lane holds neighbouring dims, so a key's fp16 row slice is 2 loads instead of 8 (int8/fp8: 1
+  instead of 8), and unpacks them with integer steps (:func:`_unpack`, :func:`_half_from_bits`:
+  a Numba kernel cannot reinterpret 16 bits as a float16).
 
 v1's kernels and the device function they share:
 
@@ -29,7 +33,7 @@ v1's kernels and the device function they share:
 - ``merge_splits_kernel``: grid ``(rows, num_q_heads)``, threads over head_dim: the log-sum-exp
   merge of the S partials (every version ends with it; for S = 1 it copies, exactly).
 
-v1 is simulator-safe as written (shared-memory reductions and barriers only). v2-v4 sum over a
+v1 is simulator-safe as written (shared-memory reductions and barriers only). v2-v5 sum over a
 key's lanes with warp shuffles on a GPU; the simulator has none, so there they run one narrow
 stand-in "warp" that sums through shared memory (``_sum_over_key_lanes``) — the shuffle path
 itself is checked by the PTX compile and by ``pytest -m gpu``. Pools
@@ -46,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from kvlab.checks import check_decode_attention, check_paged_decode_attention
-from kvlab.kernels.cuda import MODE, cuda, kernel
+from kvlab.kernels.cuda import MODE, cuda, float_from_bits, kernel
 from kvlab.kernels.cuda.quant import _fp8_e4m3_decode
 
 # Threads per block. The simulator runs each thread as a Python thread and every barrier waits
@@ -59,6 +63,7 @@ KIND_FLOAT, KIND_INT8, KIND_FP8 = 0, 1, 2
 NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
+TWO_POW_112 = np.float32(2.0 ** 112)  # float32 exponent bias 127 - fp16's 15
 
 _POOLS = ("float16", "float32", "int8", "uint8")
 
@@ -358,6 +363,57 @@ def _key_scales(k_scales, v_scales, kind, block, offset, kv_head):
 
 
 @cuda.jit(device=True, inline="always")
+def _load_words(k_words, v_words, k_scales, v_scales, kind, block_tables, seq, j, kv_head, lane,
+                words, k_w, v_w):
+    """v5: a lane's ``words`` consecutive 8-byte words of key ``j``'s K and V rows (the pools seen
+    as uint64: 4 fp16, 8 int8/fp8 codes or 2 float32 per word) — one load instruction where v3
+    issues 4 or 8. Words past the row re-read its last word (in bounds; :func:`_unpack` zeroes
+    what they hold)."""
+    block_size = k_words.shape[1]
+    last = k_words.shape[3] - 1
+    block = block_tables[seq, j // block_size]
+    offset = j % block_size
+    for t in range(words):
+        w = min(lane * words + t, last)
+        k_w[t] = k_words[block, offset, kv_head, w]
+        v_w[t] = v_words[block, offset, kv_head, w]
+    return _key_scales(k_scales, v_scales, kind, block, offset, kv_head)
+
+
+@cuda.jit(device=True, inline="always")
+def _half_from_bits(h):
+    """The float32 value of fp16 bits ``h`` (0..65535), with integer steps and one multiply (a
+    Numba kernel cannot reinterpret 16 bits as a float16). Shift sign and exponent+mantissa into
+    float32 position: a float32 whose exponent field is fp16's, i.e. the value x 2^-112 — exact for
+    normal and subnormal halves alike — so multiply by 2^112. Exponent 31 (inf, NaN) is float32's
+    255 instead."""
+    bits = ((h & np.uint64(0x7FFF)) << np.uint64(13)) | ((h & np.uint64(0x8000)) << np.uint64(16))
+    if (h & np.uint64(0x7C00)) == np.uint64(0x7C00):
+        return float_from_bits(bits | np.uint64(0x7F800000))
+    return float_from_bits(bits) * TWO_POW_112
+
+
+@cuda.jit(device=True, inline="always")
+def _unpack(kind, elem_bytes, words, out, lane, head_dim):
+    """v5: the ``DIM_SLOTS`` elements a lane's words hold -> float32 in ``out`` (before scales).
+    ``elem_bytes`` is a compile-time constant, so only one of the decodes is compiled in;
+    elements past ``head_dim`` become 0 (a select, not a branch around a load)."""
+    per_word = 8 // elem_bytes
+    mask = np.uint64((1 << (8 * elem_bytes)) - 1)
+    for i in range(DIM_SLOTS):
+        bits = (words[i // per_word] >> np.uint64(8 * elem_bytes * (i % per_word))) & mask
+        if elem_bytes == 4:
+            x = float_from_bits(bits)
+        elif elem_bytes == 2:
+            x = _half_from_bits(bits)
+        elif kind == KIND_FP8:
+            x = _fp8_e4m3_decode(np.uint8(bits))
+        else:                                   # int8: the byte's two's-complement value
+            x = np.float32(np.int32(bits ^ np.uint64(0x80)) - 128)
+        out[i] = x if lane * DIM_SLOTS + i < head_dim else ZERO
+
+
+@cuda.jit(device=True, inline="always")
 def _decode(kind, k_r, v_r):
     """fp8 pools: the bytes :func:`_load_key` widened -> their E4M3 values (exact: 0..255 fit)."""
     if kind == KIND_FP8:
@@ -366,15 +422,20 @@ def _decode(kind, k_r, v_r):
             v_r[i] = _fp8_e4m3_decode(np.uint8(v_r[i]))
 
 
-def _make_warp_kernel(version: int) -> Any:
-    """v2, v3 and v4 share one source; ``version`` is a compile-time constant in it, so each
-    kernel holds only its own steps (a learner diffs the ``if version ...`` blocks):
+def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
+    """v2-v5 share one source; ``version`` (and v5's ``elem_bytes``) are compile-time constants
+    in it, so each kernel holds only its own steps (a learner diffs the ``if version ...`` blocks):
 
     - v2: loads through :func:`_code`, each behind a branch (kind, and d < head_dim);
     - v3: branch-free loads, all issued before the arithmetic (:func:`_load_key`);
     - v4: v3 with the next key's loads issued one step ahead (software pipelining): a stream
       waits for memory once, at the start, instead of at every key.
+    - v5: v3 with 8-byte loads: the pools arrive as uint64 words and a lane holds ``DIM_SLOTS``
+      *neighbouring* dims (v2-v4: every L-th), which are ``DIM_SLOTS * elem_bytes / 8`` words
+      (:func:`_load_words`, :func:`_unpack`). One kernel per element size.
     """
+    words = DIM_SLOTS * elem_bytes // 8 if version == 5 else 1  # v5: 8-byte words per lane
+
     def warp_attention(q, k_pool, v_pool, k_scales, v_scales, kind, block_tables, context_lens,
                        query_start, scale, window, causal, lanes, part_out, part_lse):
         tid = cuda.threadIdx.x
@@ -402,17 +463,19 @@ def _make_warp_kernel(version: int) -> Any:
         v_r = cuda.local.array(DIM_SLOTS, np.float32)
         k_next = cuda.local.array(DIM_SLOTS, np.float32)            # v4's loads in flight
         v_next = cuda.local.array(DIM_SLOTS, np.float32)
+        k_w = cuda.local.array(words, np.uint64)                    # v5's words
+        v_w = cuda.local.array(words, np.uint64)
         for g in range(HEAD_TILE):
             m[g] = NEG_INF
             l[g] = ZERO
             for i in range(DIM_SLOTS):
-                d = lane + i * lanes
+                d = lane * DIM_SLOTS + i if version == 5 else lane + i * lanes
                 use = g < ng and d < head_dim    # heads past the tile and dims past head_dim: 0
                 q_r[g, i] = q[row, head0 + g, d] * scale if use else ZERO
                 acc[g, i] = ZERO
 
         scales_next = (ONE, ONE)
-        if version >= 4 and start < stop:        # v4: the first key's loads before the loop
+        if version == 4 and start < stop:        # v4: the first key's loads before the loop
             scales_next = _load_key(k_pool, v_pool, k_scales, v_scales, kind, block_tables, seq,
                                     min(start + stream, stop - 1), kv_head, lane, lanes, k_next,
                                     v_next)
@@ -437,6 +500,12 @@ def _make_warp_kernel(version: int) -> Any:
             elif version == 3:
                 k_scale, v_scale = _load_key(k_pool, v_pool, k_scales, v_scales, kind,
                                              block_tables, seq, jj, kv_head, lane, lanes, k_r, v_r)
+            elif version == 5:
+                k_scale, v_scale = _load_words(k_pool, v_pool, k_scales, v_scales, kind,
+                                               block_tables, seq, jj, kv_head, lane, words, k_w,
+                                               v_w)
+                _unpack(kind, elem_bytes, k_w, k_r, lane, head_dim)
+                _unpack(kind, elem_bytes, v_w, v_r, lane, head_dim)
             else:                                # v4: take the loads issued a step ago ...
                 k_scale, v_scale = scales_next
                 for i in range(DIM_SLOTS):
@@ -446,7 +515,7 @@ def _make_warp_kernel(version: int) -> Any:
                 scales_next = _load_key(k_pool, v_pool, k_scales, v_scales, kind, block_tables,
                                         seq, min(j + num_streams, stop - 1), kv_head, lane, lanes,
                                         k_next, v_next)
-            if version >= 3:
+            if version == 3 or version == 4:
                 _decode(kind, k_r, v_r)
             for g in range(HEAD_TILE):
                 s[g] = ZERO
@@ -485,19 +554,30 @@ def _make_warp_kernel(version: int) -> Any:
                 if m_sh[g, k] > NEG_INF:        # a stream that saw no key adds nothing
                     w = math.exp(m_sh[g, k] - top)
                     total += l_sh[g, k] * w
-                    out += acc_sh[g, k * lanes + d % lanes, d // lanes] * w
+                    if version == 5:             # lane d // DIM_SLOTS holds dim d
+                        out += acc_sh[g, k * lanes + d // DIM_SLOTS, d % DIM_SLOTS] * w
+                    else:                        # lane d % L holds dim d
+                        out += acc_sh[g, k * lanes + d % lanes, d // lanes] * w
             part_out[row, head0 + g, split, d] = out / total if total > ZERO else ZERO
             if d == 0:
                 part_lse[row, head0 + g, split] = top + math.log(total) if total > ZERO else NEG_INF
 
-    warp_attention.__name__ = warp_attention.__qualname__ = f"warp_attention_v{version}_kernel"
-    return kernel(*_signatures("void(" + _ATTN_ARGS + ", int32, float32[:, :, :, ::1], "
-                                "float32[:, :, ::1])"))(warp_attention)
+    template = "void(" + _ATTN_ARGS + ", int32, float32[:, :, :, ::1], float32[:, :, ::1])"
+    if version == 5:  # one signature: the pools are uint64 words whatever they hold
+        warp_attention.__name__ = f"warp_attention_v5_{elem_bytes}byte_kernel"
+        signatures = (template.format(q="float32", pool="uint64"),)
+    else:
+        warp_attention.__name__ = f"warp_attention_v{version}_kernel"
+        signatures = _signatures(template)
+    warp_attention.__qualname__ = warp_attention.__name__
+    return kernel(*signatures)(warp_attention)
 
 
 warp_attention_v2_kernel = _make_warp_kernel(2)
 warp_attention_v3_kernel = _make_warp_kernel(3)
 warp_attention_v4_kernel = _make_warp_kernel(4)
+# v5, by the bytes of one pool element: float32, float16, int8 / fp8 codes
+WIDE_KERNELS = {size: _make_warp_kernel(5, size) for size in (4, 2, 1)}
 WARP_KERNELS = {2: warp_attention_v2_kernel, 3: warp_attention_v3_kernel,
                 4: warp_attention_v4_kernel}
 
@@ -532,10 +612,11 @@ VERSIONS = {
     2: "warps: lanes share a key (coalesced), shuffle-summed dots, online softmax in registers",
     3: "batched loads: v2 with every K/V load of a key issued before any is used (no branches)",
     4: "pipelined: v3 with the next key's loads issued a step ahead",
+    5: "wide loads: v3 reading 8-byte words (4 fp16, 8 int8/fp8) of neighbouring dims per lane",
 }
 # What the public ops launch: the fastest version measured on a real GPU so far (v2: H100,
-# 2026-11-27, notebook 05). v3 and v4 pass the simulator and compile to PTX but have not run on a
-# GPU yet: scripts/gpu_check.sh measures them; promote one only after it passes `pytest -m gpu`.
+# 2026-11-27, notebook 05). v3, v4 and v5 pass the simulator and compile to PTX but have not run
+# on a GPU yet: scripts/gpu_check.sh measures them; promote one only after it passes `pytest -m gpu`.
 DEFAULT_VERSION = 2
 
 
@@ -616,9 +697,15 @@ def launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, contex
             query_start, np.float32(scale), np.int32(window), np.int32(causal))
     part_out = _workspace("part_out", (num_rows, num_q_heads, num_splits, head_dim), np.float32)
     part_lse = _workspace("part_lse", (num_rows, num_q_heads, num_splits), np.float32)
+    if version == 5 and (head_dim * k_pool.dtype.itemsize) % 8:
+        version = 3  # a row that is not whole 8-byte words: v3, the same steps with narrow loads
     if version == 1:
         paged_attention_split_kernel[(num_rows, heads, num_splits), THREADS_PER_BLOCK](
             *args, part_out, part_lse)
+    elif version == 5:  # the same pools seen as 8-byte words (a view: nothing is copied)
+        words = (k_pool.view(np.uint64), v_pool.view(np.uint64))
+        WIDE_KERNELS[k_pool.dtype.itemsize][(num_rows, heads, num_splits), WARP_THREADS](
+            args[0], *words, *args[3:], np.int32(lanes_per_key(head_dim)), part_out, part_lse)
     else:
         WARP_KERNELS[version][(num_rows, heads, num_splits), WARP_THREADS](
             *args, np.int32(lanes_per_key(head_dim)), part_out, part_lse)

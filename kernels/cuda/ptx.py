@@ -14,9 +14,11 @@ import sys
 
 def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, dict[str, int]]:
     """Compile each (kernel, signature) pair; return ``{"module.kernel[i]": {"bytes": len(ptx),
-    "fma_f32": count, "local_accesses": count}}``: the float32 fused multiply-adds the compiler
-    chose to emit (kernels that promise the reference's roundings must have none) and the loads and
-    stores of local memory (a per-thread array the compiler could not keep in registers)."""
+    "fma_f32": count, "local_accesses": count, "global_loads": count}}``: the float32 fused
+    multiply-adds the compiler chose to emit (kernels that promise the reference's roundings must
+    have none), the loads and stores of local memory (a per-thread array the compiler could not
+    keep in registers) and the load instructions from global memory in the code (static: a loop's
+    body counts once)."""
     from kvlab.kernels import cuda as kcuda
 
     if kcuda.MODE != "gpu":
@@ -30,7 +32,8 @@ def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, dict[str, int]]:
             ptx, _ = compile_ptx(entry.py_func, signature, cc=cc)
             sizes[f"{entry.name}[{i}]"] = {"bytes": len(ptx), "fma_f32": ptx.count("fma.rn.f32"),
                                            "local_accesses": ptx.count("ld.local")
-                                           + ptx.count("st.local")}
+                                           + ptx.count("st.local"),
+                                           "global_loads": ptx.count("ld.global")}
     return sizes
 
 
