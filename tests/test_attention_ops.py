@@ -219,7 +219,7 @@ def run_version(version, args, num_splits, **options):
     return cuda_be.to_numpy(out)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("name", VERSION_CASES)
 def test_cuda_kernel_versions_match_reference(version, name):
     """Notebook 05's numbered kernels: each version, not only the one the public op launches."""
@@ -230,7 +230,7 @@ def test_cuda_kernel_versions_match_reference(version, name):
         assert_close(run_version(version, args, num_splits, **options), want)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
 def test_cuda_kernel_versions_quantized(version, kv_dtype):
     args = paged_batch([3, 9], [1, 2], 4, 2, 32, kv_dtype=kv_dtype, seed=4)
@@ -288,7 +288,7 @@ def test_gpu_half_from_bits_every_code():
 def test_cuda_launch_rejects_unknown_version():
     args = paged_batch([3], [1], 2, 1, 16)
     with pytest.raises(ValueError, match="version must be one of"):
-        run_version(6, args, 1)
+        run_version(7, args, 1)
 
 
 # --- num_splits=None: split-K chosen for the device ----------------------------------------------
@@ -350,7 +350,7 @@ def test_gpu_at_real_size(kv_dtype, num_splits):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
 def test_gpu_versions_at_real_size_ragged(version):
     # the bench's shape family (GQA 4, head_dim 128, 16-token blocks), ragged and not block-aligned
     lens = [8191, 33, 2048, 5000]
@@ -361,14 +361,15 @@ def test_gpu_versions_at_real_size_ragged(version):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("version", [5, 6])
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3", "float32"])
-def test_gpu_v5_every_element_size_at_real_size(kv_dtype):
+def test_gpu_wide_loads_every_element_size_at_real_size(version, kv_dtype):
     args = paged_batch([8191, 33, 2048, 5000], [1] * 4, 32, 8, 128, block_size=16, seed=12,
                        kv_dtype=None if kv_dtype == "float32" else kv_dtype)
     if kv_dtype == "float32":
         args = (args[0], args[1].astype(np.float32), args[2].astype(np.float32), *args[3:])
     for num_splits in (1, 16):
-        assert_close(run_version(5, args, num_splits), reference(args))
+        assert_close(run_version(version, args, num_splits), reference(args))
 
 
 @pytest.mark.gpu

@@ -32,7 +32,11 @@ def test_every_registered_kernel_compiles_to_ptx():
     # The attention kernels v2-v5 keep q, the output and the softmax state of each lane in
     # registers (constant-size local arrays, fully unrolled loops): no local memory at all.
     warp = {n: i["local_accesses"] for n, i in compiled.items() if ".warp_attention_v" in n}
-    assert len(warp) == 15 and set(warp.values()) == {0}, warp
+    assert len(warp) == 18 and set(warp.values()) == {0}, warp
     # v5 reads a fp16 pool in 8-byte words: fewer load instructions than v3 (signature 0: fp16)
     loads = {n.split(".")[-1]: i["global_loads"] for n, i in compiled.items()}
     assert loads["warp_attention_v5_2byte_kernel[0]"] < loads["warp_attention_v3_kernel[0]"], loads
+    # v6 is v5 with launch bounds: the PTX promises ptxas 4 blocks per SM; nothing else does
+    bounded = {n for n, i in compiled.items() if i["min_blocks_per_sm"]}
+    assert bounded == {n for n in compiled if ".warp_attention_v6_" in n} and len(bounded) == 3
+    assert {compiled[n]["min_blocks_per_sm"] for n in bounded} == {4}

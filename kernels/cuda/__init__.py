@@ -27,28 +27,39 @@ DESCRIPTION = "Numba CUDA simulator" if MODE == "simulator" else "Numba CUDA on 
 
 @dataclass(frozen=True)
 class RegisteredKernel:
-    """A kernel's Python source function and the signatures the PTX-compile test builds."""
+    """A kernel's Python source function, the signatures the PTX-compile test builds, the
+    launch bounds it is compiled with (None: the compiler's choice) and its ``cuda.jit``
+    dispatcher (some kernels live in a dict, not under their name in a module)."""
 
     name: str
     py_func: Callable
     signatures: tuple[str, ...]
+    launch_bounds: tuple[int, int] | None
+    dispatcher: Any
 
 
 REGISTRY: list[RegisteredKernel] = []
 
 
-def kernel(*signatures: str) -> Callable:
+def kernel(*signatures: str, launch_bounds: tuple[int, int] | None = None) -> Callable:
     """Decorator: ``cuda.jit`` the function (lazily, any types) and register ``signatures``.
 
     Signatures are Numba type strings such as ``"void(float16[:, :, :, ::1], int32[::1])"``;
-    give one per dtype combination the launch wrapper can pass.
+    give one per dtype combination the launch wrapper can pass. ``launch_bounds`` =
+    ``(threads per block, blocks per SM)`` promises the compiler those launches (CUDA's
+    ``__launch_bounds__``), so it fits the registers to that many blocks; the simulator ignores it.
     """
     if not signatures:
         raise ValueError("kernel() needs at least one signature for the PTX-compile test")
 
     def register(func: Callable) -> Any:
-        REGISTRY.append(RegisteredKernel(f"{func.__module__}.{func.__name__}", func, signatures))
-        return cuda.jit(func)
+        if launch_bounds is not None and MODE == "gpu":
+            dispatcher = cuda.jit(func, launch_bounds=launch_bounds)
+        else:
+            dispatcher = cuda.jit(func)
+        REGISTRY.append(RegisteredKernel(f"{func.__module__}.{func.__name__}", func, signatures,
+                                         launch_bounds, dispatcher))
+        return dispatcher
 
     return register
 

@@ -1,6 +1,6 @@
 """Decode attention as Numba CUDA kernels: the ops of :mod:`kvlab.ref.attention`, on a GPU.
 
-Five versions, numbered the way llm.c's ``dev/cuda`` numbers its kernels: each one change, its
+Six versions, numbered the way llm.c's ``dev/cuda`` numbers its kernels: each one change, its
 reason, its measured effect (notebook 05 times them side by side; ``VERSIONS`` names the change;
 ``DEFAULT_VERSION`` is what the public ops launch):
 
@@ -18,6 +18,9 @@ reason, its measured effect (notebook 05 times them side by side; ``VERSIONS`` n
   a lane holds neighbouring dims, so a key's fp16 row slice is 2 loads instead of 8 (int8/fp8: 1
   instead of 8), and unpacks them with integer steps (:func:`_unpack`, :func:`_half_from_bits`:
   a Numba kernel cannot reinterpret 16 bits as a float16).
+- **v6, occupancy**: v5 compiled with launch bounds of ``BLOCKS_PER_SM`` blocks per SM: v5 needs
+  ~150 registers per thread, so an SM holds 3 blocks (12 warps); bounded, the compiler fits 128
+  (spilling a few bytes) and an SM holds 4 — more warps to hide memory latency with.
 
 v1's kernels and the device function they share:
 
@@ -286,6 +289,8 @@ HEAD_TILE = 4                           # q heads per block: q and acc are HEAD_
 #                                         registers per lane (8 heads would double them and halve
 #                                         the warps an SM can keep in flight)
 WARP_THREADS = WARPS * LANES            # threads per block
+BLOCKS_PER_SM = 4                       # v6's launch bounds: 4 x 128 threads x 128 registers
+#                                         = an SM's 65,536
 _RED = 1 if MODE == "gpu" else WARP_THREADS    # the simulator's scratch for its lane sums
 
 
@@ -423,7 +428,7 @@ def _decode(kind, k_r, v_r):
 
 
 def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
-    """v2-v5 share one source; ``version`` (and v5's ``elem_bytes``) are compile-time constants
+    """v2-v6 share one source; ``version`` (and v5's ``elem_bytes``) are compile-time constants
     in it, so each kernel holds only its own steps (a learner diffs the ``if version ...`` blocks):
 
     - v2: loads through :func:`_code`, each behind a branch (kind, and d < head_dim);
@@ -433,8 +438,10 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
     - v5: v3 with 8-byte loads: the pools arrive as uint64 words and a lane holds ``DIM_SLOTS``
       *neighbouring* dims (v2-v4: every L-th), which are ``DIM_SLOTS * elem_bytes / 8`` words
       (:func:`_load_words`, :func:`_unpack`). One kernel per element size.
+    - v6: v5's source, compiled for ``BLOCKS_PER_SM`` blocks per SM (launch bounds).
     """
-    words = DIM_SLOTS * elem_bytes // 8 if version == 5 else 1  # v5: 8-byte words per lane
+    wide = version >= 5
+    words = DIM_SLOTS * elem_bytes // 8 if wide else 1  # v5, v6: 8-byte words per lane
 
     def warp_attention(q, k_pool, v_pool, k_scales, v_scales, kind, block_tables, context_lens,
                        query_start, scale, window, causal, lanes, part_out, part_lse):
@@ -469,7 +476,7 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
             m[g] = NEG_INF
             l[g] = ZERO
             for i in range(DIM_SLOTS):
-                d = lane * DIM_SLOTS + i if version == 5 else lane + i * lanes
+                d = lane * DIM_SLOTS + i if wide else lane + i * lanes
                 use = g < ng and d < head_dim    # heads past the tile and dims past head_dim: 0
                 q_r[g, i] = q[row, head0 + g, d] * scale if use else ZERO
                 acc[g, i] = ZERO
@@ -500,7 +507,7 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
             elif version == 3:
                 k_scale, v_scale = _load_key(k_pool, v_pool, k_scales, v_scales, kind,
                                              block_tables, seq, jj, kv_head, lane, lanes, k_r, v_r)
-            elif version == 5:
+            elif wide:
                 k_scale, v_scale = _load_words(k_pool, v_pool, k_scales, v_scales, kind,
                                                block_tables, seq, jj, kv_head, lane, words, k_w,
                                                v_w)
@@ -554,7 +561,7 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
                 if m_sh[g, k] > NEG_INF:        # a stream that saw no key adds nothing
                     w = math.exp(m_sh[g, k] - top)
                     total += l_sh[g, k] * w
-                    if version == 5:             # lane d // DIM_SLOTS holds dim d
+                    if wide:                     # lane d // DIM_SLOTS holds dim d
                         out += acc_sh[g, k * lanes + d // DIM_SLOTS, d % DIM_SLOTS] * w
                     else:                        # lane d % L holds dim d
                         out += acc_sh[g, k * lanes + d % lanes, d // lanes] * w
@@ -563,21 +570,23 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
                 part_lse[row, head0 + g, split] = top + math.log(total) if total > ZERO else NEG_INF
 
     template = "void(" + _ATTN_ARGS + ", int32, float32[:, :, :, ::1], float32[:, :, ::1])"
-    if version == 5:  # one signature: the pools are uint64 words whatever they hold
-        warp_attention.__name__ = f"warp_attention_v5_{elem_bytes}byte_kernel"
+    if wide:  # one signature: the pools are uint64 words whatever they hold
+        warp_attention.__name__ = f"warp_attention_v{version}_{elem_bytes}byte_kernel"
         signatures = (template.format(q="float32", pool="uint64"),)
     else:
         warp_attention.__name__ = f"warp_attention_v{version}_kernel"
         signatures = _signatures(template)
     warp_attention.__qualname__ = warp_attention.__name__
-    return kernel(*signatures)(warp_attention)
+    bounds = (WARP_THREADS, BLOCKS_PER_SM) if version == 6 else None
+    return kernel(*signatures, launch_bounds=bounds)(warp_attention)
 
 
 warp_attention_v2_kernel = _make_warp_kernel(2)
 warp_attention_v3_kernel = _make_warp_kernel(3)
 warp_attention_v4_kernel = _make_warp_kernel(4)
-# v5, by the bytes of one pool element: float32, float16, int8 / fp8 codes
-WIDE_KERNELS = {size: _make_warp_kernel(5, size) for size in (4, 2, 1)}
+# v5 and v6, by the bytes of one pool element: float32, float16, int8 / fp8 codes
+WIDE_KERNELS = {(version, size): _make_warp_kernel(version, size)
+                for version in (5, 6) for size in (4, 2, 1)}
 WARP_KERNELS = {2: warp_attention_v2_kernel, 3: warp_attention_v3_kernel,
                 4: warp_attention_v4_kernel}
 
@@ -613,9 +622,10 @@ VERSIONS = {
     3: "batched loads: v2 with every K/V load of a key issued before any is used (no branches)",
     4: "pipelined: v3 with the next key's loads issued a step ahead",
     5: "wide loads: v3 reading 8-byte words (4 fp16, 8 int8/fp8) of neighbouring dims per lane",
+    6: "occupancy: v5 compiled for 4 blocks per SM (launch bounds): 128 registers, 16 warps",
 }
 # What the public ops launch: the fastest version measured on a real GPU so far (v2: H100,
-# 2026-11-27, notebook 05). v3, v4 and v5 pass the simulator and compile to PTX but have not run
+# 2026-11-27, notebook 05). v3 to v6 pass the simulator and compile to PTX but have not run
 # on a GPU yet: scripts/gpu_check.sh measures them; promote one only after it passes `pytest -m gpu`.
 DEFAULT_VERSION = 2
 
@@ -697,14 +707,14 @@ def launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, contex
             query_start, np.float32(scale), np.int32(window), np.int32(causal))
     part_out = _workspace("part_out", (num_rows, num_q_heads, num_splits, head_dim), np.float32)
     part_lse = _workspace("part_lse", (num_rows, num_q_heads, num_splits), np.float32)
-    if version == 5 and (head_dim * k_pool.dtype.itemsize) % 8:
+    if version >= 5 and (head_dim * k_pool.dtype.itemsize) % 8:
         version = 3  # a row that is not whole 8-byte words: v3, the same steps with narrow loads
     if version == 1:
         paged_attention_split_kernel[(num_rows, heads, num_splits), THREADS_PER_BLOCK](
             *args, part_out, part_lse)
-    elif version == 5:  # the same pools seen as 8-byte words (a view: nothing is copied)
+    elif version >= 5:  # the same pools seen as 8-byte words (a view: nothing is copied)
         words = (k_pool.view(np.uint64), v_pool.view(np.uint64))
-        WIDE_KERNELS[k_pool.dtype.itemsize][(num_rows, heads, num_splits), WARP_THREADS](
+        WIDE_KERNELS[version, k_pool.dtype.itemsize][(num_rows, heads, num_splits), WARP_THREADS](
             args[0], *words, *args[3:], np.int32(lanes_per_key(head_dim)), part_out, part_lse)
     else:
         WARP_KERNELS[version][(num_rows, heads, num_splits), WARP_THREADS](

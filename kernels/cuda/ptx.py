@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+
+
+def _min_blocks_per_sm(ptx: str) -> int:
+    """The ``.minnctapersm`` directive launch bounds put in the PTX (0 when there is none)."""
+    found = re.search(r"\.minnctapersm\s+(\d+)", ptx)
+    return int(found.group(1)) if found else 0
 
 
 def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, dict[str, int]]:
@@ -17,8 +24,8 @@ def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, dict[str, int]]:
     "fma_f32": count, "local_accesses": count, "global_loads": count}}``: the float32 fused
     multiply-adds the compiler chose to emit (kernels that promise the reference's roundings must
     have none), the loads and stores of local memory (a per-thread array the compiler could not
-    keep in registers) and the load instructions from global memory in the code (static: a loop's
-    body counts once)."""
+    keep in registers), the load instructions from global memory in the code (static: a loop's
+    body counts once) and the blocks per SM its launch bounds promise (0: none)."""
     from kvlab.kernels import cuda as kcuda
 
     if kcuda.MODE != "gpu":
@@ -29,11 +36,13 @@ def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, dict[str, int]]:
     sizes = {}
     for entry in kcuda.REGISTRY:
         for i, signature in enumerate(entry.signatures):
-            ptx, _ = compile_ptx(entry.py_func, signature, cc=cc)
+            ptx, _ = compile_ptx(entry.py_func, signature, cc=cc,
+                                 launch_bounds=entry.launch_bounds)
             sizes[f"{entry.name}[{i}]"] = {"bytes": len(ptx), "fma_f32": ptx.count("fma.rn.f32"),
                                            "local_accesses": ptx.count("ld.local")
                                            + ptx.count("st.local"),
-                                           "global_loads": ptx.count("ld.global")}
+                                           "global_loads": ptx.count("ld.global"),
+                                           "min_blocks_per_sm": _min_blocks_per_sm(ptx)}
     return sizes
 
 
@@ -42,8 +51,6 @@ def resource_usage(name_filter: str = "") -> dict[str, dict[str, int]]:
     memory per block and local memory (spills, stack) per thread, as the driver reports them —
     what decides how many warps an SM can keep in flight. ``name_filter``: comma-separated
     substrings of the kernels' names ("" for all)."""
-    import importlib
-
     from kvlab.kernels import cuda as kcuda
 
     kcuda.check_available()
@@ -52,10 +59,8 @@ def resource_usage(name_filter: str = "") -> dict[str, dict[str, int]]:
     for entry in kcuda.REGISTRY:
         if not any(part in entry.name for part in name_filter.split(",")):
             continue
-        module, _, func = entry.name.rpartition(".")
-        dispatcher = getattr(importlib.import_module(module), func)
         signature = entry.signatures[0]
-        compiled = dispatcher.compile(signature)
+        compiled = entry.dispatcher.compile(signature)
         usage[f"{entry.name} {signature}"] = {
             "registers": compiled.regs_per_thread,
             "shared_bytes": compiled.shared_mem_per_block,
