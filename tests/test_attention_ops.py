@@ -373,6 +373,31 @@ def test_gpu_wide_loads_every_element_size_at_real_size(version, kv_dtype):
 
 
 @pytest.mark.gpu
+def test_gpu_wide_loads_fall_back_on_a_misaligned_pool():
+    """A pool that starts 2 bytes past an 8-byte boundary (a view into a larger buffer): v5 and
+    v6 must run v3's narrow loads instead of faulting."""
+    from numba import cuda
+
+    from kvlab.checks import check_paged_decode_attention
+    from kvlab.kernels.cuda import attention
+
+    args = paged_batch([40, 17], [1, 1], 8, 2, 64, block_size=16, seed=13)
+    gpu = get_backend("cuda", device="gpu")
+    q, tables, lens, starts = (gpu.asarray(a) for a in (args[0], *args[3:6]))
+    pools = []
+    for pool in args[1:3]:
+        buf = cuda.to_device(np.concatenate([np.zeros(1, np.float16), pool.ravel()]))
+        pools.append(buf[1:].reshape(pool.shape))
+    assert pools[0].device_ctypes_pointer.value % 8 == 2
+    _, _, _, scale, window, splits = check_paged_decode_attention(
+        q, *pools, tables, lens, starts, None, 0, None, None, 2)
+    for version in (5, 6):
+        out = attention.launch(q, *pools, None, None, None, tables, lens, starts, scale, window,
+                               True, splits, version=version)
+        assert_close(gpu.to_numpy(out), reference(args))
+
+
+@pytest.mark.gpu
 @pytest.mark.sanitize
 def test_gpu_prefill_chunk_with_window_under_sanitizer():
     args = paged_batch([300, 77], [16, 5], 8, 2, 64, block_size=16, seed=8, kv_dtype="int8")

@@ -679,6 +679,15 @@ def device_num_splits(num_rows: int, num_q_heads: int, num_kv_heads: int, longes
                            device.MAX_THREADS_PER_MULTIPROCESSOR // threads)
 
 
+def _whole_words(pool: Any) -> bool:
+    """True when every row of ``pool`` is whole 8-byte words starting on an 8-byte boundary, as
+    v5's loads need (a GPU faults on a misaligned one). A pool kvlab allocates starts on a
+    256-byte boundary; a view of someone else's memory might not. The simulator has no pointers."""
+    if (pool.shape[3] * pool.dtype.itemsize) % 8:
+        return False
+    return MODE != "gpu" or (pool.device_ctypes_pointer.value or 0) % 8 == 0
+
+
 def launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, context_lens,
            query_start, scale, window, causal, num_splits, version=DEFAULT_VERSION):
     """Launch kernel version ``version`` on arguments **already checked** (the public ops below
@@ -707,8 +716,8 @@ def launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, contex
             query_start, np.float32(scale), np.int32(window), np.int32(causal))
     part_out = _workspace("part_out", (num_rows, num_q_heads, num_splits, head_dim), np.float32)
     part_lse = _workspace("part_lse", (num_rows, num_q_heads, num_splits), np.float32)
-    if version >= 5 and (head_dim * k_pool.dtype.itemsize) % 8:
-        version = 3  # a row that is not whole 8-byte words: v3, the same steps with narrow loads
+    if version >= 5 and not (_whole_words(k_pool) and _whole_words(v_pool)):
+        version = 3  # rows that are not whole 8-byte words: v3, the same steps with narrow loads
     if version == 1:
         paged_attention_split_kernel[(num_rows, heads, num_splits), THREADS_PER_BLOCK](
             *args, part_out, part_lse)
