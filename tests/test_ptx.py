@@ -29,8 +29,11 @@ def test_every_registered_kernel_compiles_to_ptx():
              if n.split("[")[0].endswith(("apply_rope_kernel", "fused_write_kernel"))}
     assert len(exact) >= 4, sorted(compiled)  # fp16 and fp32 signatures of both kernels
     assert {name: info["fma_f32"] for name, info in exact.items()} == dict.fromkeys(exact, 0)
-    # The attention kernels v2-v5 keep q, the output and the softmax state of each lane in
-    # registers (constant-size local arrays, fully unrolled loops): no local memory at all.
+    # The attention kernels v2-v6 keep q, the output and the softmax state of each lane in
+    # registers (constant-size local arrays, fully unrolled loops): no local memory in the PTX.
+    # (PTX level only: ptxas may still spill when it allocates registers — v6, bounded to 128,
+    # spills 40-72 bytes per thread for int8/fp8/fp16 pools, 208 for float32 — which only the
+    # resources report on a GPU, or ptxas -v, shows.)
     warp = {n: i["local_accesses"] for n, i in compiled.items() if ".warp_attention_v" in n}
     assert len(warp) == 18 and set(warp.values()) == {0}, warp
     # v5 reads a fp16 pool in 8-byte words: fewer load instructions than v3 (signature 0: fp16)

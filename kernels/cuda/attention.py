@@ -15,9 +15,10 @@ reason, its measured effect (notebook 05 times them side by side; ``VERSIONS`` n
   each waits for the one before; v3 issues all of a key's loads first, branch-free.
 - **v4, pipelined**: v3 with the next key's loads issued one step ahead.
 - **v5, wide loads**: v3 reading the pools as 8-byte words (``pool.view(np.uint64)``, no copy):
-  a lane holds neighbouring dims, so a key's fp16 row slice is 2 loads instead of 8 (int8/fp8: 1
-  instead of 8), and unpacks them with integer steps (:func:`_unpack`, :func:`_half_from_bits`:
-  a Numba kernel cannot reinterpret 16 bits as a float16).
+  a lane holds whole words (runs of neighbouring dims), so its fp16 slice of a key is 2 loads
+  instead of 8 (int8/fp8: 1 instead of 8), the lanes' loads interleaved so each instruction reads
+  one contiguous run, and unpacks them with integer steps (:func:`_unpack`,
+  :func:`_half_from_bits`: a Numba kernel cannot reinterpret 16 bits as a float16).
 - **v6, occupancy**: v5 compiled with launch bounds of ``BLOCKS_PER_SM`` blocks per SM: v5 needs
   ~150 registers per thread, so an SM holds 3 blocks (12 warps); bounded, the compiler fits 128
   (spilling a few bytes) and an SM holds 4 — more warps to hide memory latency with.
@@ -369,17 +370,18 @@ def _key_scales(k_scales, v_scales, kind, block, offset, kv_head):
 
 @cuda.jit(device=True, inline="always")
 def _load_words(k_words, v_words, k_scales, v_scales, kind, block_tables, seq, j, kv_head, lane,
-                words, k_w, v_w):
-    """v5: a lane's ``words`` consecutive 8-byte words of key ``j``'s K and V rows (the pools seen
-    as uint64: 4 fp16, 8 int8/fp8 codes or 2 float32 per word) — one load instruction where v3
-    issues 4 or 8. Words past the row re-read its last word (in bounds; :func:`_unpack` zeroes
-    what they hold)."""
+                lanes, words, k_w, v_w):
+    """v5: a lane's ``words`` 8-byte words of key ``j``'s K and V rows (the pools seen as uint64:
+    4 fp16, 8 int8/fp8 codes or 2 float32 per word) — one load instruction where v3 issues 4 or
+    8. Lane r takes words r, r + L, r + 2L, ...: the L lanes' t-th loads are one contiguous run of
+    8L bytes (fully coalesced). Words past the row re-read its last word (in bounds;
+    :func:`_unpack` zeroes what they hold)."""
     block_size = k_words.shape[1]
     last = k_words.shape[3] - 1
     block = block_tables[seq, j // block_size]
     offset = j % block_size
     for t in range(words):
-        w = min(lane * words + t, last)
+        w = min(t * lanes + lane, last)
         k_w[t] = k_words[block, offset, kv_head, w]
         v_w[t] = v_words[block, offset, kv_head, w]
     return _key_scales(k_scales, v_scales, kind, block, offset, kv_head)
@@ -399,7 +401,14 @@ def _half_from_bits(h):
 
 
 @cuda.jit(device=True, inline="always")
-def _unpack(kind, elem_bytes, words, out, lane, head_dim):
+def _wide_dim(i, lane, lanes, per_word):
+    """v5: the dim that slot ``i`` of lane ``lane`` holds — element ``i % per_word`` of the
+    lane's word ``i // per_word``, which is word ``(i // per_word) * L + lane`` of the row."""
+    return ((i // per_word) * lanes + lane) * per_word + i % per_word
+
+
+@cuda.jit(device=True, inline="always")
+def _unpack(kind, elem_bytes, words, out, lane, lanes, head_dim):
     """v5: the ``DIM_SLOTS`` elements a lane's words hold -> float32 in ``out`` (before scales).
     ``elem_bytes`` is a compile-time constant, so only one of the decodes is compiled in;
     elements past ``head_dim`` become 0 (a select, not a branch around a load)."""
@@ -415,7 +424,7 @@ def _unpack(kind, elem_bytes, words, out, lane, head_dim):
             x = _fp8_e4m3_decode(np.uint8(bits))
         else:                                   # int8: the byte's two's-complement value
             x = np.float32(np.int32(bits ^ np.uint64(0x80)) - 128)
-        out[i] = x if lane * DIM_SLOTS + i < head_dim else ZERO
+        out[i] = x if _wide_dim(i, lane, lanes, per_word) < head_dim else ZERO
 
 
 @cuda.jit(device=True, inline="always")
@@ -435,13 +444,15 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
     - v3: branch-free loads, all issued before the arithmetic (:func:`_load_key`);
     - v4: v3 with the next key's loads issued one step ahead (software pipelining): a stream
       waits for memory once, at the start, instead of at every key.
-    - v5: v3 with 8-byte loads: the pools arrive as uint64 words and a lane holds ``DIM_SLOTS``
-      *neighbouring* dims (v2-v4: every L-th), which are ``DIM_SLOTS * elem_bytes / 8`` words
-      (:func:`_load_words`, :func:`_unpack`). One kernel per element size.
+    - v5: v3 with 8-byte loads: the pools arrive as uint64 words; a lane holds
+      ``DIM_SLOTS * elem_bytes / 8`` words, every L-th of the row (v2-v4: every L-th dim), so its
+      dims come in runs of one word (:func:`_load_words`, :func:`_unpack`, :func:`_wide_dim`).
+      One kernel per element size.
     - v6: v5's source, compiled for ``BLOCKS_PER_SM`` blocks per SM (launch bounds).
     """
     wide = version >= 5
     words = DIM_SLOTS * elem_bytes // 8 if wide else 1  # v5, v6: 8-byte words per lane
+    per_word = 8 // elem_bytes if wide else 1            # ... and elements per word
 
     def warp_attention(q, k_pool, v_pool, k_scales, v_scales, kind, block_tables, context_lens,
                        query_start, scale, window, causal, lanes, part_out, part_lse):
@@ -476,7 +487,7 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
             m[g] = NEG_INF
             l[g] = ZERO
             for i in range(DIM_SLOTS):
-                d = lane * DIM_SLOTS + i if wide else lane + i * lanes
+                d = _wide_dim(i, lane, lanes, per_word) if wide else lane + i * lanes
                 use = g < ng and d < head_dim    # heads past the tile and dims past head_dim: 0
                 q_r[g, i] = q[row, head0 + g, d] * scale if use else ZERO
                 acc[g, i] = ZERO
@@ -509,10 +520,10 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
                                              block_tables, seq, jj, kv_head, lane, lanes, k_r, v_r)
             elif wide:
                 k_scale, v_scale = _load_words(k_pool, v_pool, k_scales, v_scales, kind,
-                                               block_tables, seq, jj, kv_head, lane, words, k_w,
-                                               v_w)
-                _unpack(kind, elem_bytes, k_w, k_r, lane, head_dim)
-                _unpack(kind, elem_bytes, v_w, v_r, lane, head_dim)
+                                               block_tables, seq, jj, kv_head, lane, lanes, words,
+                                               k_w, v_w)
+                _unpack(kind, elem_bytes, k_w, k_r, lane, lanes, head_dim)
+                _unpack(kind, elem_bytes, v_w, v_r, lane, lanes, head_dim)
             else:                                # v4: take the loads issued a step ago ...
                 k_scale, v_scale = scales_next
                 for i in range(DIM_SLOTS):
@@ -561,8 +572,10 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
                 if m_sh[g, k] > NEG_INF:        # a stream that saw no key adds nothing
                     w = math.exp(m_sh[g, k] - top)
                     total += l_sh[g, k] * w
-                    if wide:                     # lane d // DIM_SLOTS holds dim d
-                        out += acc_sh[g, k * lanes + d // DIM_SLOTS, d % DIM_SLOTS] * w
+                    if wide:                     # word d // per_word: lane (word % L), slot
+                        word = d // per_word     # (word // L) * per_word + d % per_word
+                        out += acc_sh[g, k * lanes + word % lanes,
+                                      (word // lanes) * per_word + d % per_word] * w
                     else:                        # lane d % L holds dim d
                         out += acc_sh[g, k * lanes + d % lanes, d // lanes] * w
             part_out[row, head0 + g, split, d] = out / total if total > ZERO else ZERO
@@ -621,7 +634,7 @@ VERSIONS = {
     2: "warps: lanes share a key (coalesced), shuffle-summed dots, online softmax in registers",
     3: "batched loads: v2 with every K/V load of a key issued before any is used (no branches)",
     4: "pipelined: v3 with the next key's loads issued a step ahead",
-    5: "wide loads: v3 reading 8-byte words (4 fp16, 8 int8/fp8) of neighbouring dims per lane",
+    5: "wide loads: v3 reading the pools as 8-byte words (4 fp16, 8 int8/fp8), coalesced",
     6: "occupancy: v5 compiled for 4 blocks per SM (launch bounds): 128 registers, 16 warps",
 }
 # What the public ops launch: the fastest version measured on a real GPU so far (v2: H100,
@@ -641,13 +654,17 @@ def auto_num_splits(base_blocks: int, longest_context: int, num_sms: int,
     """Split-K partitions per sequence when the caller leaves ``num_splits=None``.
 
     A decode launch has ``base_blocks`` thread blocks per partition (query rows x kv heads x head
-    tiles): 8 sequences x 8 kv heads = 64, while an H100 holds 132 SMs x 16 blocks of 128 threads.
-    Splitting each sequence S ways multiplies the blocks by S. The rule: the smallest power of two
-    S with ``base_blocks * S >= num_sms * blocks_per_sm`` (every block slot of the GPU gets work),
-    but no partition shorter than ``MIN_KEYS_PER_SPLIT`` keys. Powers of two because the benchmark
-    sweeps them: the choice is always a configuration that has been measured. Flash-decoding
-    (Dao et al., 2023) and FlashAttention-2's split heuristic reason the same way: split only
-    while the GPU is not yet full.
+    tiles): 8 sequences x 8 kv heads = 64, on an H100's 132 SMs. Splitting each sequence S ways
+    multiplies the blocks by S. The rule: the smallest power of two S with
+    ``base_blocks * S >= num_sms * blocks_per_sm``, no partition shorter than
+    ``MIN_KEYS_PER_SPLIT`` keys. ``blocks_per_sm`` is what the SM's *thread* limit allows (2048 /
+    128 = 16), not what the kernel's registers leave resident (3 for v2-v5, 4 for v6): so the rule
+    asks for ~5 waves of blocks, which is what the H100 sweep rewards — 1.3 waves (8 splits) was
+    26% slower than the best, 2.6 to 10 waves (16 to 64 splits) within 1%: with several waves,
+    partitions that finish early (ragged lengths, a last block's tail) leave no SM idle for long.
+    Powers of two because the benchmark sweeps them: the choice is always a configuration that
+    has been measured. Flash-decoding (Dao et al., 2023) and FlashAttention-2's split heuristic
+    reason alike: split only while the GPU is not yet full of work.
     """
     for name, value in (("base_blocks", base_blocks), ("num_sms", num_sms),
                         ("blocks_per_sm", blocks_per_sm)):
@@ -670,7 +687,7 @@ def device_num_splits(num_rows: int, num_q_heads: int, num_kv_heads: int, longes
                       version: int = DEFAULT_VERSION) -> int:
     """:func:`auto_num_splits` for a launch of ``version`` on this process's device. The simulator
     gets 1: it has no SMs to fill, and every partition costs it real time."""
-    if MODE != "gpu":
+    if MODE != "gpu" or num_rows == 0:
         return 1
     device = cuda.get_current_device()
     threads = THREADS_PER_BLOCK if version == 1 else WARP_THREADS
@@ -679,13 +696,21 @@ def device_num_splits(num_rows: int, num_q_heads: int, num_kv_heads: int, longes
                            device.MAX_THREADS_PER_MULTIPROCESSOR // threads)
 
 
-def _whole_words(pool: Any) -> bool:
-    """True when every row of ``pool`` is whole 8-byte words starting on an 8-byte boundary, as
-    v5's loads need (a GPU faults on a misaligned one). A pool kvlab allocates starts on a
-    256-byte boundary; a view of someone else's memory might not. The simulator has no pointers."""
+def _as_words(pool: Any) -> Any:
+    """``pool`` seen as uint64 words (a view), or None when v5 cannot read it that way: rows that
+    are not whole 8-byte words, a pool that is not on the device (Numba copies a host array in;
+    the kernels read any CUDA array), or one whose rows do not start on an 8-byte boundary (a GPU
+    faults on a misaligned 8-byte load; kvlab's pools start on 256-byte ones, a view into someone
+    else's buffer might not). The simulator has no pointers to check."""
     if (pool.shape[3] * pool.dtype.itemsize) % 8:
-        return False
-    return MODE != "gpu" or (pool.device_ctypes_pointer.value or 0) % 8 == 0
+        return None
+    if MODE == "gpu":
+        if not cuda.is_cuda_array(pool):
+            return None
+        pool = cuda.as_cuda_array(pool)
+        if (pool.device_ctypes_pointer.value or 0) % 8:
+            return None
+    return pool.view(np.uint64)
 
 
 def launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, context_lens,
@@ -716,13 +741,13 @@ def launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, contex
             query_start, np.float32(scale), np.int32(window), np.int32(causal))
     part_out = _workspace("part_out", (num_rows, num_q_heads, num_splits, head_dim), np.float32)
     part_lse = _workspace("part_lse", (num_rows, num_q_heads, num_splits), np.float32)
-    if version >= 5 and not (_whole_words(k_pool) and _whole_words(v_pool)):
-        version = 3  # rows that are not whole 8-byte words: v3, the same steps with narrow loads
+    words = (_as_words(k_pool), _as_words(v_pool)) if version >= 5 else (None, None)
+    if version >= 5 and any(w is None for w in words):
+        version = 3  # pools v5 cannot read as words: v3, the same steps with narrow loads
     if version == 1:
         paged_attention_split_kernel[(num_rows, heads, num_splits), THREADS_PER_BLOCK](
             *args, part_out, part_lse)
     elif version >= 5:  # the same pools seen as 8-byte words (a view: nothing is copied)
-        words = (k_pool.view(np.uint64), v_pool.view(np.uint64))
         WIDE_KERNELS[version, k_pool.dtype.itemsize][(num_rows, heads, num_splits), WARP_THREADS](
             args[0], *words, *args[3:], np.int32(lanes_per_key(head_dim)), part_out, part_lse)
     else:
