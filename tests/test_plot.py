@@ -18,6 +18,7 @@ from matplotlib.container import BarContainer  # noqa: E402
 
 from kvlab import get_model, list_models  # noqa: E402
 from kvlab import plot as kplot  # noqa: E402
+from kvlab.backends import cuda_mode  # noqa: E402
 from kvlab.memory import GIB, bytes_per_token, tokens_that_fit  # noqa: E402
 
 FITTING = ["qwen3-8b", "llama-3.2-1b", "gemma-3-27b"]  # weights fit on one 80 GiB card
@@ -397,6 +398,43 @@ def test_paging_figures_keep_global_state():
     kplot.plot_all_layouts(1, 8, 2)
     kplot.plot_waste_summary({"paged-16": 0.98})
     assert dict(matplotlib.rcParams) == before
+
+
+# --- notebook 05: which lane reads which dims ----------------------------------------------------
+
+@pytest.mark.parametrize("head_dim, lanes, dim_slots, elem_bytes", [
+    (128, 16, 8, 2), (128, 16, 8, 1), (256, 32, 8, 4), (80, 16, 8, 2), (64, 8, 8, None)])
+def test_lane_map_reads_every_dim_once(head_dim, lanes, dim_slots, elem_bytes):
+    dims = kplot.lane_map(head_dim, lanes, dim_slots, elem_bytes)
+    assert dims.shape == (lanes, dim_slots)
+    assert sorted(dims[dims >= 0]) == list(range(head_dim))
+    assert (dims >= 0).sum() == head_dim  # padding past head_dim is -1
+
+
+def test_lane_map_by_hand():
+    # v2-v4, 4 lanes: lane 1 holds dims 1, 5, 9; v5 with 2-byte elements (4 per word): lane 1
+    # holds word 1 (dims 4-7), then word 5 (dims 20-23)
+    assert kplot.lane_map(12, 4, 3)[1].tolist() == [1, 5, 9]
+    assert kplot.lane_map(32, 4, 8, elem_bytes=2)[1].tolist() == [4, 5, 6, 7, 20, 21, 22, 23]
+
+
+@pytest.mark.skipif(cuda_mode() != "simulator", reason="calls a device function from Python")
+def test_lane_map_is_the_kernels_own_index():
+    from kvlab.kernels.cuda.attention import _wide_dim
+
+    for head_dim, lanes, elem_bytes in ((128, 16, 2), (128, 16, 1), (256, 32, 4)):
+        per_word = 8 // elem_bytes
+        want = np.array([[_wide_dim(i, r, lanes, per_word) for i in range(8)]
+                         for r in range(lanes)])
+        assert np.array_equal(kplot.lane_map(head_dim, lanes, 8, elem_bytes), want)
+
+
+def test_plot_lane_map_brackets_each_load():
+    ax = kplot.plot_lane_map(head_dim=128, lanes=16, dim_slots=8, elem_bytes=2)
+    loads = [t.get_text() for t in ax.texts if t.get_text().startswith("load ")]
+    assert len(loads) == 8 + 2  # v2-v4: 8 loads of 2 B per lane; v5: 2 loads of 8 B
+    assert len(ax.patches) == 2 * 128
+    plt.close(ax.figure)
 
 
 # --- notebook 05: GPU results (data/bench/) --------------------------------------------------------

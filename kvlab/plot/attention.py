@@ -1,5 +1,6 @@
 """Figures of notebook 05 (decode attention): the attention weights laid over a block table, the
-split-K partitions and their merge, and a roofline placing each attention variant.
+split-K partitions and their merge, a roofline placing each attention variant, the measured kernel
+versions, and which lane of a warp reads which bytes of a key.
 
 Functions take plain numbers (weights, partition bounds, FLOPs and bytes already computed) and draw
 them; see :mod:`kvlab.plot` for the rules.
@@ -188,4 +189,62 @@ def plot_measured_roofline(result: dict, ax: Axes | None = None) -> Axes:
     ax.set_ylabel("achieved TFLOP/s")
     ax.set_title(f"decode attention roofline — {_label(result)}", fontsize=9)
     ax.legend(fontsize=6.5, loc="upper left")
+    return ax
+
+
+def lane_map(head_dim: int, lanes: int, dim_slots: int,
+             elem_bytes: int | None = None) -> np.ndarray:
+    """int ``[lanes, dim_slots]``: the dim of a key row that slot i of lane r holds in the warp
+    attention kernels, -1 past ``head_dim``. v2-v4 (``elem_bytes`` None) load element by element,
+    lane r taking every L-th dim: ``r + i L``. v5/v6 load 8-byte words of ``w = 8 / elem_bytes``
+    dims, lane r taking every L-th word: ``((i // w) L + r) w + i % w`` (the kernels'
+    ``_wide_dim``)."""
+    r = np.arange(lanes)[:, None]
+    i = np.arange(dim_slots)[None, :]
+    if elem_bytes is None:
+        dims = r + i * lanes
+    else:
+        per_word = 8 // elem_bytes
+        dims = ((i // per_word) * lanes + r) * per_word + i % per_word
+    return np.where(dims < head_dim, dims, -1)
+
+
+def plot_lane_map(head_dim: int = 128, lanes: int = 16, dim_slots: int = 8, elem_bytes: int = 2,
+                  ax: Axes | None = None) -> Axes:
+    """One key row of ``head_dim`` elements of ``elem_bytes`` each, as the L lanes that share the
+    key read it: the colour is the lane, the brackets the load instructions (one instruction of
+    all L lanes reads the stretch it spans). Top: v2-v4, one element per lane and instruction;
+    bottom: v5/v6, one 8-byte word per lane and instruction. Defaults: head_dim 128, fp16, the 16
+    lanes per key of a GPU launch."""
+    per_word = 8 // elem_bytes
+    ax = new_axes(ax, (10, 2.6))
+    strips = [(f"v2-v4: {dim_slots} loads of {elem_bytes} B per lane",
+               lane_map(head_dim, lanes, dim_slots), 1),
+              (f"v5/v6: {dim_slots // per_word} loads of 8 B per lane",
+               lane_map(head_dim, lanes, dim_slots, elem_bytes), per_word)]
+    colors = plt.get_cmap("tab20").colors
+    for row, (label, dims, per_load) in enumerate(reversed(strips)):
+        y = 1.5 * row
+        lane_of = np.full(head_dim, -1)
+        load_of = np.full(head_dim, -1)
+        for lane in range(lanes):
+            for slot in range(dims.shape[1]):
+                if dims[lane, slot] >= 0:
+                    lane_of[dims[lane, slot]] = lane
+                    load_of[dims[lane, slot]] = slot // per_load
+        for d in range(head_dim):
+            ax.add_patch(plt.Rectangle((d, y + 0.3), 1, 0.6, lw=0,
+                                       color=colors[lane_of[d] % len(colors)]))
+        for load in range(load_of.max() + 1):
+            covered = np.flatnonzero(load_of == load)
+            first, last = covered.min(), covered.max() + 1
+            ax.plot([first + 0.3, last - 0.3], [y + 0.2, y + 0.2], color=COLOR_REFERENCE, lw=2)
+            ax.text((first + last) / 2, y + 0.05, f"load {load}", ha="center", va="top",
+                    fontsize=7)
+        ax.text(0, y + 0.95, label, fontsize=8, va="bottom")
+    ax.set_xlim(0, head_dim)
+    ax.set_ylim(-0.3, 2.75)
+    ax.set_yticks([])
+    ax.set_xlabel(f"dim of one key row (head_dim {head_dim}, {elem_bytes}-byte elements); "
+                  f"colour: which of the {lanes} lanes reads it")
     return ax
