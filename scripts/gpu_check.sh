@@ -2,11 +2,15 @@
 # Every GPU check of kvlab in one device call (issue 9): the card, the attention and fused-write
 # kernels' registers/shared/local memory, `pytest -m gpu` (first: it runs every kernel version
 # against NumPy), `python -m kvlab bench --size real`,
-# then compute-sanitizer memcheck, racecheck and initcheck over the `sanitize`-marked tests.
+# compute-sanitizer memcheck over the `sanitize`-marked tests, an Nsight Compute profile of the
+# attention (v2, v5, v6) and fused-write kernels (scripts/profile_kernels.py; skipped without
+# ncu), then racecheck and initcheck.
 # Run from the project root with .gpu/ prepared by ../shared/gpu/prepare.sh (the numpy<2.5 wheel):
 #     bash scripts/gpu_check.sh        (device tool: carry [".gpu"])
-# Logs go to $OUT (8 files, the device tool's limit): gpu.txt resources.json bench.txt bench.json
-# gpu_tests.log memcheck.log racecheck.log initcheck.log
+# Logs go to $OUT (7 files; the device tool returns at most 8): gpu.txt resources.json
+# gpu_tests.log bench.txt bench.json ncu.csv sanitize.log (memcheck, racecheck, initcheck).
+# Step timeouts add to ~710 s; the first run (fewer tests and rows) took 174 s. Give the device
+# call timeout_s ~540: the steps run in order of importance, and $OUT comes back even if cut.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -27,12 +31,22 @@ step bench
 timeout 200 python3 -m kvlab bench --backend cuda --size real --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "rc=$?"; grep -vE '^\s*$' "$OUT/bench.txt" | grep -vE 'kvlab bench: ' | cut -c1-230 | tail -60
 step memcheck
-timeout 80 compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -q -p no:cacheprovider tests > "$OUT/memcheck.log" 2>&1
-echo "rc=$?"; tail -4 "$OUT/memcheck.log"
+{ echo "### memcheck"; timeout 80 compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -q -p no:cacheprovider tests; echo "rc=$?"; } > "$OUT/sanitize.log" 2>&1
+tail -4 "$OUT/sanitize.log"
+step "ncu profile"
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  timeout 100 "$NCU" --profile-from-start off --kernel-name regex:'warp_attention|fused_write_kernel' \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis --csv --page details python3 scripts/profile_kernels.py > "$OUT/ncu.csv" 2>&1
+  echo "rc=$?"; grep -E 'Duration|Achieved Occupancy|Memory Throughput|Registers Per|ERR' "$OUT/ncu.csv" | cut -c1-200 | head -30
+else
+  echo "ncu not found: no profile" | tee "$OUT/ncu.csv"
+fi
 step racecheck
-timeout 60 compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests > "$OUT/racecheck.log" 2>&1
-echo "rc=$?"; tail -4 "$OUT/racecheck.log"
+{ echo "### racecheck"; timeout 50 compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests; echo "rc=$?"; } >> "$OUT/sanitize.log" 2>&1
+tail -3 "$OUT/sanitize.log"
 step initcheck
-timeout 60 compute-sanitizer --tool initcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests > "$OUT/initcheck.log" 2>&1
-echo "rc=$?"; tail -4 "$OUT/initcheck.log"
+{ echo "### initcheck"; timeout 50 compute-sanitizer --tool initcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests; echo "rc=$?"; } >> "$OUT/sanitize.log" 2>&1
+tail -3 "$OUT/sanitize.log"
 step done
