@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU check of kvlab in one device call (issue 9): the card, the attention and fused-write
 # kernels' registers/shared/local memory, `pytest -m gpu` (first: it runs every kernel version
-# against NumPy), `python -m kvlab bench --size real`,
-# compute-sanitizer memcheck over the `sanitize`-marked tests, an Nsight Compute profile of the
-# attention (v2, v5, v6) and fused-write kernels (scripts/profile_kernels.py; skipped without
-# ncu), then racecheck and initcheck.
+# against NumPy), `python -m kvlab bench --size real`, the public ops' host-side costs part by
+# part (scripts/profile_kernels.py --host), compute-sanitizer memcheck over the `sanitize`-marked
+# tests, an Nsight Compute profile of the attention (v2, v5, v6) and fused-write kernels
+# (scripts/profile_kernels.py; skipped without ncu), then racecheck and initcheck.
 # Run from the project root with .gpu/ prepared by ../shared/gpu/prepare.sh (the numpy<2.5 wheel):
 #     bash scripts/gpu_check.sh        (device tool: carry [".gpu"])
-# Logs go to $OUT (7 files; the device tool returns at most 8): gpu.txt resources.json
-# gpu_tests.log bench.txt bench.json ncu.csv sanitize.log (memcheck, racecheck, initcheck).
-# Step timeouts add to ~710 s; the first run (fewer tests and rows) took 174 s. Give the device
+# Logs go to $OUT (8 files, the device tool's limit): gpu.txt resources.json gpu_tests.log
+# bench.txt bench.json host_overhead.txt ncu.csv sanitize.log (memcheck, racecheck, initcheck).
+# Step timeouts add to ~770 s; the first run (fewer tests and rows) took 174 s. Give the device
 # call timeout_s ~540: the steps run in order of importance, and $OUT comes back even if cut.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -30,6 +30,9 @@ echo "rc=$?"; tail -15 "$OUT/gpu_tests.log"
 step bench
 timeout 200 python3 -m kvlab bench --backend cuda --size real --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "rc=$?"; grep -vE '^\s*$' "$OUT/bench.txt" | grep -vE 'kvlab bench: ' | cut -c1-230 | tail -60
+step "host overhead"
+timeout 60 python3 scripts/profile_kernels.py --host > "$OUT/host_overhead.txt" 2>&1
+echo "rc=$?"; cut -c1-120 "$OUT/host_overhead.txt" | tail -12
 step memcheck
 { echo "### memcheck"; timeout 80 compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -q -p no:cacheprovider tests; echo "rc=$?"; } > "$OUT/sanitize.log" 2>&1
 tail -4 "$OUT/sanitize.log"

@@ -28,6 +28,8 @@ def test_profile_script_launches_run_on_the_simulator():
     outs = [be.to_numpy(run()) for run in attention]
     for out in outs[1:]:  # every version computes the same attention
         np.testing.assert_allclose(out, outs[0], rtol=1e-5, atol=1e-6)
+    heads = shape["num_kv_heads"] * shape["group"]
     for run in fused:
-        assert be.to_numpy(run()).shape == (shape["prefill"], shape["num_kv_heads"] * shape["group"],
-                                            shape["head_dim"])
+        assert be.to_numpy(run()).shape == (shape["prefill"], heads, shape["head_dim"])
+    rows = script.host_overhead(be, rng, shape, num_splits=2, repeats=1)
+    assert len(rows) == 9 and all(us > 0 for _, us in rows), rows
