@@ -558,18 +558,21 @@ def bench_fused_write(ctx: Ctx) -> None:
     ctx.pair("fused_write", "fused paged_write (qk_mode 1, Qwen3 norm)", shape,
              traffic(1, "fused"), fused(1))
     if ctx.backend.name == "cuda":
-        from kvlab.kernels.cuda.fused_write import TOKENS_PER_BLOCK
+        from kvlab.kernels.cuda.fused_write import PAIRS_IN_REGISTERS, TOKENS_PER_BLOCK
 
         # kernels against kernels: the public ops above each check their arguments on the host
         unfused_alone = ctx.run("fused_write", "unfused kernels alone (qk_mode 2)", ctx.impl,
                                 ctx.timer, _unfused_kernels_only(ctx, pre), shape,
                                 traffic(2, "unfused"), baseline=base)
-        for tokens in TOKENS_SWEEP[ctx.preset]:
-            kernel = ctx.run("fused_write", f"fused kernel alone (qk_mode 2) tokens/block={tokens}",
-                             ctx.impl, ctx.timer, _fused_kernel_only(ctx, pre, hq, h, tokens),
-                             shape, traffic(2, "fused"), baseline=unfused_alone)
-            if tokens == TOKENS_PER_BLOCK:
-                ctx.compare(mine, kernel)  # < 1: what the op's checks and small copies cost
+        for registers in (False, True):  # v3: heads carried in registers (no shared memory)
+            for tokens in TOKENS_SWEEP[ctx.preset]:
+                name = f"fused kernel alone (qk_mode 2) tokens/block={tokens}" + (
+                    " in registers" if registers else "")
+                kernel = ctx.run("fused_write", name, ctx.impl, ctx.timer,
+                                 _fused_kernel_only(ctx, pre, hq, h, tokens, registers), shape,
+                                 traffic(2, "fused"), baseline=unfused_alone)
+                if (tokens, registers) == (TOKENS_PER_BLOCK, PAIRS_IN_REGISTERS):
+                    ctx.compare(mine, kernel)  # < 1: what the op's checks and small copies cost
 
 
 def _unfused_kernels_only(ctx: Ctx, pre: dict[str, Any]) -> Callable[[], Any]:
@@ -608,7 +611,7 @@ def _unfused_kernels_only(ctx: Ctx, pre: dict[str, Any]) -> Callable[[], Any]:
 
 
 def _fused_kernel_only(ctx: Ctx, pre: dict[str, Any], hq: int, h: int,
-                       tokens_per_block: int) -> Callable[[], Any]:
+                       tokens_per_block: int, registers: bool) -> Callable[[], Any]:
     """kvlab.kernels.cuda.fused_write.launch on arguments checked once, outside the timing."""
     from kvlab.checks import check_fused_write
     from kvlab.kernels.cuda import fused_write
@@ -623,7 +626,7 @@ def _fused_kernel_only(ctx: Ctx, pre: dict[str, Any], hq: int, h: int,
                               EPS, 2, None, None, None)
     return lambda: fused_write.launch(qkv, None, None, cos, sin, kp, vp, None, None, table,
                                       starts, offsets, shape, EPS, 2, None, True,
-                                      tokens_per_block)
+                                      tokens_per_block, registers)
 
 
 def bench_attention(ctx: Ctx) -> None:

@@ -8,9 +8,10 @@
 Every kernel is compiled and run once first (outside the profiled range: Numba compiles on the
 first launch), then ``cuda.profile_start()`` opens the range and each kernel runs exactly once:
 paged decode attention v2, v5 and v6 at 16 splits (8 x 32k cached tokens, 8 kv heads, GQA 4,
-head_dim 128, fp16, the bench's ``--size real``) and the fused write at 1 and 16 tokens per block
-(a 4k-token prefill, qk_mode 2). What the profiler reports — achieved occupancy, memory
-throughput, why warps stall — is what notebook 05 needs to say what limits each kernel.
+head_dim 128, fp16, the bench's ``--size real``) and the fused write at 1 and 16 tokens per block,
+and at 16 with heads in registers (a 4k-token prefill, qk_mode 2). What the profiler reports —
+achieved occupancy, memory throughput, why warps stall — is what notebooks 04 and 05 need to say
+what limits each kernel.
 scripts/gpu_check.sh runs this under ncu when ncu is installed. Needs a GPU.
 
 ``--host``: on the H100 (2026-11-27) the public fused write took 1.74 ms against 0.81 ms for its
@@ -36,7 +37,7 @@ from kvlab.ref.rope import rope_tables
 
 SPLITS = 16
 ATTENTION_VERSIONS = (2, 5, 6)
-TOKENS_PER_BLOCK = (1, 16)
+FUSED_SETTINGS = ((1, False), (16, False), (16, True))  # (tokens per block, pairs in registers)
 
 
 def attention_arrays(be, rng: np.random.Generator, shape: dict) -> tuple:
@@ -90,14 +91,14 @@ def fused_write_setup(be, rng: np.random.Generator, shape: dict) -> SimpleNamesp
 
 
 def fused_write_launches(be, rng: np.random.Generator, shape: dict) -> list:
-    """One launch of the fused-write kernel per TOKENS_PER_BLOCK (arguments checked once)."""
+    """One launch of the fused-write kernel per FUSED_SETTINGS (arguments checked once)."""
     from kvlab.kernels.cuda import fused_write
 
     f = fused_write_setup(be, rng, shape)
-    return [lambda n=n: fused_write.launch(f.qkv, None, None, f.cos, f.sin, f.k_pool, f.v_pool,
-                                           None, None, f.table_2d, f.starts, f.offsets,
-                                           f.checked, EPS, 2, None, True, n)
-            for n in TOKENS_PER_BLOCK]
+    return [lambda n=n, r=r: fused_write.launch(f.qkv, None, None, f.cos, f.sin, f.k_pool,
+                                                f.v_pool, None, None, f.table_2d, f.starts,
+                                                f.offsets, f.checked, EPS, 2, None, True, n, r)
+            for n, r in FUSED_SETTINGS]
 
 
 def _host_us(fn, repeats: int) -> float:
@@ -188,7 +189,7 @@ def main() -> None:
     cuda.synchronize()
     cuda.profile_stop()
     print(f"profiled attention v{ATTENTION_VERSIONS} at {SPLITS} splits and the fused write at "
-          f"{TOKENS_PER_BLOCK} tokens per block, shape {shape}")
+          f"(tokens per block, in registers) {FUSED_SETTINGS}, shape {shape}")
 
 
 if __name__ == "__main__":

@@ -130,27 +130,39 @@ def test_gpu_paged_write_equals_unfused_every_case(qk_mode, cid, tokens, hq, hkv
                                     pos_offset, dtype, kv_dtype, sim)
 
 
-@pytest.mark.parametrize("tokens_per_block, kv_dtype", [(1, None), (3, "int8")])
-def test_cuda_kernel_tokens_per_block(tokens_per_block, kv_dtype, tokens=7, hq=2, hkv=1, d=32):
-    """The CUDA kernel's blocks carry several tokens each (1 = the first version, a block per
-    token and head): 7 tokens, 3 to a block, end in a partial block. (The public op's default,
-    TOKENS_PER_BLOCK, runs in every other test.)"""
+@pytest.mark.parametrize("tokens_per_block, kv_dtype, qk_mode, registers", [
+    (1, None, 1, False), (3, "int8", 1, False),
+    # v3, heads carried in registers: RoPE-only and copied heads, float and quantized caches
+    (3, None, 2, True), (1, None, 3, True), (3, None, 0, True), (3, "int8", 2, True),
+    (1, "fp8_e4m3", 1, True), (3, None, 1, True)])
+def test_cuda_kernel_steps(tokens_per_block, kv_dtype, qk_mode, registers):
+    """The CUDA kernel's steps, bit-equal to the unfused ops: blocks that carry several tokens
+    each (1 = the first version, a block per token and head; 7 tokens, 3 to a block, end in a
+    partial block) and heads carried in registers (``pairs_in_registers``). (The public op's
+    defaults, TOKENS_PER_BLOCK and PAIRS_IN_REGISTERS, run in every other test.)"""
+    check_kernel_steps(tokens_per_block, kv_dtype, qk_mode, registers, tokens=7, hq=2, hkv=1,
+                       d=32)
+
+
+def check_kernel_steps(tokens_per_block, kv_dtype, qk_mode, registers, tokens, hq, hkv, d):
+    """kvlab.kernels.cuda.fused_write.launch with these settings == the unfused ops."""
     from kvlab.checks import check_fused_write
     from kvlab.kernels.cuda import fused_write
     from kvlab.ref.fused_write import _one_sequence
 
     case = make_case(tokens, hq, hkv, d, 5, kv_dtype=kv_dtype, seed=5)
-    want = unfused(case, 1)
+    want = unfused(case, qk_mode)
     gpu = get_backend("cuda")
     a = {k: (gpu.asarray(v) if k in ARRAYS and v is not None else v) for k, v in case.items()}
     table, starts, offsets = (gpu.asarray(x) for x in
                               _one_sequence(case["qkv"], case["block_table"], case["pos_offset"]))
     shape = check_fused_write(a["qkv"], a["q_norm_w"], a["k_norm_w"], a["cos"], a["sin"],
-                              a["k_pool"], a["v_pool"], table, starts, offsets, hq, hkv, 1e-6, 1,
-                              a["k_scales"], a["v_scales"], kv_dtype)
+                              a["k_pool"], a["v_pool"], table, starts, offsets, hq, hkv, 1e-6,
+                              qk_mode, a["k_scales"], a["v_scales"], kv_dtype)
     q = fused_write.launch(a["qkv"], a["q_norm_w"], a["k_norm_w"], a["cos"], a["sin"],
                            a["k_pool"], a["v_pool"], a["k_scales"], a["v_scales"], table, starts,
-                           offsets, shape, 1e-6, 1, kv_dtype, True, tokens_per_block)
+                           offsets, shape, 1e-6, qk_mode, kv_dtype, True, tokens_per_block,
+                           registers)
     got = {k: gpu.to_numpy(a[k]) for k in ("k_pool", "v_pool", "k_scales", "v_scales")
            if a[k] is not None}
     got["q_out"] = gpu.to_numpy(q)
@@ -160,11 +172,13 @@ def test_cuda_kernel_tokens_per_block(tokens_per_block, kv_dtype, tokens=7, hq=2
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens_per_block", [4, 8, 32])
 @pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8_e4m3"])
-def test_gpu_kernel_tokens_per_block_at_prefill_size(tokens_per_block, kv_dtype):
-    """The bench's candidates for TOKENS_PER_BLOCK, bit-equal to the unfused path on a GPU:
-    1,000 tokens (not a multiple of any of them), Qwen3-8B-like heads."""
-    test_cuda_kernel_tokens_per_block(tokens_per_block, kv_dtype, tokens=1000, hq=32, hkv=8,
-                                      d=128)
+@pytest.mark.parametrize("qk_mode, registers", [(1, False), (1, True), (2, True)])
+def test_gpu_kernel_tokens_per_block_at_prefill_size(tokens_per_block, kv_dtype, qk_mode,
+                                                     registers):
+    """The bench's candidates for TOKENS_PER_BLOCK and PAIRS_IN_REGISTERS, bit-equal to the
+    unfused path on a GPU: 1,000 tokens (not a multiple of any of them), Qwen3-8B-like heads."""
+    check_kernel_steps(tokens_per_block, kv_dtype, qk_mode, registers, tokens=1000, hq=32,
+                       hkv=8, d=128)
 
 
 def test_partial_rotary_and_unshuffled_table(backend):

@@ -24,7 +24,7 @@ def test_profile_script_launches_run_on_the_simulator():
     attention = script.attention_launches(be, rng, shape, num_splits=2)
     fused = script.fused_write_launches(be, rng, shape)
     assert len(attention) == len(script.ATTENTION_VERSIONS)
-    assert len(fused) == len(script.TOKENS_PER_BLOCK)
+    assert len(fused) == len(script.FUSED_SETTINGS)
     outs = [be.to_numpy(run()) for run in attention]
     for out in outs[1:]:  # every version computes the same attention
         np.testing.assert_allclose(out, outs[0], rtol=1e-5, atol=1e-6)

@@ -25,6 +25,12 @@ For each row t its threads::
                  .quant), scale = max(amax, 1e-8) / qmax, thread 0 stores fp16(scale), every
                  thread encodes its d's
 
+Steps 1-4 pass through shared memory with a barrier between them, because the norm's sum and the
+amax need every thread's values. A head that needs neither — a RoPE-only Q or K head into a float
+cache, any V head, qk_mode 0 — can skip all that (``pairs_in_registers``, the third version):
+thread i loads its pairs p = i, i + B, ... straight from qkv, rotates them and stores them,
+with no barrier between tokens either (``_rope_pair`` is the one pair step both paths share).
+
 Each step is the reference's float32 operation in the reference's order (the tree sum included),
 and RoPE's products go through ``mul_rn`` (no FMA contraction on a GPU), so the simulator and a
 GPU match NumPy bit for bit.
@@ -56,6 +62,10 @@ THREADS_PER_BLOCK = 128 if MODE == "gpu" else 16
 # passes the simulator and is expected to cut the block-scheduling cost, but awaits a GPU run
 # (scripts/gpu_check.sh sweeps 1-32) before it becomes the default.
 TOKENS_PER_BLOCK = 1
+# v3: heads with nothing to share between threads (no norm, no quantized store) skip shared memory
+# and barriers (see the kernel). Off in the public ops until a GPU has measured it (the simulator
+# and the PTX compile have checked it; scripts/gpu_check.sh measures both settings).
+PAIRS_IN_REGISTERS = False
 MAX_HEAD_DIM = 512  # the shared buffers' size: one head of up to 512 dims
 
 AMAX_FLOOR = np.float32(1e-8)
@@ -75,7 +85,7 @@ def _signatures() -> tuple[str, ...]:
                 f"{pool}[:, :, :, ::1], {pool}[:, :, :, ::1], float16[:, :, ::1], "
                 f"float16[:, :, ::1], int32[:, ::1], int32[::1], int32[::1], int64, int64, "
                 f"float32, int64, int64, boolean, boolean, float32, {x}[:, :, ::1], float32, "
-                f"boolean, int32[::1], int64)")
+                f"boolean, int32[::1], int64, boolean)")
     return tuple(out)
 
 
@@ -83,6 +93,35 @@ def _signatures() -> tuple[str, ...]:
 #
 # RoPE's products go through ``mul_rn`` (kvlab.kernels.cuda): no FMA contraction on a GPU, so the
 # fused kernel rounds exactly where the reference does.
+
+
+@cuda.jit(device=True, inline="always")
+def _rope_pair(src, base, p, half, qk_mode, pos, cos, sin, is_half):
+    """Pair ``p`` of a head whose dims start at ``src[base]``: its dims ``(i, j)`` and their values
+    after RoPE, rounded to the input's dtype once. Rotate-half pairs ``(p, p + half)``, interleaved
+    ones ``(2p, 2p + 1)``; past rotary_dim (``p >= half``) neighbours pass through unrotated."""
+    if p < half:
+        if qk_mode == 3:  # interleaved: neighbours
+            i = 2 * p
+            j = i + 1
+        else:  # rotate-half
+            i = p
+            j = p + half
+        c = cos[pos, p]
+        s = sin[pos, p]
+        a = float32(src[base + i])
+        b = float32(src[base + j])
+        out_i = mul_rn(a, c) - mul_rn(b, s)
+        out_j = mul_rn(b, c) + mul_rn(a, s)
+    else:  # pass-through dims beyond rotary_dim
+        i = 2 * half + 2 * (p - half)
+        j = i + 1
+        out_i = float32(src[base + i])
+        out_j = float32(src[base + j])
+    if is_half:
+        out_i = float32(float16(out_i))
+        out_j = float32(float16(out_j))
+    return i, j, out_i, out_j
 
 
 @cuda.jit(device=True, inline="always")
@@ -119,7 +158,7 @@ def _store(res, head_dim, pool, scales, block, offset, head, cache_kind, qmax, p
 def fused_write_kernel(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales,
                        block_tables, query_start, pos_offsets, num_q_heads, num_kv_heads, eps,
                        qk_mode, cache_kind, paged, is_half, qmax, q_out, max_input, check_only,
-                       flag, tokens_per_block):
+                       flag, tokens_per_block, pairs_in_registers):
     row = cuda.blockIdx.y  # which head of the packed row: Q heads, then K, then V
     tid = cuda.threadIdx.x
     step = cuda.blockDim.x
@@ -127,18 +166,53 @@ def fused_write_kernel(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scal
     buf = cuda.shared.array(MAX_HEAD_DIM, np.float32)
     res = cuda.shared.array(MAX_HEAD_DIM, np.float32)
     partial = cuda.shared.array(THREADS_PER_BLOCK, np.float32)
+    is_v = row >= num_q_heads + num_kv_heads
+    rotate = qk_mode != 0 and not is_v
+    # v3: a head that needs neither the norm's sum nor a quantized store's amax (a RoPE-only Q or
+    # K head into a float cache, a V head, qk_mode 0) has nothing to share between threads: each
+    # thread carries its pairs from qkv to their destination in registers, no barrier at all.
+    direct = pairs_in_registers and not check_only and not (qk_mode == 1 and rotate) and (
+        row < num_q_heads or cache_kind == 0)
 
     # v2: a block carries `tokens_per_block` tokens of its head, one after another: a block per
     # (token, head) made the GPU schedule ~200k tiny blocks for a 4k-token prefill (v1: 1 token)
     first = cuda.blockIdx.x * tokens_per_block
     for token in range(first, min(first + tokens_per_block, query_start[query_start.shape[0] - 1])):
-        cuda.syncthreads()  # the previous token is done with buf, res and partial
+        if not direct:
+            cuda.syncthreads()  # the previous token is done with buf, res and partial
         seq = 0  # this token's sequence: few sequences, so a walk is simpler than a search
         while token >= query_start[seq + 1]:
             seq += 1
         pos = pos_offsets[seq] + token - query_start[seq]
-        is_v = row >= num_q_heads + num_kv_heads
-        rotate = qk_mode != 0 and not is_v
+        if paged:  # where K and V go
+            block_size = k_pool.shape[1]
+            block = block_tables[seq, pos // block_size]
+            offset = pos % block_size
+        else:  # a contiguous cache: capacity blocks of one slot
+            block = pos
+            offset = 0
+
+        if direct:
+            base = row * head_dim
+            dst = v_pool if is_v else k_pool
+            head = row - num_q_heads - (num_kv_heads if is_v else 0)
+            if rotate:
+                for p in range(tid, head_dim // 2, step):
+                    i, j, out_i, out_j = _rope_pair(qkv[token], base, p, cos.shape[1], qk_mode,
+                                                    pos, cos, sin, is_half)
+                    if row < num_q_heads:
+                        q_out[token, row, i] = out_i
+                        q_out[token, row, j] = out_j
+                    else:
+                        dst[block, offset, head, i] = out_i
+                        dst[block, offset, head, j] = out_j
+            else:
+                for d in range(tid, head_dim, step):
+                    if row < num_q_heads:
+                        q_out[token, row, d] = qkv[token, base + d]
+                    else:
+                        dst[block, offset, head, d] = qkv[token, base + d]
+            continue
 
         # 1. load one head of the packed row (each thread keeps the d's it loaded until step 3)
         for d in range(tid, head_dim, step):
@@ -169,29 +243,9 @@ def fused_write_kernel(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scal
 
         # 3. rotate pairs (or copy), rounding to qkv's dtype once
         if rotate:
-            half = cos.shape[1]  # rotary_dim / 2
             for p in range(tid, head_dim // 2, step):
-                if p < half:
-                    if qk_mode == 3:  # interleaved: neighbours
-                        i = 2 * p
-                        j = i + 1
-                    else:  # rotate-half
-                        i = p
-                        j = p + half
-                    c = cos[pos, p]
-                    s = sin[pos, p]
-                    a = buf[i]
-                    b = buf[j]
-                    out_i = mul_rn(a, c) - mul_rn(b, s)
-                    out_j = mul_rn(b, c) + mul_rn(a, s)
-                else:  # pass-through dims beyond rotary_dim
-                    i = 2 * half + 2 * (p - half)
-                    j = i + 1
-                    out_i = buf[i]
-                    out_j = buf[j]
-                if is_half:
-                    out_i = float32(float16(out_i))
-                    out_j = float32(float16(out_j))
+                i, j, out_i, out_j = _rope_pair(buf, 0, p, cos.shape[1], qk_mode, pos, cos, sin,
+                                                is_half)
                 res[i] = out_i
                 res[j] = out_j
         else:
@@ -214,13 +268,6 @@ def fused_write_kernel(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scal
             for d in range(tid, head_dim, step):
                 q_out[token, row, d] = res[d]
             continue
-        if paged:
-            block_size = k_pool.shape[1]
-            block = block_tables[seq, pos // block_size]
-            offset = pos % block_size
-        else:  # a contiguous cache: capacity blocks of one slot
-            block = pos
-            offset = 0
         if is_v:
             _store(res, head_dim, v_pool, v_scales, block, offset, row - num_q_heads - num_kv_heads,
                    cache_kind, qmax, partial)
@@ -265,11 +312,12 @@ def _dummy(kind: str) -> Any:
 
 def launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales, block_tables,
            query_start, pos_offsets, shape, eps, qk_mode, kv_dtype, paged,
-           tokens_per_block=TOKENS_PER_BLOCK) -> Any:
+           tokens_per_block=TOKENS_PER_BLOCK, pairs_in_registers=PAIRS_IN_REGISTERS) -> Any:
     """The kernel on arguments **already checked** (``shape`` from
     :func:`kvlab.checks.check_fused_write`); returns q_out. Public so that the benchmark can time
-    the kernel alone (and ``tokens_per_block`` = 1, the first version: a block per token and
-    head)."""
+    the kernel alone and compare its steps: ``tokens_per_block`` (1, the first version: a block
+    per token and head) and ``pairs_in_registers`` (v3: heads with nothing to share skip shared
+    memory and barriers)."""
     if isinstance(tokens_per_block, bool) or not isinstance(tokens_per_block, int) \
             or tokens_per_block < 1:
         raise ValueError(f"tokens_per_block must be an int >= 1, got {tokens_per_block!r}")
@@ -303,7 +351,7 @@ def launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales
             query_start, pos_offsets, shape.num_q_heads, shape.num_kv_heads, np.float32(eps),
             qk_mode, CACHE_KIND[kv_dtype], paged, qkv.dtype == np.float16,
             QMAX.get(kv_dtype, ONE), q_out, np.float32(max_input), check_only, flag,
-            tokens_per_block)
+            tokens_per_block, bool(pairs_in_registers))
 
     flag = _dummy("flag")  # read only by a dry run, which gets a fresh one
     if shape.kv_dtype is not None:  # the dry run first: nothing is written if it flags
