@@ -422,8 +422,8 @@ def _unpack(kind, elem_bytes, words, out, lane, lanes, head_dim):
             x = _half_from_bits(bits)
         elif kind == KIND_FP8:
             x = _fp8_e4m3_decode(np.uint8(bits))
-        else:                                   # int8: the byte's two's-complement value
-            x = np.float32(np.int32(bits ^ np.uint64(0x80)) - 128)
+        else:                                   # int8: the byte read as a signed one
+            x = np.float32(np.int8(bits))
         out[i] = x if _wide_dim(i, lane, lanes, per_word) < head_dim else ZERO
 
 

@@ -29,7 +29,7 @@ from kvlab.checks import (
     raise_for_values,
     table_shape,
 )
-from kvlab.kernels.cuda import MODE, cuda, kernel
+from kvlab.kernels.cuda import MODE, cuda, float_from_bits, kernel
 
 # Threads per block, a power of two. The simulator runs each thread as a Python thread, so it
 # gets fewer: its strided loops then take several turns per vector, as a GPU's do for D > 128.
@@ -44,9 +44,7 @@ ZERO, ONE, TWO, SIXTEEN = np.float32(0.0), np.float32(1.0), np.float32(2.0), np.
 FP8_SUBNORMAL_STEP = np.float32(2.0**-9)  # E4M3 subnormals are multiples of 2**-9
 FP8_FIRST_POWER = np.float32(2.0**-5)     # the smallest power of two above the subnormal range
 FP8_NAN = np.float32(np.nan)
-# 2**(max(e, 1) - 10) for each 4-bit exponent field e: the decode's power of two, looked up (a loop
-# doubling e - 1 times made the decode's cost depend on the data)
-FP8_EXPONENT_SCALE = np.array([2.0 ** (max(e, 1) - 10) for e in range(16)], np.float32)
+TWO_POW_120 = np.float32(2.0 ** 120)  # float32's exponent bias 127 - E4M3's 7
 
 _INPUTS = ("float16", "float32")  # K and V arrive as either
 
@@ -124,15 +122,17 @@ def _fp8_e4m3_encode(y):
 
 @cuda.jit(device=True, inline="always")
 def _fp8_e4m3_decode(code):
-    """The float32 value of an E4M3FN byte (as kvlab.ref.quant.fp8_e4m3_decode)."""
+    """The float32 value of an E4M3FN byte (as kvlab.ref.quant.fp8_e4m3_decode), by bits: the
+    code's 4 exponent and 3 mantissa bits shifted into float32's exponent and mantissa fields
+    make a float32 worth the value x 2^-120 — exact for normal and subnormal codes alike — so one
+    multiply by 2^120 finishes it. (The first decode looped once per exponent step, a cost that
+    depended on the data; the second looked the power of two up in a table, which Numba puts in
+    constant memory, where a warp whose lanes read different entries waits for each in turn.)"""
     c = np.int32(code)
-    exponent = (c >> 3) & 15
-    mantissa = c & 7
     if (c & 127) == 127:
         magnitude = FP8_NAN
-    else:  # m * 2**-9 (subnormal, e = 0) or (8 + m) * 2**(e - 10): one exact multiply, no loop
-        significand = mantissa + 8 if exponent > 0 else mantissa
-        magnitude = np.float32(significand) * FP8_EXPONENT_SCALE[exponent]
+    else:
+        magnitude = float_from_bits((c & 127) << 20) * TWO_POW_120
     if c >= 128:
         magnitude = -magnitude
     return magnitude
