@@ -20,3 +20,13 @@ def test_dtype_name_of_dtypes_and_arrays(x, name):
 def test_dtype_name_of_a_cuda_device_array():
     cu = get_backend("cuda")
     assert dtype_name(cu.asarray(np.zeros(3, np.float16))) == "float16"
+
+
+def test_check_unique_names_each_repeated_value_once():
+    from kvlab.checks import _check_unique
+
+    for ok in (np.array([], np.int64), np.array([5]), np.arange(10)[::-1]):
+        _check_unique("slots", ok, "one token per slot")
+    with pytest.raises(ValueError, match=r"slots must not repeat \(one token per slot\), got "
+                                         r"duplicates \[3, 7\]$"):
+        _check_unique("slots", np.array([7, 3, 1, 7, 3, 3]), "one token per slot")
