@@ -29,19 +29,20 @@ timeout 170 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests > "$OUT/gp
 echo "rc=$?"; tail -15 "$OUT/gpu_tests.log"
 step bench
 timeout 200 python3 -m kvlab bench --backend cuda --size real --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
-echo "rc=$?"; grep -vE '^\s*$' "$OUT/bench.txt" | grep -vE 'kvlab bench: ' | cut -c1-230 | tail -60
+echo "rc=$?"; grep -vE '^\s*$' "$OUT/bench.txt" | grep -vE 'kvlab bench: ' | cut -c1-230 | tail -90
 step "host overhead"
-timeout 60 python3 scripts/profile_kernels.py --host > "$OUT/host_overhead.txt" 2>&1
+timeout 90 python3 scripts/profile_kernels.py --host > "$OUT/host_overhead.txt" 2>&1
 echo "rc=$?"; cut -c1-120 "$OUT/host_overhead.txt" | tail -12
 step memcheck
 { echo "### memcheck"; timeout 80 compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -q -p no:cacheprovider tests; echo "rc=$?"; } > "$OUT/sanitize.log" 2>&1
 tail -4 "$OUT/sanitize.log"
 step "ncu profile"
-NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
   timeout 100 "$NCU" --profile-from-start off --kernel-name regex:'warp_attention|fused_write_kernel' \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    --section MemoryWorkloadAnalysis --csv --page details python3 scripts/profile_kernels.py > "$OUT/ncu.csv" 2>&1
+    --section MemoryWorkloadAnalysis --csv --page details --log-file "$OUT/ncu.csv" \
+    python3 scripts/profile_kernels.py 2>&1 | tail -5
   echo "rc=$?"; grep -E 'Duration|Achieved Occupancy|Memory Throughput|Registers Per|ERR' "$OUT/ncu.csv" | cut -c1-200 | head -30
 else
   echo "ncu not found: no profile" | tee "$OUT/ncu.csv"

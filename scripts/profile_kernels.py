@@ -47,7 +47,8 @@ def attention_arrays(be, rng: np.random.Generator, shape: dict) -> tuple:
     per_seq = -(-n // bs)
     pool_shape = (b * per_seq, bs, h, d)
     q = be.asarray(rng.standard_normal((b, h * shape["group"], d)).astype(np.float16))
-    k_pool, v_pool = (be.asarray(rng.standard_normal(pool_shape).astype(np.float16))
+    # float32 draws: 2 x 268M float64 ones would cost seconds and 4 GiB before the copy
+    k_pool, v_pool = (be.asarray(rng.standard_normal(pool_shape, np.float32).astype(np.float16))
                       for _ in range(2))
     tables = be.asarray(rng.permutation(pool_shape[0]).astype(np.int32).reshape(b, per_seq))
     lens = be.asarray(np.full(b, n, np.int32))

@@ -181,6 +181,16 @@ def test_gpu_kernel_tokens_per_block_at_prefill_size(tokens_per_block, kv_dtype,
                        hkv=8, d=128)
 
 
+@pytest.mark.gpu
+@pytest.mark.sanitize
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_gpu_kernel_steps_under_sanitizer(kv_dtype):
+    """The kernel steps the public op does not launch yet (several tokens per block, heads in
+    registers), under compute-sanitizer: with qk_mode 1 one launch mixes register heads (V) and
+    shared-memory heads (Q, K: the norm), and an int8 cache keeps K and V on the shared path."""
+    check_kernel_steps(16, kv_dtype, 1, True, tokens=64, hq=8, hkv=2, d=128)
+
+
 def test_partial_rotary_and_unshuffled_table(backend):
     case = make_case(4, 2, 1, 64, 12, rotary_dim=32, shuffled=False)
     assert_fused_equals_unfused(run_paged_write(backend, case, 1), unfused(case, 1))

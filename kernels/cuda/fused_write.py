@@ -28,8 +28,9 @@ For each row t its threads::
 Steps 1-4 pass through shared memory with a barrier between them, because the norm's sum and the
 amax need every thread's values. A head that needs neither — a RoPE-only Q or K head into a float
 cache, any V head, qk_mode 0 — can skip all that (``pairs_in_registers``, the third version):
-thread i loads its pairs p = i, i + B, ... straight from qkv, rotates them and stores them,
-with no barrier between tokens either (``_rope_pair`` is the one pair step both paths share).
+the block's threads stride over the (token, pair) items of all its tokens at once, each loading
+its pair straight from qkv, rotating it and storing it — no barrier, and no thread idle while
+another token waits (``_rope_pair`` is the one pair step both paths share).
 
 Each step is the reference's float32 operation in the reference's order (the tree sum included),
 and RoPE's products go through ``mul_rn`` (no FMA contraction on a GPU), so the simulator and a
@@ -152,6 +153,19 @@ def _store(res, head_dim, pool, scales, block, offset, head, cache_kind, qmax, p
             pool[block, offset, head, d] = _fp8_e4m3_encode(y)
 
 
+@cuda.jit(device=True, inline="always")
+def _place(token, query_start, pos_offsets, block_tables, block_size, paged):
+    """Token ``token``'s position and cache slot ``(pos, block, offset)``; a contiguous cache is
+    ``capacity`` blocks of one slot."""
+    seq = 0  # few sequences, so a walk is simpler than a search
+    while token >= query_start[seq + 1]:
+        seq += 1
+    pos = pos_offsets[seq] + token - query_start[seq]
+    if paged:
+        return pos, block_tables[seq, pos // block_size], pos % block_size
+    return pos, pos, 0
+
+
 # --- the kernel -----------------------------------------------------------------------------
 
 @kernel(*_signatures())
@@ -168,51 +182,45 @@ def fused_write_kernel(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scal
     partial = cuda.shared.array(THREADS_PER_BLOCK, np.float32)
     is_v = row >= num_q_heads + num_kv_heads
     rotate = qk_mode != 0 and not is_v
+    block_size = k_pool.shape[1]
+    first = cuda.blockIdx.x * tokens_per_block
+    last = min(first + tokens_per_block, query_start[query_start.shape[0] - 1])
+
     # v3: a head that needs neither the norm's sum nor a quantized store's amax (a RoPE-only Q or
-    # K head into a float cache, a V head, qk_mode 0) has nothing to share between threads: each
-    # thread carries its pairs from qkv to their destination in registers, no barrier at all.
-    direct = pairs_in_registers and not check_only and not (qk_mode == 1 and rotate) and (
-        row < num_q_heads or cache_kind == 0)
+    # K head into a float cache, a V head, qk_mode 0) has nothing to share between threads: the
+    # block's threads stride over all its tokens' pairs (or dims) at once, each carrying its own
+    # from qkv to their destination in registers — no shared memory, no barrier, no idle half.
+    if pairs_in_registers and not check_only and not (qk_mode == 1 and rotate) and (
+            row < num_q_heads or cache_kind == 0):
+        base = row * head_dim
+        dst = v_pool if is_v else k_pool
+        head = row - num_q_heads - (num_kv_heads if is_v else 0)
+        items = head_dim // 2 if rotate else head_dim  # per token: pairs to turn, or dims to copy
+        for e in range(tid, (last - first) * items, step):
+            token = first + e // items
+            pos, block, offset = _place(token, query_start, pos_offsets, block_tables,
+                                         block_size, paged)
+            if rotate:
+                i, j, out_i, out_j = _rope_pair(qkv[token], base, e % items, cos.shape[1],
+                                                qk_mode, pos, cos, sin, is_half)
+                if row < num_q_heads:
+                    q_out[token, row, i] = out_i
+                    q_out[token, row, j] = out_j
+                else:
+                    dst[block, offset, head, i] = out_i
+                    dst[block, offset, head, j] = out_j
+            elif row < num_q_heads:
+                q_out[token, row, e % items] = qkv[token, base + e % items]
+            else:
+                dst[block, offset, head, e % items] = qkv[token, base + e % items]
+        return
 
     # v2: a block carries `tokens_per_block` tokens of its head, one after another: a block per
     # (token, head) made the GPU schedule ~200k tiny blocks for a 4k-token prefill (v1: 1 token)
-    first = cuda.blockIdx.x * tokens_per_block
-    for token in range(first, min(first + tokens_per_block, query_start[query_start.shape[0] - 1])):
-        if not direct:
-            cuda.syncthreads()  # the previous token is done with buf, res and partial
-        seq = 0  # this token's sequence: few sequences, so a walk is simpler than a search
-        while token >= query_start[seq + 1]:
-            seq += 1
-        pos = pos_offsets[seq] + token - query_start[seq]
-        if paged:  # where K and V go
-            block_size = k_pool.shape[1]
-            block = block_tables[seq, pos // block_size]
-            offset = pos % block_size
-        else:  # a contiguous cache: capacity blocks of one slot
-            block = pos
-            offset = 0
-
-        if direct:
-            base = row * head_dim
-            dst = v_pool if is_v else k_pool
-            head = row - num_q_heads - (num_kv_heads if is_v else 0)
-            if rotate:
-                for p in range(tid, head_dim // 2, step):
-                    i, j, out_i, out_j = _rope_pair(qkv[token], base, p, cos.shape[1], qk_mode,
-                                                    pos, cos, sin, is_half)
-                    if row < num_q_heads:
-                        q_out[token, row, i] = out_i
-                        q_out[token, row, j] = out_j
-                    else:
-                        dst[block, offset, head, i] = out_i
-                        dst[block, offset, head, j] = out_j
-            else:
-                for d in range(tid, head_dim, step):
-                    if row < num_q_heads:
-                        q_out[token, row, d] = qkv[token, base + d]
-                    else:
-                        dst[block, offset, head, d] = qkv[token, base + d]
-            continue
+    for token in range(first, last):
+        cuda.syncthreads()  # the previous token is done with buf, res and partial
+        pos, block, offset = _place(token, query_start, pos_offsets, block_tables,
+                                     block_size, paged)
 
         # 1. load one head of the packed row (each thread keeps the d's it loaded until step 3)
         for d in range(tid, head_dim, step):
