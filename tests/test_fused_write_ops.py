@@ -169,6 +169,29 @@ def check_kernel_steps(tokens_per_block, kv_dtype, qk_mode, registers, tokens, h
     assert_fused_equals_unfused(got, want)
 
 
+@pytest.mark.parametrize("option, error, message", [
+    (dict(tokens_per_block=0), ValueError, "tokens_per_block must be an int >= 1"),
+    (dict(tokens_per_block=True), ValueError, "tokens_per_block must be an int >= 1"),
+    (dict(pairs_in_registers=1), TypeError, "pairs_in_registers must be a bool")])
+def test_cuda_kernel_steps_refuse_bad_settings_before_writing(option, error, message):
+    from kvlab.checks import check_fused_write
+    from kvlab.kernels.cuda import fused_write
+    from kvlab.ref.fused_write import _one_sequence
+
+    case = make_case(3, 2, 1, 16, 0, seed=6)
+    gpu = get_backend("cuda")
+    a = {k: (gpu.asarray(v) if k in ARRAYS and v is not None else v) for k, v in case.items()}
+    table, starts, offsets = (gpu.asarray(x) for x in _one_sequence(case["qkv"],
+                                                                     case["block_table"], 0))
+    shape = check_fused_write(a["qkv"], None, None, a["cos"], a["sin"], a["k_pool"], a["v_pool"],
+                              table, starts, offsets, 2, 1, 1e-6, 2)
+    with pytest.raises(error, match=message):
+        fused_write.launch(a["qkv"], None, None, a["cos"], a["sin"], a["k_pool"], a["v_pool"],
+                           None, None, table, starts, offsets, shape, 1e-6, 2, None, True,
+                           **option)
+    assert np.array_equal(gpu.to_numpy(a["k_pool"]), case["k_pool"])  # nothing written
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens_per_block", [4, 8, 32])
 @pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8_e4m3"])

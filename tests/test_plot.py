@@ -411,6 +411,14 @@ def test_lane_map_reads_every_dim_once(head_dim, lanes, dim_slots, elem_bytes):
     assert (dims >= 0).sum() == head_dim  # padding past head_dim is -1
 
 
+@pytest.mark.parametrize("args, message", [
+    ((128, 16, 8, 3), "elem_bytes must be 1, 2 or 4"), ((128, 0, 8, 2), "lanes must be an int"),
+    ((0, 16, 8, None), "head_dim must be an int"), ((128, 16, 6, 2), "whole 8-byte words")])
+def test_lane_map_refuses_bad_arguments(args, message):
+    with pytest.raises(ValueError, match=message):
+        kplot.lane_map(*args)
+
+
 def test_lane_map_by_hand():
     # v2-v4, 4 lanes: lane 1 holds dims 1, 5, 9; v5 with 2-byte elements (4 per word): lane 1
     # holds word 1 (dims 4-7), then word 5 (dims 20-23)

@@ -329,6 +329,8 @@ def launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales
     if isinstance(tokens_per_block, bool) or not isinstance(tokens_per_block, int) \
             or tokens_per_block < 1:
         raise ValueError(f"tokens_per_block must be an int >= 1, got {tokens_per_block!r}")
+    if not isinstance(pairs_in_registers, bool):
+        raise TypeError(f"pairs_in_registers must be a bool, got {pairs_in_registers!r}")
     if shape.head_dim > MAX_HEAD_DIM:
         raise ValueError(f"the CUDA fused write holds a head in shared memory: head_dim must be "
                          f"<= {MAX_HEAD_DIM}, got {shape.head_dim}")
@@ -359,7 +361,7 @@ def launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales
             query_start, pos_offsets, shape.num_q_heads, shape.num_kv_heads, np.float32(eps),
             qk_mode, CACHE_KIND[kv_dtype], paged, qkv.dtype == np.float16,
             QMAX.get(kv_dtype, ONE), q_out, np.float32(max_input), check_only, flag,
-            tokens_per_block, bool(pairs_in_registers))
+            tokens_per_block, pairs_in_registers)
 
     flag = _dummy("flag")  # read only by a dry run, which gets a fresh one
     if shape.kv_dtype is not None:  # the dry run first: nothing is written if it flags

@@ -199,6 +199,15 @@ def lane_map(head_dim: int, lanes: int, dim_slots: int,
     lane r taking every L-th dim: ``r + i L``. v5/v6 load 8-byte words of ``w = 8 / elem_bytes``
     dims, lane r taking every L-th word: ``((i // w) L + r) w + i % w`` (the kernels'
     ``_wide_dim``)."""
+    if elem_bytes not in (None, 1, 2, 4):
+        raise ValueError(f"elem_bytes must be 1, 2 or 4 (int8/fp8, fp16, float32 elements) or "
+                         f"None (v2-v4's element loads), got {elem_bytes!r}")
+    for name, value in (("head_dim", head_dim), ("lanes", lanes), ("dim_slots", dim_slots)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if elem_bytes is not None and dim_slots % (8 // elem_bytes):
+        raise ValueError(f"dim_slots ({dim_slots}) must be whole 8-byte words of "
+                         f"{8 // elem_bytes} elements")
     r = np.arange(lanes)[:, None]
     i = np.arange(dim_slots)[None, :]
     if elem_bytes is None:
