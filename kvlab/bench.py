@@ -43,6 +43,7 @@ import importlib.util
 import json
 import math
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -1008,6 +1009,9 @@ def run_bench(backend_name: str = "numpy", stages: list[str] | None = None,
                 if not on_gpu and not gpu_timing:
                     raise  # on a CPU a failure is a bug to see, not a device fault to survive
                 notes.append(f"{stage}: stopped by {type(exc).__name__}: {exc}")
+    except (KeyboardInterrupt, Interrupted) as exc:  # a time limit ran out: keep what was measured
+        notes.append(f"interrupted ({exc or type(exc).__name__}) after {len(ctx.rows)} rows: "
+                     "a partial result, later rows and stages were not run")
     finally:
         progress.close()
     meta = {
@@ -1101,8 +1105,19 @@ def markdown_summary(result: dict[str, Any], stages: tuple[str, ...] = ("attenti
     return "\n".join(lines)
 
 
+class Interrupted(BaseException):
+    """Raised by a SIGTERM during ``cmd_bench`` (``timeout`` on a rented GPU sends one); a
+    BaseException so that no stage's ``except Exception`` swallows it."""
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def cmd_bench(args: Any) -> int:
-    """The ``bench`` subcommand (``kvlab.__main__`` parses the arguments)."""
+    """The ``bench`` subcommand (``kvlab.__main__`` parses the arguments). A SIGTERM or Ctrl-C
+    ends the run early but still prints and saves the rows measured so far."""
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     stages = None
     if args.stage:
         stages = [s.strip() for part in args.stage for s in part.split(",") if s.strip()]

@@ -9,12 +9,15 @@
 #     bash scripts/gpu_check.sh        (device tool: carry [".gpu"])
 # Logs go to $OUT (8 files, the device tool's limit): gpu.txt resources.json gpu_tests.log
 # bench.txt bench.json host_overhead.txt ncu.csv sanitize.log (memcheck, racecheck, initcheck).
-# Step timeouts add to ~770 s; the first run (fewer tests and rows) took 174 s. Give the device
-# call timeout_s ~540: the steps run in order of importance, and $OUT comes back even if cut.
+# The steps run in order of importance and share one deadline (DEADLINE seconds, default 570, for
+# a device call of timeout_s 600): each step's timeout is its own or what is left, whichever is
+# less. $OUT comes back even if the call is cut, and the bench saves its rows so far on SIGTERM.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+DEADLINE=${DEADLINE:-570}
 step() { echo "== $1 (t=${SECONDS}s)"; }
+upto() { local left=$((DEADLINE - SECONDS)); echo $(( $1 < left ? $1 : (left > 5 ? left : 5) )); }
 step card
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
@@ -22,24 +25,26 @@ export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3
 python3 -c "import numpy, numba, torch, numba.cuda as c, kvlab; print('numpy', numpy.__version__, 'numba', numba.__version__, 'torch', torch.__version__, 'cuda', c.is_available())" | tee -a "$OUT/gpu.txt"
 step resources
-timeout 60 python3 -m kvlab.kernels.cuda.ptx --resources paged_attention,merge_splits,warp_attention,fused_write_kernel > "$OUT/resources.json" 2>&1
+timeout $(upto 45) python3 -m kvlab.kernels.cuda.ptx --resources paged_attention,merge_splits,warp_attention,fused_write_kernel > "$OUT/resources.json" 2>&1
 grep -B1 -A3 '"registers"' "$OUT/resources.json" | grep -E 'attention|fused_write_kernel|registers|local' | cut -c1-120
 step "pytest -m gpu"
-timeout 170 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests > "$OUT/gpu_tests.log" 2>&1
+# pytest-xdist (in the GPU image) compiles the kernels in parallel processes; without it, one
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout $(upto 170) python3 -m pytest -m gpu -q -rs -p no:cacheprovider $XDIST tests > "$OUT/gpu_tests.log" 2>&1
 echo "rc=$?"; tail -15 "$OUT/gpu_tests.log"
 step bench
-timeout 200 python3 -m kvlab bench --backend cuda --size real --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
+timeout $(upto 200) python3 -m kvlab bench --backend cuda --size real --stage attention,fused_write,paging,quant,rope --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "rc=$?"; grep -vE '^\s*$' "$OUT/bench.txt" | grep -vE 'kvlab bench: ' | cut -c1-230 | tail -90
 step "host overhead"
-timeout 90 python3 scripts/profile_kernels.py --host > "$OUT/host_overhead.txt" 2>&1
+timeout $(upto 60) python3 scripts/profile_kernels.py --host > "$OUT/host_overhead.txt" 2>&1
 echo "rc=$?"; cut -c1-120 "$OUT/host_overhead.txt" | tail -12
 step memcheck
-{ echo "### memcheck"; timeout 80 compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -q -p no:cacheprovider tests; echo "rc=$?"; } > "$OUT/sanitize.log" 2>&1
+{ echo "### memcheck"; timeout $(upto 70) compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -q -p no:cacheprovider tests; echo "rc=$?"; } > "$OUT/sanitize.log" 2>&1
 tail -4 "$OUT/sanitize.log"
 step "ncu profile"
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
-  timeout 100 "$NCU" --profile-from-start off --kernel-name regex:'warp_attention|fused_write_kernel' \
+  timeout $(upto 90) "$NCU" --clock-control none --profile-from-start off --kernel-name regex:'warp_attention|fused_write_kernel' \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis --csv --page details --log-file "$OUT/ncu.csv" \
     python3 scripts/profile_kernels.py 2>&1 | tail -5
@@ -48,9 +53,9 @@ else
   echo "ncu not found: no profile" | tee "$OUT/ncu.csv"
 fi
 step racecheck
-{ echo "### racecheck"; timeout 50 compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests; echo "rc=$?"; } >> "$OUT/sanitize.log" 2>&1
+{ echo "### racecheck"; timeout $(upto 45) compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests; echo "rc=$?"; } >> "$OUT/sanitize.log" 2>&1
 tail -3 "$OUT/sanitize.log"
 step initcheck
-{ echo "### initcheck"; timeout 50 compute-sanitizer --tool initcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests; echo "rc=$?"; } >> "$OUT/sanitize.log" 2>&1
+{ echo "### initcheck"; timeout $(upto 45) compute-sanitizer --tool initcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests; echo "rc=$?"; } >> "$OUT/sanitize.log" 2>&1
 tail -3 "$OUT/sanitize.log"
 step done

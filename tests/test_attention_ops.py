@@ -399,6 +399,27 @@ def test_gpu_wide_loads_fall_back_on_a_misaligned_pool():
 
 @pytest.mark.gpu
 @pytest.mark.sanitize
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_gpu_every_version_under_sanitizer(kv_dtype):
+    # memcheck/racecheck/initcheck reach each numbered kernel, not only the one the public op runs
+    from kvlab.checks import check_paged_decode_attention
+    from kvlab.kernels.cuda import attention
+
+    args = paged_batch([300, 77], [16, 5], 8, 2, 64, block_size=16, seed=9, kv_dtype=kv_dtype)
+    gpu = get_backend("cuda", device="gpu")
+    q, k_pool, v_pool, tables, lens, starts, k_scales, v_scales = (
+        None if a is None else gpu.asarray(a) for a in args)
+    want = reference(args, sliding_window=40)
+    for version in attention.VERSIONS:
+        _, _, _, scale, window, splits = check_paged_decode_attention(
+            q, k_pool, v_pool, tables, lens, starts, None, 40, k_scales, v_scales, 3)
+        out = attention.launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, tables, lens,
+                               starts, scale, window, True, splits, version=version)
+        assert_close(gpu.to_numpy(out), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitize
 def test_gpu_prefill_chunk_with_window_under_sanitizer():
     args = paged_batch([300, 77], [16, 5], 8, 2, 64, block_size=16, seed=8, kv_dtype="int8")
     gpu = get_backend("cuda", device="gpu")

@@ -103,6 +103,27 @@ def test_not_built_stage_is_listed(monkeypatch):
     assert {r["stage"] for r in result["rows"]} == {"rope"}
 
 
+def test_sigterm_mid_run_still_prints_and_saves_the_rows_so_far(tmp_path):
+    # `timeout` on the GPU machine sends SIGTERM: the rows measured before it must not be lost.
+    out_json = tmp_path / "partial.json"
+    code = (
+        "import os, signal\n"
+        "from kvlab import bench\n"
+        "from kvlab.__main__ import main\n"
+        "def killed(ctx):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "bench.STAGES['rope'] = killed\n"
+        f"raise SystemExit(main(['bench', '--backend', 'numpy', '--size', 'smoke', '--quiet', "
+        f"'--stage', 'paging,rope,attention', '--json', {str(out_json)!r}]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out_json.read_text())
+    stages = {r["stage"] for r in result["rows"]}
+    assert "paging" in stages and "attention" not in stages, stages
+    assert any(n.startswith("interrupted (SIGTERM) after ") for n in result["notes"]), result["notes"]
+    assert "interrupted (SIGTERM)" in out.stdout
+
+
 def test_bytes_moved_by_hand():
     """One shape per op, the products written out: T=32 tokens, 2 kv heads, head_dim 64, fp16,
     two sequences of 64 tokens in 16-token blocks (4 blocks each), 4 q heads."""
