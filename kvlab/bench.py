@@ -71,9 +71,9 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 # cuda backend only: notebook 05's numbered attention kernels timed alone (arguments checked once,
 # outside the timing), {version: split counts} per size.
-SPLIT_SWEEP = {"smoke": {1: (1, 2), 2: (2,), 3: (2,), 4: (1, 2), 5: (1, 2), 6: (2,)},
-               "real": {1: (1, 16), 2: (16,), 3: (16,), 4: (1, 8, 16, 32, 64, 128),
-                        5: (1, 8, 16, 32, 64, 128), 6: (1, 8, 16, 32, 64, 128)}}
+SPLIT_SWEEP = {"smoke": {1: (1, 2), 2: (2,), 3: (2,), 4: (1, 2), 5: (1, 2), 6: (2,), 7: (1, 2)},
+               "real": {1: (1, 16), 2: (16,), 3: (16,), 4: (16,), 5: (16,),
+                        6: (1, 8, 16, 32, 64, 128), 7: (1, 8, 16, 32, 64, 128)}}
 # cuda backend only: the fused-write kernel alone, tokens carried per thread block (1: the first
 # version, a block per token and head)
 TOKENS_SWEEP = {"smoke": (1, 8), "real": (1, 4, 8, 16, 32)}
@@ -732,7 +732,7 @@ def _sdpa_rows(ctx: Ctx, dec: dict[str, Any], shape: str,
 def _attention_kernel_rows(ctx: Ctx, arrays: Callable[..., list[Any]], shape: str,
                            public: dict[int, Row]) -> list[Row]:
     """The CUDA attention kernels alone (``kvlab.kernels.cuda.attention.launch`` on arguments
-    checked once, outside the timing): every numbered version over SPLIT_SWEEP, and v2-v6 on int8 and
+    checked once, outside the timing): every numbered version over SPLIT_SWEEP, and v2-v7 on int8 and
     fp8 pools. Returns the fp16 rows (for the SDPA comparisons)."""
     from kvlab.checks import check_paged_decode_attention
     from kvlab.kernels.cuda import attention

@@ -36,7 +36,7 @@ from kvlab.ref.fused_write import _one_sequence
 from kvlab.ref.rope import rope_tables
 
 SPLITS = 16
-ATTENTION_VERSIONS = (2, 5, 6)
+ATTENTION_VERSIONS = (2, 5, 6, 7)
 FUSED_SETTINGS = ((1, False), (16, False), (16, True))  # (tokens per block, pairs in registers)
 
 
@@ -93,7 +93,7 @@ def fused_write_setup(be, rng: np.random.Generator, shape: dict) -> SimpleNamesp
 
 def fused_write_launches(be, rng: np.random.Generator, shape: dict) -> list:
     """One launch of the fused-write kernel per FUSED_SETTINGS (arguments checked once)."""
-    from kvlab.kernels.cuda import fused_write
+    from kvlab.kernels.cuda import attention, fused_write
 
     f = fused_write_setup(be, rng, shape)
     return [lambda n=n, r=r: fused_write.launch(f.qkv, None, None, f.cos, f.sin, f.k_pool,
@@ -121,7 +121,7 @@ def host_overhead(be, rng: np.random.Generator, shape: dict, num_splits: int = S
     qk_mode 2) and the public decode attention, each part timed alone (after one warm-up call)."""
     from numba import cuda
 
-    from kvlab.kernels.cuda import fused_write
+    from kvlab.kernels.cuda import attention, fused_write
 
     f = fused_write_setup(be, rng, shape)
     kept = []  # outputs kept alive while timing, so no deferred free lands inside a timed call
@@ -130,8 +130,14 @@ def host_overhead(be, rng: np.random.Generator, shape: dict, num_splits: int = S
          lambda: check_fused_write(f.qkv, None, None, f.cos, f.sin, f.k_pool, f.v_pool,
                                    f.table_2d, f.starts, f.offsets, f.hq, f.h, EPS, 2, None,
                                    None, None)),
+        ("fused write: check_fused_write on host starts, offsets (paged_write's way)",
+         lambda: check_fused_write(f.qkv, None, None, f.cos, f.sin, f.k_pool, f.v_pool,
+                                   f.table_2d, f.starts_np, f.offsets_np, f.hq, f.h, EPS, 2, None,
+                                   None, None)),
         ("fused write: 2 x cuda.to_device (starts, offsets)",
          lambda: (cuda.to_device(f.starts_np), cuda.to_device(f.offsets_np))),
+        ("fused write: 1 x cuda.to_device (starts + offsets, paged_write's way)",
+         lambda: fused_write._to_device_together(f.starts_np, f.offsets_np)),
         ("fused write: cuda.device_array for q_out (T x Hq x D fp16)",
          lambda: kept.append(cuda.device_array((f.t, f.hq, f.d), np.float16))),
         ("fused write: launch() alone (kernel launch, no sync)",
@@ -144,12 +150,13 @@ def host_overhead(be, rng: np.random.Generator, shape: dict, num_splits: int = S
                                                         f.h, EPS, 2))),
     ]
     q, k_p, v_p, tables, lens, qs = arrays = attention_arrays(be, rng, shape)
-    launch_v2 = attention_launches(be, rng, shape, num_splits, arrays)[0]
+    launch_default = attention_launches(be, rng, shape, num_splits, arrays)[
+        ATTENTION_VERSIONS.index(attention.DEFAULT_VERSION)]
     parts += [
         ("attention: check_paged_decode_attention",
          lambda: check_paged_decode_attention(q, k_p, v_p, tables, lens, qs, None, 0, None, None,
                                               num_splits)),
-        ("attention: launch() alone (widen q, kernel, merge; no sync)", launch_v2),
+        ("attention: launch() alone (widen q, kernel, merge; no sync)", launch_default),
         ("attention: public paged_decode_attention, no sync",
          lambda: kept.append(be.attention.paged_decode_attention(q, k_p, v_p, tables, lens, qs,
                                                                  num_splits=num_splits))),

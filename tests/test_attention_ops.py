@@ -219,7 +219,7 @@ def run_version(version, args, num_splits, **options):
     return cuda_be.to_numpy(out)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7])
 @pytest.mark.parametrize("name", VERSION_CASES)
 def test_cuda_kernel_versions_match_reference(version, name):
     """Notebook 05's numbered kernels: each version, not only the one the public op launches."""
@@ -230,7 +230,7 @@ def test_cuda_kernel_versions_match_reference(version, name):
         assert_close(run_version(version, args, num_splits, **options), want)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7])
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
 def test_cuda_kernel_versions_quantized(version, kv_dtype):
     args = paged_batch([3, 9], [1, 2], 4, 2, 32, kv_dtype=kv_dtype, seed=4)
@@ -288,7 +288,7 @@ def test_gpu_half_from_bits_every_code():
 def test_cuda_launch_rejects_unknown_version():
     args = paged_batch([3], [1], 2, 1, 16)
     with pytest.raises(ValueError, match="version must be one of"):
-        run_version(7, args, 1)
+        run_version(8, args, 1)
 
 
 # --- num_splits=None: split-K chosen for the device ----------------------------------------------
@@ -310,15 +310,16 @@ def test_auto_num_splits_fills_the_gpu_without_short_partitions():
 
 
 def test_auto_num_splits_picks_a_measured_best_on_the_h100():
-    """The rule against the split sweep measured on an H100 (data/bench): at the bench's shape it
-    must pick a split count whose measured time is within 5% of the fastest one."""
+    """The rule against the split sweep of v2 measured on an H100 (data/bench; the rule was made
+    from it): at the bench's shape it must pick a split count whose measured time is within 5% of
+    the fastest one. (On the H200, v6's sweep is flatter and noisier; notebook 05 shows both.)"""
     from kvlab.data import load_json
-    from kvlab.kernels.cuda.attention import DEFAULT_VERSION, HEAD_TILE, auto_num_splits
+    from kvlab.kernels.cuda.attention import HEAD_TILE, auto_num_splits
 
     run = load_json("bench/h100_2026-11-27.json")
     shape = run["meta"]["shape"]
     timed = {int(r["op"].rsplit("=", 1)[1]): r["median_s"] for r in run["rows"]
-             if r["op"].startswith(f"kernel v{DEFAULT_VERSION} fp16 splits=")}
+             if r["op"].startswith("kernel v2 fp16 splits=")}
     base = shape["num_seqs"] * shape["num_kv_heads"] * -(-shape["group"] // HEAD_TILE)
     pick = auto_num_splits(base, shape["context_len"], num_sms=132, blocks_per_sm=2048 // 128)
     assert pick in timed, (pick, sorted(timed))
@@ -350,7 +351,7 @@ def test_gpu_at_real_size(kv_dtype, num_splits):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7])
 def test_gpu_versions_at_real_size_ragged(version):
     # the bench's shape family (GQA 4, head_dim 128, 16-token blocks), ragged and not block-aligned
     lens = [8191, 33, 2048, 5000]
@@ -361,7 +362,7 @@ def test_gpu_versions_at_real_size_ragged(version):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", [5, 6])
+@pytest.mark.parametrize("version", [5, 6, 7])
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3", "float32"])
 def test_gpu_wide_loads_every_element_size_at_real_size(version, kv_dtype):
     args = paged_batch([8191, 33, 2048, 5000], [1] * 4, 32, 8, 128, block_size=16, seed=12,
@@ -391,7 +392,7 @@ def test_gpu_wide_loads_fall_back_on_a_misaligned_pool():
     assert pools[0].device_ctypes_pointer.value % 8 == 2
     _, _, _, scale, window, splits = check_paged_decode_attention(
         q, *pools, tables, lens, starts, None, 0, None, None, 2)
-    for version in (5, 6):
+    for version in (5, 6, 7):
         out = attention.launch(q, *pools, None, None, None, tables, lens, starts, scale, window,
                                True, splits, version=version)
         assert_close(gpu.to_numpy(out), reference(args))

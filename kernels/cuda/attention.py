@@ -68,6 +68,8 @@ NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 TWO_POW_112 = np.float32(2.0 ** 112)  # float32 exponent bias 127 - fp16's 15
+LOG2E = np.float32(math.log2(math.e))  # v7 keeps scores in base 2: e^x = 2^(x log2 e)
+LN2 = np.float32(math.log(2.0))
 
 _POOLS = ("float16", "float32", "int8", "uint8")
 
@@ -290,6 +292,9 @@ HEAD_TILE = 4                           # q heads per block: q and acc are HEAD_
 #                                         registers per lane (8 heads would double them and halve
 #                                         the warps an SM can keep in flight)
 WARP_THREADS = WARPS * LANES            # threads per block
+KEYS_PER_STEP = 2                       # v7: keys per stream per step (a chunk) ...
+CHUNK_BLOCKS_PER_SM = 3                 # ... and its launch bounds: ptxas 13 fits 2 keys' words
+#                                         in 160 registers without spilling (4 keys: ~200)
 BLOCKS_PER_SM = 4                       # v6's launch bounds: 4 x 128 threads x 128 registers
 #                                         = an SM's 65,536
 _RED = 1 if MODE == "gpu" else WARP_THREADS    # the simulator's scratch for its lane sums
@@ -370,20 +375,21 @@ def _key_scales(k_scales, v_scales, kind, block, offset, kv_head):
 
 @cuda.jit(device=True, inline="always")
 def _load_words(k_words, v_words, k_scales, v_scales, kind, block_tables, seq, j, kv_head, lane,
-                lanes, words, k_w, v_w):
+                lanes, words, k_w, v_w, at):
     """v5: a lane's ``words`` 8-byte words of key ``j``'s K and V rows (the pools seen as uint64:
     4 fp16, 8 int8/fp8 codes or 2 float32 per word) — one load instruction where v3 issues 4 or
     8. Lane r takes words r, r + L, r + 2L, ...: the L lanes' t-th loads are one contiguous run of
     8L bytes (fully coalesced). Words past the row re-read its last word (in bounds;
-    :func:`_unpack` zeroes what they hold)."""
+    :func:`_unpack` zeroes what they hold). They land in ``k_w[at:at + words]`` (v7 keeps several
+    keys' words)."""
     block_size = k_words.shape[1]
     last = k_words.shape[3] - 1
     block = block_tables[seq, j // block_size]
     offset = j % block_size
     for t in range(words):
         w = min(t * lanes + lane, last)
-        k_w[t] = k_words[block, offset, kv_head, w]
-        v_w[t] = v_words[block, offset, kv_head, w]
+        k_w[at + t] = k_words[block, offset, kv_head, w]
+        v_w[at + t] = v_words[block, offset, kv_head, w]
     return _key_scales(k_scales, v_scales, kind, block, offset, kv_head)
 
 
@@ -408,14 +414,15 @@ def _wide_dim(i, lane, lanes, per_word):
 
 
 @cuda.jit(device=True, inline="always")
-def _unpack(kind, elem_bytes, words, out, lane, lanes, head_dim):
-    """v5: the ``DIM_SLOTS`` elements a lane's words hold -> float32 in ``out`` (before scales).
+def _unpack(kind, elem_bytes, words, at, out, lane, lanes, head_dim):
+    """v5: the ``DIM_SLOTS`` elements a lane's words ``words[at:]`` hold -> float32 in ``out``
+    (before scales).
     ``elem_bytes`` is a compile-time constant, so only one of the decodes is compiled in;
     elements past ``head_dim`` become 0 (a select, not a branch around a load)."""
     per_word = 8 // elem_bytes
     mask = np.uint64((1 << (8 * elem_bytes)) - 1)
     for i in range(DIM_SLOTS):
-        bits = (words[i // per_word] >> np.uint64(8 * elem_bytes * (i % per_word))) & mask
+        bits = (words[at + i // per_word] >> np.uint64(8 * elem_bytes * (i % per_word))) & mask
         if elem_bytes == 4:
             x = float_from_bits(bits)
         elif elem_bytes == 2:
@@ -436,7 +443,8 @@ def _decode(kind, k_r, v_r):
             v_r[i] = _fp8_e4m3_decode(np.uint8(v_r[i]))
 
 
-def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
+def _make_warp_kernel(version: int, elem_bytes: int = 0, keys_per_step: int = 0,
+                      blocks_per_sm: int = 0) -> Any:
     """v2-v6 share one source; ``version`` (and v5's ``elem_bytes``) are compile-time constants
     in it, so each kernel holds only its own steps (a learner diffs the ``if version ...`` blocks):
 
@@ -449,10 +457,18 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
       dims come in runs of one word (:func:`_load_words`, :func:`_unpack`, :func:`_wide_dim`).
       One kernel per element size.
     - v6: v5's source, compiled for ``BLOCKS_PER_SM`` blocks per SM (launch bounds).
+    - v7: v5's loads and unpacking, ``keys_per_step`` keys per stream per step (default
+      ``KEYS_PER_STEP``), one softmax rescale per step, exp2; compiled for ``blocks_per_sm``
+      (default ``CHUNK_BLOCKS_PER_SM``; 0 there: no launch bounds). scripts/sweep_v7.py builds
+      other (keys, blocks) pairs to time them.
     """
     wide = version >= 5
     words = DIM_SLOTS * elem_bytes // 8 if wide else 1  # v5, v6: 8-byte words per lane
     per_word = 8 // elem_bytes if wide else 1            # ... and elements per word
+    chunked = version == 7
+    keys = (keys_per_step or KEYS_PER_STEP) if chunked else 1  # v7: keys per stream per step
+    q_unit = LOG2E if chunked else ONE                   # v7: scores in base 2 (exp2)
+    chunk_words = words * keys                           # (a local array's size is a constant)
 
     def warp_attention(q, k_pool, v_pool, k_scales, v_scales, kind, block_tables, context_lens,
                        query_start, scale, window, causal, lanes, part_out, part_lse):
@@ -481,76 +497,121 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
         v_r = cuda.local.array(DIM_SLOTS, np.float32)
         k_next = cuda.local.array(DIM_SLOTS, np.float32)            # v4's loads in flight
         v_next = cuda.local.array(DIM_SLOTS, np.float32)
-        k_w = cuda.local.array(words, np.uint64)                    # v5's words
-        v_w = cuda.local.array(words, np.uint64)
+        k_w = cuda.local.array(chunk_words, np.uint64)              # v5's words (v7: a chunk's)
+        v_w = cuda.local.array(chunk_words, np.uint64)
+        p = cuda.local.array((keys, HEAD_TILE), np.float32)         # v7: a chunk's scores, then
+        k_sc = cuda.local.array(keys, np.float32)                   # its probabilities
+        v_sc = cuda.local.array(keys, np.float32)
         for g in range(HEAD_TILE):
             m[g] = NEG_INF
             l[g] = ZERO
             for i in range(DIM_SLOTS):
                 d = _wide_dim(i, lane, lanes, per_word) if wide else lane + i * lanes
                 use = g < ng and d < head_dim    # heads past the tile and dims past head_dim: 0
-                q_r[g, i] = q[row, head0 + g, d] * scale if use else ZERO
+                q_r[g, i] = q[row, head0 + g, d] * (scale * q_unit) if use else ZERO
                 acc[g, i] = ZERO
 
-        scales_next = (ONE, ONE)
-        if version == 4 and start < stop:        # v4: the first key's loads before the loop
-            scales_next = _load_key(k_pool, v_pool, k_scales, v_scales, kind, block_tables, seq,
-                                    min(start + stream, stop - 1), kv_head, lane, lanes, k_next,
-                                    v_next)
-        # Every thread runs the same number of steps (the shuffles need the whole warp); a stream
-        # whose key is past the partition reads a real key and discards it.
-        for first in range(start, stop, num_streams):
-            j = first + stream
-            valid = j < stop
-            jj = j if valid else start
-            k_scale = ONE
-            v_scale = ONE
-            if version == 2:
-                block = block_tables[seq, jj // block_size]
-                offset = jj % block_size
-                for i in range(DIM_SLOTS):
-                    d = lane + i * lanes
-                    k_r[i] = _code(k_pool, kind, block, offset, kv_head, d) if d < head_dim else ZERO
-                    v_r[i] = _code(v_pool, kind, block, offset, kv_head, d) if d < head_dim else ZERO
-                if kind != KIND_FLOAT:           # one scale per (token, kv head): once per key
-                    k_scale = np.float32(k_scales[block, offset, kv_head])
-                    v_scale = np.float32(v_scales[block, offset, kv_head])
-            elif version == 3:
-                k_scale, v_scale = _load_key(k_pool, v_pool, k_scales, v_scales, kind,
-                                             block_tables, seq, jj, kv_head, lane, lanes, k_r, v_r)
-            elif wide:
-                k_scale, v_scale = _load_words(k_pool, v_pool, k_scales, v_scales, kind,
-                                               block_tables, seq, jj, kv_head, lane, lanes, words,
-                                               k_w, v_w)
-                _unpack(kind, elem_bytes, k_w, k_r, lane, lanes, head_dim)
-                _unpack(kind, elem_bytes, v_w, v_r, lane, lanes, head_dim)
-            else:                                # v4: take the loads issued a step ago ...
-                k_scale, v_scale = scales_next
-                for i in range(DIM_SLOTS):
-                    k_r[i] = k_next[i]
-                    v_r[i] = v_next[i]
-                # ... and issue the next step's now, to land while this step computes
-                scales_next = _load_key(k_pool, v_pool, k_scales, v_scales, kind, block_tables,
-                                        seq, min(j + num_streams, stop - 1), kv_head, lane, lanes,
-                                        k_next, v_next)
-            if version == 3 or version == 4:
-                _decode(kind, k_r, v_r)
-            for g in range(HEAD_TILE):
-                s[g] = ZERO
-                for i in range(DIM_SLOTS):
-                    s[g] += q_r[g, i] * k_r[i]
-            _sum_over_key_lanes(s, lanes, scratch)
-            if valid:
+        # v7: chunks of KEYS_PER_STEP keys per stream — all their loads first, then their scores,
+        # then ONE rescale of (l, acc) per chunk (v2-v6 rescale at every key) and exp2 on scores
+        # already in base 2 (q was scaled by log2 e): fewer instructions per key, more bytes in
+        # flight per warp. Key c of a step is first + c * num_streams + stream, so a warp's loads
+        # at each c are still neighbouring keys.
+        if chunked:
+            for first in range(start, stop, num_streams * keys):
+                for c in range(keys):
+                    j = first + c * num_streams + stream
+                    k_sc[c], v_sc[c] = _load_words(k_pool, v_pool, k_scales, v_scales, kind,
+                                                   block_tables, seq, j if j < stop else start,
+                                                   kv_head, lane, lanes, words, k_w, v_w, c * words)
+                for c in range(keys):
+                    _unpack(kind, elem_bytes, k_w, c * words, k_r, lane, lanes, head_dim)
+                    for g in range(HEAD_TILE):
+                        s[g] = ZERO
+                        for i in range(DIM_SLOTS):
+                            s[g] += q_r[g, i] * k_r[i]
+                    _sum_over_key_lanes(s, lanes, scratch)
+                    valid = first + c * num_streams + stream < stop
+                    for g in range(HEAD_TILE):
+                        p[c, g] = s[g] * k_sc[c] if valid else NEG_INF
                 for g in range(HEAD_TILE):
-                    score = s[g] * k_scale
-                    m_new = max(m[g], score)
-                    correction = math.exp(m[g] - m_new)  # exp(-inf) = 0 on the stream's first key
-                    p = math.exp(score - m_new)
-                    l[g] = l[g] * correction + p
-                    m[g] = m_new
-                    pv = p * v_scale
+                    m_new = m[g]
+                    for c in range(keys):
+                        m_new = max(m_new, p[c, g])
+                    if m_new > NEG_INF:                # else: no key of this stream yet, p stays 0
+                        correction = math.exp2(m[g] - m_new)
+                        m[g] = m_new
+                        l[g] *= correction
+                        for i in range(DIM_SLOTS):
+                            acc[g, i] *= correction
+                    for c in range(keys):
+                        p[c, g] = math.exp2(p[c, g] - m_new) if p[c, g] > NEG_INF else ZERO
+                        l[g] += p[c, g]
+                for c in range(keys):
+                    _unpack(kind, elem_bytes, v_w, c * words, v_r, lane, lanes, head_dim)
+                    for g in range(HEAD_TILE):
+                        pv = p[c, g] * v_sc[c]
+                        for i in range(DIM_SLOTS):
+                            acc[g, i] += pv * v_r[i]
+        else:                                    # v2-v6: one key per stream per step
+            scales_next = (ONE, ONE)
+            if version == 4 and start < stop:        # v4: the first key's loads before the loop
+                scales_next = _load_key(k_pool, v_pool, k_scales, v_scales, kind, block_tables, seq,
+                                        min(start + stream, stop - 1), kv_head, lane, lanes, k_next,
+                                        v_next)
+            # Every thread runs the same number of steps (the shuffles need the whole warp); a stream
+            # whose key is past the partition reads a real key and discards it.
+            for first in range(start, stop, num_streams):
+                j = first + stream
+                valid = j < stop
+                jj = j if valid else start
+                k_scale = ONE
+                v_scale = ONE
+                if version == 2:
+                    block = block_tables[seq, jj // block_size]
+                    offset = jj % block_size
                     for i in range(DIM_SLOTS):
-                        acc[g, i] = acc[g, i] * correction + pv * v_r[i]
+                        d = lane + i * lanes
+                        k_r[i] = _code(k_pool, kind, block, offset, kv_head, d) if d < head_dim else ZERO
+                        v_r[i] = _code(v_pool, kind, block, offset, kv_head, d) if d < head_dim else ZERO
+                    if kind != KIND_FLOAT:           # one scale per (token, kv head): once per key
+                        k_scale = np.float32(k_scales[block, offset, kv_head])
+                        v_scale = np.float32(v_scales[block, offset, kv_head])
+                elif version == 3:
+                    k_scale, v_scale = _load_key(k_pool, v_pool, k_scales, v_scales, kind,
+                                                 block_tables, seq, jj, kv_head, lane, lanes, k_r, v_r)
+                elif wide:
+                    k_scale, v_scale = _load_words(k_pool, v_pool, k_scales, v_scales, kind,
+                                                   block_tables, seq, jj, kv_head, lane, lanes, words,
+                                                   k_w, v_w, 0)
+                    _unpack(kind, elem_bytes, k_w, 0, k_r, lane, lanes, head_dim)
+                    _unpack(kind, elem_bytes, v_w, 0, v_r, lane, lanes, head_dim)
+                else:                                # v4: take the loads issued a step ago ...
+                    k_scale, v_scale = scales_next
+                    for i in range(DIM_SLOTS):
+                        k_r[i] = k_next[i]
+                        v_r[i] = v_next[i]
+                    # ... and issue the next step's now, to land while this step computes
+                    scales_next = _load_key(k_pool, v_pool, k_scales, v_scales, kind, block_tables,
+                                            seq, min(j + num_streams, stop - 1), kv_head, lane, lanes,
+                                            k_next, v_next)
+                if version == 3 or version == 4:
+                    _decode(kind, k_r, v_r)
+                for g in range(HEAD_TILE):
+                    s[g] = ZERO
+                    for i in range(DIM_SLOTS):
+                        s[g] += q_r[g, i] * k_r[i]
+                _sum_over_key_lanes(s, lanes, scratch)
+                if valid:
+                    for g in range(HEAD_TILE):
+                        score = s[g] * k_scale
+                        m_new = max(m[g], score)
+                        correction = math.exp(m[g] - m_new)  # exp(-inf) = 0 on the stream's first key
+                        p = math.exp(score - m_new)
+                        l[g] = l[g] * correction + p
+                        m[g] = m_new
+                        pv = p * v_scale
+                        for i in range(DIM_SLOTS):
+                            acc[g, i] = acc[g, i] * correction + pv * v_r[i]
 
         # Merge the streams: out = sum_k e^(m_k - M) acc_k / sum_k e^(m_k - M) l_k, M = max m_k.
         for g in range(HEAD_TILE):
@@ -570,7 +631,7 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
             out = ZERO
             for k in range(num_streams):
                 if m_sh[g, k] > NEG_INF:        # a stream that saw no key adds nothing
-                    w = math.exp(m_sh[g, k] - top)
+                    w = math.exp2(m_sh[g, k] - top) if chunked else math.exp(m_sh[g, k] - top)
                     total += l_sh[g, k] * w
                     if wide:                     # word d // per_word: lane (word % L), slot
                         word = d // per_word     # (word // L) * per_word + d % per_word
@@ -580,7 +641,10 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
                         out += acc_sh[g, k * lanes + d % lanes, d // lanes] * w
             part_out[row, head0 + g, split, d] = out / total if total > ZERO else ZERO
             if d == 0:
-                part_lse[row, head0 + g, split] = top + math.log(total) if total > ZERO else NEG_INF
+                lse = NEG_INF                    # v7's m is in base 2: lse = (m + log2 l) ln 2
+                if total > ZERO:
+                    lse = (top + math.log2(total)) * LN2 if chunked else top + math.log(total)
+                part_lse[row, head0 + g, split] = lse
 
     template = "void(" + _ATTN_ARGS + ", int32, float32[:, :, :, ::1], float32[:, :, ::1])"
     if wide:  # one signature: the pools are uint64 words whatever they hold
@@ -590,7 +654,8 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0) -> Any:
         warp_attention.__name__ = f"warp_attention_v{version}_kernel"
         signatures = _signatures(template)
     warp_attention.__qualname__ = warp_attention.__name__
-    bounds = (WARP_THREADS, BLOCKS_PER_SM) if version == 6 else None
+    resident = {6: BLOCKS_PER_SM, 7: blocks_per_sm or CHUNK_BLOCKS_PER_SM}.get(version, 0)
+    bounds = (WARP_THREADS, resident) if resident else None
     return kernel(*signatures, launch_bounds=bounds)(warp_attention)
 
 
@@ -599,7 +664,7 @@ warp_attention_v3_kernel = _make_warp_kernel(3)
 warp_attention_v4_kernel = _make_warp_kernel(4)
 # v5 and v6, by the bytes of one pool element: float32, float16, int8 / fp8 codes
 WIDE_KERNELS = {(version, size): _make_warp_kernel(version, size)
-                for version in (5, 6) for size in (4, 2, 1)}
+                for version in (5, 6, 7) for size in (4, 2, 1)}
 WARP_KERNELS = {2: warp_attention_v2_kernel, 3: warp_attention_v3_kernel,
                 4: warp_attention_v4_kernel}
 
@@ -636,11 +701,11 @@ VERSIONS = {
     4: "pipelined: v3 with the next key's loads issued a step ahead",
     5: "wide loads: v3 reading the pools as 8-byte words (4 fp16, 8 int8/fp8), coalesced",
     6: "occupancy: v5 compiled for 4 blocks per SM (launch bounds): 128 registers, 16 warps",
+    7: "key chunks: v5 taking 2 keys per stream per step, one softmax rescale per chunk, exp2",
 }
-# What the public ops launch: the fastest version measured on a real GPU so far (v2: H100,
-# 2026-11-27, notebook 05). v3 to v6 pass the simulator and compile to PTX but have not run
-# on a GPU yet: scripts/gpu_check.sh measures them; promote one only after it passes `pytest -m gpu`.
-DEFAULT_VERSION = 2
+# What the public ops launch: the fastest version measured on a real GPU that passes `pytest -m gpu`
+# (v6: H200, 2026-11-27, 1.61 ms at the bench shape against v2's 2.37 ms; notebook 05).
+DEFAULT_VERSION = 6
 
 
 # --- split-K chosen for the device ---------------------------------------------------------------

@@ -58,15 +58,13 @@ from numba.types import float16  # noqa: E402
 # Threads per block, a power of two. The simulator runs each thread as a Python thread and each
 # barrier costs it milliseconds, so it gets few: the strided loops then take several turns.
 THREADS_PER_BLOCK = 128 if MODE == "gpu" else 16
-# Tokens one block carries (of one head), one after another. 1 is the configuration measured on
-# a GPU (H100, 2026-11-27: 811 us for a 4k-token prefill, 5% of copy bandwidth); more per block
-# passes the simulator and is expected to cut the block-scheduling cost, but awaits a GPU run
-# (scripts/gpu_check.sh sweeps 1-32) before it becomes the default.
-TOKENS_PER_BLOCK = 1
-# v3: heads with nothing to share between threads (no norm, no quantized store) skip shared memory
-# and barriers (see the kernel). Off in the public ops until a GPU has measured it (the simulator
-# and the PTX compile have checked it; scripts/gpu_check.sh measures both settings).
-PAIRS_IN_REGISTERS = False
+# Tokens one block carries (of one head), one after another, and whether heads with nothing to
+# share between threads (no norm, no quantized store) skip shared memory and barriers (v3, see the
+# kernel). Measured on an H200 (2026-11-27, Nsight Compute, 4k-token prefill, qk_mode 2): 1 token
+# through shared memory 596 us, 16 tokens 509 us, 16 tokens in registers 202 us — the public ops
+# launch the last. scripts/gpu_check.sh sweeps both (the bench's "fused kernel alone" rows).
+TOKENS_PER_BLOCK = 16
+PAIRS_IN_REGISTERS = True
 MAX_HEAD_DIM = 512  # the shared buffers' size: one head of up to 512 dims
 
 AMAX_FLOOR = np.float32(1e-8)
@@ -396,9 +394,20 @@ def paged_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any, k_po
                 v_scales: Any = None, kv_dtype: str | None = None) -> Any:
     """One sequence; as :func:`kvlab.ref.fused_write.paged_write` (device arrays)."""
     table, starts, offsets = _one_sequence(qkv, block_table, pos_offset)
-    return paged_write_batched(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, table,
-                               cuda.to_device(starts), cuda.to_device(offsets), num_q_heads,
-                               num_kv_heads, eps, qk_mode, k_scales, v_scales, kv_dtype)
+    # checked on the host copies (no read-back), then sent in one copy (H200: ~160 us per copy)
+    shape = check_fused_write(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, table, starts,
+                              offsets, num_q_heads, num_kv_heads, eps, qk_mode, k_scales, v_scales,
+                              kv_dtype)
+    starts, offsets = _to_device_together(starts, offsets)
+    return launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales, table,
+                  starts, offsets, shape, eps, qk_mode, kv_dtype, True)
+
+
+def _to_device_together(starts: np.ndarray, offsets: np.ndarray) -> tuple[Any, Any]:
+    """``starts`` and ``offsets`` (int32) on the device in one host-to-device copy: two views of
+    one buffer (each small copy costs a synchronous cuMemAlloc + cuMemcpyHtoD)."""
+    both = cuda.to_device(np.concatenate([starts, offsets]))
+    return both[:len(starts)], both[len(starts):]
 
 
 def contig_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any, k_cache: Any,
@@ -407,10 +416,10 @@ def contig_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any, k_c
                  kv_dtype: str | None = None) -> Any:
     """A contiguous cache; as :func:`kvlab.ref.fused_write.contig_write` (device arrays)."""
     _, starts, offsets = _one_sequence(qkv, None, pos_offset)
-    starts, offsets = cuda.to_device(starts), cuda.to_device(offsets)
     shape = check_fused_write(qkv, q_norm_w, k_norm_w, cos, sin, k_cache, v_cache, None, starts,
                               offsets, num_q_heads, num_kv_heads, eps, qk_mode, k_scales,
                               v_scales, kv_dtype, paged=False)
+    starts, offsets = _to_device_together(starts, offsets)
     pools = [c.reshape(c.shape[0], 1, *c.shape[1:]) if c is not None else None
              for c in (k_cache, v_cache, k_scales, v_scales)]  # capacity blocks of one slot
     return launch(qkv, q_norm_w, k_norm_w, cos, sin, pools[0], pools[1], pools[2], pools[3],
