@@ -18,7 +18,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 DEADLINE=${DEADLINE:-570}
 # BENCH_STAGES: the bench's stages, attention first (a rerun may skip stages whose code has not
-# changed since the last run: their rows are in that run's JSON)
+# changed since the last run: their rows are in that run's JSON); SANITIZE_K: a pytest -k filter
+# for memcheck's tests (all sanitize-marked ones by default)
 step() { echo "== $1 (t=${SECONDS}s)"; }
 upto() { local left=$((DEADLINE - SECONDS)); echo $(( $1 < left ? $1 : (left > 5 ? left : 5) )); }
 step card
@@ -42,7 +43,7 @@ step "host overhead"
 timeout $(upto 60) python3 scripts/profile_kernels.py --host > "$OUT/host_overhead.txt" 2>&1
 echo "rc=$?"; cut -c1-120 "$OUT/host_overhead.txt" | tail -12
 step memcheck
-{ echo "### memcheck"; timeout $(upto 70) compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -q -p no:cacheprovider tests; echo "rc=$?"; } > "$OUT/sanitize.log" 2>&1
+{ echo "### memcheck"; timeout $(upto 70) compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "${SANITIZE_K:-}" -q -p no:cacheprovider tests; echo "rc=$?"; } > "$OUT/sanitize.log" 2>&1
 tail -4 "$OUT/sanitize.log"
 step "ncu profile"
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
