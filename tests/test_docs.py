@@ -37,4 +37,4 @@ def test_readme_gpu_table_is_the_stored_result():
     from kvlab.data import load_json
 
     readme = (ROOT / "README.md").read_text()
-    assert markdown_summary(load_json("bench/h100_2026-11-27.json")) in readme
+    assert markdown_summary(load_json("bench/h200_2026-11-27.json")) in readme

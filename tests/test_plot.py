@@ -489,6 +489,21 @@ def test_measured_roofline_points_at_intensity_and_achieved_rate():
     plt.close("all")
 
 
+@pytest.mark.parametrize("path, dashed", [("bench/h100_2026-11-27.json", "3.35 TB/s (H100 80GB HBM3"),
+                                          ("bench/h200_2026-11-27.json", "4.80 TB/s (H200")])
+def test_measured_roofline_draws_the_cards_own_datasheet_peak(path, dashed):
+    from kvlab.data import load_json
+
+    ax = kplot.plot_measured_roofline(load_json(path))
+    assert [line.get_label() for line in ax.get_lines() if line.get_linestyle() == "--"] \
+        == [next(line.get_label() for line in ax.get_lines() if line.get_label().startswith(dashed))]
+    unknown = load_json(path)
+    unknown["meta"]["device"] = "Some Future GPU"
+    ax = kplot.plot_measured_roofline(unknown)
+    assert not [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    plt.close("all")
+
+
 def test_gpu_result_plots_reject_cpu_results():
     cpu = {"meta": {"device": "CPU", "date": "2026-11-27", "size": "smoke",
                     "copy_bandwidth_gb_per_s": None, "fp32_matmul_tflops": None,

@@ -1,6 +1,6 @@
 """Decode attention as Numba CUDA kernels: the ops of :mod:`kvlab.ref.attention`, on a GPU.
 
-Six versions, numbered the way llm.c's ``dev/cuda`` numbers its kernels: each one change, its
+Seven versions, numbered the way llm.c's ``dev/cuda`` numbers its kernels: each one change, its
 reason, its measured effect (notebook 05 times them side by side; ``VERSIONS`` names the change;
 ``DEFAULT_VERSION`` is what the public ops launch):
 
@@ -22,6 +22,16 @@ reason, its measured effect (notebook 05 times them side by side; ``VERSIONS`` n
 - **v6, occupancy**: v5 compiled with launch bounds of ``BLOCKS_PER_SM`` blocks per SM: v5 needs
   ~150 registers per thread, so an SM holds 3 blocks (12 warps); bounded, the compiler fits 128
   (spilling a few bytes) and an SM holds 4 — more warps to hide memory latency with.
+- **v7, key chunks**: v5 taking ``KEYS_PER_STEP`` keys per stream per step: all their loads
+  first, then their scores, then one rescale of the softmax state per chunk (v2-v6 rescale the
+  whole accumulator at every key) and ``exp2`` on scores kept in base 2 (q scaled by log2 e):
+  fewer instructions per key and more bytes in flight per warp. Launch bounds of
+  ``CHUNK_BLOCKS_PER_SM``.
+
+Measured on an H200 (2026-11-27, ``data/bench/h200_2026-11-27.json``, fp16, 16 splits, kernel
+alone): v1 6.01 ms, v2 2.26, v3 1.72, v4 1.74, v5 1.81, v6 1.57, v7 1.60 — torch SDPA on
+contiguous K/V 0.26 ms. Nsight Compute puts v6 at 17% of DRAM bandwidth and 59% of SM issue
+with 23% occupancy: latency-bound, with instruction issue next (notebook 05, section 5b).
 
 v1's kernels and the device function they share:
 
@@ -445,7 +455,7 @@ def _decode(kind, k_r, v_r):
 
 def _make_warp_kernel(version: int, elem_bytes: int = 0, keys_per_step: int = 0,
                       blocks_per_sm: int = 0) -> Any:
-    """v2-v6 share one source; ``version`` (and v5's ``elem_bytes``) are compile-time constants
+    """v2-v7 share one source; ``version`` (and v5's ``elem_bytes``) are compile-time constants
     in it, so each kernel holds only its own steps (a learner diffs the ``if version ...`` blocks):
 
     - v2: loads through :func:`_code`, each behind a branch (kind, and d < head_dim);
@@ -463,7 +473,7 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0, keys_per_step: int = 0,
       other (keys, blocks) pairs to time them.
     """
     wide = version >= 5
-    words = DIM_SLOTS * elem_bytes // 8 if wide else 1  # v5, v6: 8-byte words per lane
+    words = DIM_SLOTS * elem_bytes // 8 if wide else 1  # v5-v7: 8-byte words per lane
     per_word = 8 // elem_bytes if wide else 1            # ... and elements per word
     chunked = version == 7
     keys = (keys_per_step or KEYS_PER_STEP) if chunked else 1  # v7: keys per stream per step

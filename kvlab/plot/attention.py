@@ -19,6 +19,9 @@ from kvlab.plot.style import COLOR_REFERENCE, OKABE_ITO, SEQ_COLORS, new_axes
 # 3.35 TB/s, dense BF16 tensor-core throughput ~989 TFLOP/s (1979 with 2:4 sparsity).
 H100_SXM_NOMINAL = {"name": "H100 SXM (nominal datasheet)", "bytes_per_s": 3.35e12,
                     "flops_per_s": 989e12}
+# Datasheet HBM bandwidth by the name a GPU reports (NVIDIA's H100 SXM and H200 datasheets:
+# 3.35 and 4.8 TB/s), drawn dashed beside a measured roofline for scale.
+NOMINAL_HBM_BYTES_PER_S = {"H100 80GB HBM3": 3.35e12, "H200": 4.8e12}
 
 
 def plot_scores_over_table(weights: np.ndarray, block_table: Sequence[int], block_size: int,
@@ -156,8 +159,8 @@ def plot_kernel_versions(result: dict, ax: Axes | None = None) -> Axes:
 
 def plot_measured_roofline(result: dict, ax: Axes | None = None) -> Axes:
     """A roofline from measurements: the memory roof is the device-to-device copy bandwidth the
-    bench measured, the compute roof its float32 matrix product (TF32 off); the datasheet HBM peak
-    is drawn dashed for scale. Each attention row is a point at its arithmetic intensity and the
+    bench measured, the compute roof its float32 matrix product (TF32 off); the card's datasheet HBM
+    peak (``NOMINAL_HBM_BYTES_PER_S``, when the card is known) is drawn dashed for scale. Each attention row is a point at its arithmetic intensity and the
     FLOP/s it achieved (FLOPs from :func:`decode_flops`, bytes as the bench counts them)."""
     meta = result["meta"]
     bw = (meta.get("copy_bandwidth_gb_per_s") or 0) * 1e9
@@ -170,9 +173,11 @@ def plot_measured_roofline(result: dict, ax: Axes | None = None) -> Axes:
     x = np.logspace(-1, 3, 200)
     ax.loglog(x, np.minimum(peak, x * bw) / 1e12, color=COLOR_REFERENCE, lw=2,
               label=f"measured: copy {bw / 1e9:,.0f} GB/s, fp32 matmul {peak / 1e12:.1f} TFLOP/s")
-    nominal = H100_SXM_NOMINAL["bytes_per_s"]
-    ax.loglog(x, np.minimum(peak, x * nominal) / 1e12, color=COLOR_REFERENCE, lw=1, ls="--",
-              label=f"{nominal / 1e12:.2f} TB/s (H100 SXM datasheet HBM3)")
+    card = next((k for k in NOMINAL_HBM_BYTES_PER_S if k in meta["device"]), None)
+    if card is not None:  # an unknown card gets no datasheet line rather than a wrong one
+        nominal = NOMINAL_HBM_BYTES_PER_S[card]
+        ax.loglog(x, np.minimum(peak, x * nominal) / 1e12, color=COLOR_REFERENCE, lw=1, ls="--",
+                  label=f"{nominal / 1e12:.2f} TB/s ({card} datasheet HBM)")
     picks = [r for r in rows if r["op"].startswith(("kernel v", "torch SDPA", "torch gather"))
              and " fp8" not in r["op"]]
     best: dict[str, dict] = {}
@@ -196,7 +201,7 @@ def lane_map(head_dim: int, lanes: int, dim_slots: int,
              elem_bytes: int | None = None) -> np.ndarray:
     """int ``[lanes, dim_slots]``: the dim of a key row that slot i of lane r holds in the warp
     attention kernels, -1 past ``head_dim``. v2-v4 (``elem_bytes`` None) load element by element,
-    lane r taking every L-th dim: ``r + i L``. v5/v6 load 8-byte words of ``w = 8 / elem_bytes``
+    lane r taking every L-th dim: ``r + i L``. v5-v7 load 8-byte words of ``w = 8 / elem_bytes``
     dims, lane r taking every L-th word: ``((i // w) L + r) w + i % w`` (the kernels'
     ``_wide_dim``)."""
     if elem_bytes not in (None, 1, 2, 4):
@@ -223,13 +228,13 @@ def plot_lane_map(head_dim: int = 128, lanes: int = 16, dim_slots: int = 8, elem
     """One key row of ``head_dim`` elements of ``elem_bytes`` each, as the L lanes that share the
     key read it: the colour is the lane, the brackets the load instructions (one instruction of
     all L lanes reads the stretch it spans). Top: v2-v4, one element per lane and instruction;
-    bottom: v5/v6, one 8-byte word per lane and instruction. Defaults: head_dim 128, fp16, the 16
+    bottom: v5-v7, one 8-byte word per lane and instruction. Defaults: head_dim 128, fp16, the 16
     lanes per key of a GPU launch."""
     per_word = 8 // elem_bytes
     ax = new_axes(ax, (10, 2.6))
     strips = [(f"v2-v4: {dim_slots} loads of {elem_bytes} B per lane",
                lane_map(head_dim, lanes, dim_slots), 1),
-              (f"v5/v6: {dim_slots // per_word} loads of 8 B per lane",
+              (f"v5-v7: {dim_slots // per_word} loads of 8 B per lane",
                lane_map(head_dim, lanes, dim_slots, elem_bytes), per_word)]
     colors = plt.get_cmap("tab20").colors
     for row, (label, dims, per_load) in enumerate(reversed(strips)):
