@@ -296,32 +296,40 @@ def test_cuda_launch_rejects_unknown_version():
 def test_auto_num_splits_fills_the_gpu_without_short_partitions():
     from kvlab.kernels.cuda.attention import MIN_KEYS_PER_SPLIT, auto_num_splits
 
-    h100 = dict(num_sms=132, blocks_per_sm=2048 // 128)     # 2,112 block slots
-    # 8 rows x 8 kv heads (one head tile each) = 64 blocks: 33 per slot needed -> 64
-    assert auto_num_splits(64, 32768, **h100) == 64
-    assert auto_num_splits(64 * 33, 32768, **h100) == 1       # already >= 2,112 blocks
-    assert auto_num_splits(64 * 32, 32768, **h100) == 2       # 2,048: one short
-    # one sequence: 8 blocks want 264 -> 512, but 32,768 keys allow 128 partitions of 256
-    assert auto_num_splits(8, 32768, **h100) == 32768 // MIN_KEYS_PER_SPLIT
-    assert auto_num_splits(8, 300, **h100) == 1                # too short to split
-    assert auto_num_splits(8, 1024, **h100) == 4               # 4 partitions of 256 keys
+    v2_on_132_sms = dict(num_sms=132, resident_blocks=3)       # 1.5 waves = 594 blocks
+    # 8 rows x 8 kv heads (one head tile each) = 64 blocks: 594 / 64 = 9.3 -> 16
+    assert auto_num_splits(64, 32768, **v2_on_132_sms) == 16
+    assert auto_num_splits(64 * 10, 32768, **v2_on_132_sms) == 1    # 640 >= 594 already
+    assert auto_num_splits(64 * 9, 32768, **v2_on_132_sms) == 2     # 576: one short
+    assert auto_num_splits(64, 32768, num_sms=132, resident_blocks=4) == 16  # v6: 792 -> 1,024
+    # one sequence: 8 blocks want 75 partitions -> 128, but 8,192 keys allow 32 of 256
+    assert auto_num_splits(8, 8192, **v2_on_132_sms) == 8192 // MIN_KEYS_PER_SPLIT
+    assert auto_num_splits(8, 300, **v2_on_132_sms) == 1             # too short to split
+    assert auto_num_splits(8, 1024, **v2_on_132_sms) == 4            # 4 partitions of 256 keys
     with pytest.raises(ValueError, match="num_sms must be >= 1"):
-        auto_num_splits(8, 1024, num_sms=0, blocks_per_sm=16)
+        auto_num_splits(8, 1024, num_sms=0, resident_blocks=3)
+    with pytest.raises(ValueError, match="resident_blocks must be >= 1"):
+        auto_num_splits(8, 1024, num_sms=132, resident_blocks=0)
 
 
-def test_auto_num_splits_picks_a_measured_best_on_the_h100():
-    """The rule against the split sweep of v2 measured on an H100 (data/bench; the rule was made
-    from it): at the bench's shape it must pick a split count whose measured time is within 5% of
-    the fastest one. (On the H200, v6's sweep is flatter and noisier; notebook 05 shows both.)"""
+@pytest.mark.parametrize("path, version", [("bench/h100_2026-11-27.json", 2),
+                                           ("bench/h200_2026-11-27.json", 6),
+                                           ("bench/h200_2026-11-27.json", 7)])
+def test_auto_num_splits_picks_a_measured_best(path, version):
+    """The rule against the split sweeps measured on GPUs (data/bench; both cards have 132 SMs):
+    at the bench's shape it must pick a split count whose measured time is within 5% of the
+    fastest one of that version. (WAVES was fit to these sweeps: this keeps it honest to them.)"""
     from kvlab.data import load_json
-    from kvlab.kernels.cuda.attention import HEAD_TILE, auto_num_splits
+    from kvlab.kernels.cuda.attention import HEAD_TILE, RESIDENT_BLOCKS, auto_num_splits
 
-    run = load_json("bench/h100_2026-11-27.json")
+    run = load_json(path)
     shape = run["meta"]["shape"]
     timed = {int(r["op"].rsplit("=", 1)[1]): r["median_s"] for r in run["rows"]
-             if r["op"].startswith("kernel v2 fp16 splits=")}
+             if r["op"].startswith(f"kernel v{version} fp16 splits=")}
+    assert len(timed) >= 5, sorted(timed)
     base = shape["num_seqs"] * shape["num_kv_heads"] * -(-shape["group"] // HEAD_TILE)
-    pick = auto_num_splits(base, shape["context_len"], num_sms=132, blocks_per_sm=2048 // 128)
+    pick = auto_num_splits(base, shape["context_len"], num_sms=132,
+                           resident_blocks=RESIDENT_BLOCKS[version])
     assert pick in timed, (pick, sorted(timed))
     assert timed[pick] <= 1.05 * min(timed.values()), (pick, timed)
 

@@ -724,30 +724,40 @@ MIN_KEYS_PER_SPLIT = 256  # a partition's fixed cost (its setup, partial row, sh
 #                           is a few keys' worth; below ~256 keys it stops paying for itself
 
 
+# Blocks of each version one SM holds at once, from the registers and shared memory the driver
+# reported on an H200 (data/bench/h200_2026-11-27_resources.json; 65,536 registers per SM): v1 96
+# registers x 128 threads and 20.6 KB shared -> 5; v2-v5 148-168 registers -> 3; v6 and v7 as
+# their launch bounds promise. Another compiler may allocate differently; the rule only needs the
+# order of magnitude.
+RESIDENT_BLOCKS = {1: 5, 2: 3, 3: 3, 4: 3, 5: 3, 6: BLOCKS_PER_SM, 7: CHUNK_BLOCKS_PER_SM}
+WAVES = 1.5  # blocks asked for, in units of what the GPU holds at once (see auto_num_splits)
+
+
 def auto_num_splits(base_blocks: int, longest_context: int, num_sms: int,
-                    blocks_per_sm: int) -> int:
+                    resident_blocks: int) -> int:
     """Split-K partitions per sequence when the caller leaves ``num_splits=None``.
 
     A decode launch has ``base_blocks`` thread blocks per partition (query rows x kv heads x head
-    tiles): 8 sequences x 8 kv heads = 64, on an H100's 132 SMs. Splitting each sequence S ways
-    multiplies the blocks by S. The rule: the smallest power of two S with
-    ``base_blocks * S >= num_sms * blocks_per_sm``, no partition shorter than
-    ``MIN_KEYS_PER_SPLIT`` keys. ``blocks_per_sm`` is what the SM's *thread* limit allows (2048 /
-    128 = 16), not what the kernel's registers leave resident (3 for v2-v5, 4 for v6): so the rule
-    asks for ~5 waves of blocks, which is what the H100 sweep rewards — 1.3 waves (8 splits) was
-    26% slower than the best, 2.6 to 10 waves (16 to 64 splits) within 1%: with several waves,
-    partitions that finish early (ragged lengths, a last block's tail) leave no SM idle for long.
-    Powers of two because the benchmark sweeps them: the choice is always a configuration that
-    has been measured. Flash-decoding (Dao et al., 2023) and FlashAttention-2's split heuristic
-    reason alike: split only while the GPU is not yet full of work.
+    tiles): 8 sequences x 8 kv heads = 64, on 132 SMs. Splitting each sequence S ways multiplies the
+    blocks by S. The rule: the smallest power of two S with
+    ``base_blocks * S >= WAVES * num_sms * resident_blocks`` (``resident_blocks``: blocks of the
+    kernel one SM holds at once, ``RESIDENT_BLOCKS``), no partition shorter than
+    ``MIN_KEYS_PER_SPLIT`` keys. Under one wave, SMs sit idle; every extra wave adds partial rows
+    to merge and partitions whose setup is not amortized. WAVES = 1.5 is fit to the two sweeps
+    measured so far, and the power of two lands it at 1.9-2.6 waves there: v2 on the H100 (3
+    resident blocks: picks 16 splits, the fastest; 8 splits, 1.3 waves, were 26% slower) and v6 on
+    the H200 (4 resident: picks 16, 1.57 ms against the best 1.56 at 8 splits; 64 splits, 7.8
+    waves, 1.66 ms). The first rule counted the thread limit's 16 slots instead and picked 64.
+    Powers of two because the benchmark sweeps them. Flash-decoding (Dao et al., 2023) and
+    FlashAttention-2's split heuristic reason alike: split only while the GPU is not yet full.
     """
     for name, value in (("base_blocks", base_blocks), ("num_sms", num_sms),
-                        ("blocks_per_sm", blocks_per_sm)):
+                        ("resident_blocks", resident_blocks)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     most = max(1, longest_context // MIN_KEYS_PER_SPLIT)
     splits = 1
-    while base_blocks * splits < num_sms * blocks_per_sm and splits * 2 <= most:
+    while base_blocks * splits < WAVES * num_sms * resident_blocks and splits * 2 <= most:
         splits *= 2
     return splits
 
@@ -764,11 +774,9 @@ def device_num_splits(num_rows: int, num_q_heads: int, num_kv_heads: int, longes
     gets 1: it has no SMs to fill, and every partition costs it real time."""
     if MODE != "gpu" or num_rows == 0:
         return 1
-    device = cuda.get_current_device()
-    threads = THREADS_PER_BLOCK if version == 1 else WARP_THREADS
     return auto_num_splits(num_rows * _head_blocks(num_q_heads, num_kv_heads, version),
-                           longest_context, device.MULTIPROCESSOR_COUNT,
-                           device.MAX_THREADS_PER_MULTIPROCESSOR // threads)
+                           longest_context, cuda.get_current_device().MULTIPROCESSOR_COUNT,
+                           RESIDENT_BLOCKS[version])
 
 
 def _as_words(pool: Any) -> Any:
