@@ -31,24 +31,24 @@ python3 -c "import numpy, numba, torch, numba.cuda as c, kvlab; print('numpy', n
 step "pytest -m gpu"
 # pytest-xdist (in the GPU image) compiles the kernels in parallel processes; without it, one
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
-timeout $(upto 170) python3 -m pytest -m gpu -q -rs -p no:cacheprovider $XDIST tests > "$OUT/gpu_tests.log" 2>&1
+timeout -k 10 $(upto 170) python3 -m pytest -m gpu -q -rs -p no:cacheprovider $XDIST tests > "$OUT/gpu_tests.log" 2>&1
 echo "rc=$?"; tail -15 "$OUT/gpu_tests.log"
 step bench
-timeout $(upto 200) python3 -m kvlab bench --backend cuda --size real --stage "${BENCH_STAGES:-attention,fused_write,paging,quant,rope}" --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
+timeout -k 10 $(upto 200) python3 -m kvlab bench --backend cuda --size real --stage "${BENCH_STAGES:-attention,fused_write,paging,quant,rope}" --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "rc=$?"; grep -vE '^\s*$' "$OUT/bench.txt" | grep -vE 'kvlab bench: ' | cut -c1-230 | tail -90
 step "v7 sweep"
-timeout $(upto 60) python3 scripts/sweep_v7.py >> "$OUT/bench.txt" 2>&1
+timeout -k 10 $(upto 60) python3 scripts/sweep_v7.py >> "$OUT/bench.txt" 2>&1
 echo "rc=$?"; grep -A30 ': median / min of 20' "$OUT/bench.txt" | cut -c1-150
 step "host overhead"
-timeout $(upto 60) python3 scripts/profile_kernels.py --host > "$OUT/host_overhead.txt" 2>&1
+timeout -k 10 $(upto 60) python3 scripts/profile_kernels.py --host > "$OUT/host_overhead.txt" 2>&1
 echo "rc=$?"; cut -c1-120 "$OUT/host_overhead.txt" | tail -12
 step memcheck
-{ echo "### memcheck"; timeout $(upto 70) compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "${SANITIZE_K:-}" -q -p no:cacheprovider tests; echo "rc=$?"; } > "$OUT/sanitize.log" 2>&1
+{ echo "### memcheck"; timeout -k 10 $(upto 70) compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "${SANITIZE_K:-}" -q -p no:cacheprovider tests; echo "rc=$?"; } > "$OUT/sanitize.log" 2>&1
 tail -4 "$OUT/sanitize.log"
 step "ncu profile"
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
-  timeout $(upto 90) "$NCU" --clock-control none --profile-from-start off --kernel-name regex:'warp_attention|fused_write_kernel' \
+  timeout -k 10 $(upto 90) "$NCU" --clock-control none --profile-from-start off --kernel-name regex:'warp_attention|fused_write_kernel' \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis --csv --page details --log-file "$OUT/ncu.csv" \
     python3 scripts/profile_kernels.py 2>&1 | tail -5
@@ -57,12 +57,12 @@ else
   echo "ncu not found: no profile" | tee "$OUT/ncu.csv"
 fi
 step resources
-timeout $(upto 45) python3 -m kvlab.kernels.cuda.ptx --resources paged_attention,merge_splits,warp_attention,fused_write_kernel > "$OUT/resources.json" 2>&1
+timeout -k 10 $(upto 45) python3 -m kvlab.kernels.cuda.ptx --resources paged_attention,merge_splits,warp_attention,fused_write_kernel > "$OUT/resources.json" 2>&1
 grep -B1 -A3 '"registers"' "$OUT/resources.json" | grep -E 'attention|fused_write_kernel|registers|local' | cut -c1-120
 step racecheck
-{ echo "### racecheck"; timeout $(upto 45) compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests; echo "rc=$?"; } >> "$OUT/sanitize.log" 2>&1
+{ echo "### racecheck"; timeout -k 10 $(upto 45) compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests; echo "rc=$?"; } >> "$OUT/sanitize.log" 2>&1
 tail -3 "$OUT/sanitize.log"
 step initcheck
-{ echo "### initcheck"; timeout $(upto 45) compute-sanitizer --tool initcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests; echo "rc=$?"; } >> "$OUT/sanitize.log" 2>&1
+{ echo "### initcheck"; timeout -k 10 $(upto 45) compute-sanitizer --tool initcheck --report-api-errors no --print-limit 20 python3 -m pytest -m "gpu and sanitize" -k "attention or fused" -q -p no:cacheprovider tests; echo "rc=$?"; } >> "$OUT/sanitize.log" 2>&1
 tail -3 "$OUT/sanitize.log"
 step done

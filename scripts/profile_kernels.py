@@ -7,7 +7,7 @@
 
 Every kernel is compiled and run once first (outside the profiled range: Numba compiles on the
 first launch), then ``cuda.profile_start()`` opens the range and each kernel runs exactly once:
-paged decode attention v2, v5 and v6 at 16 splits (8 x 32k cached tokens, 8 kv heads, GQA 4,
+paged decode attention v2, v5, v6 and v7 at 16 splits (8 x 32k cached tokens, 8 kv heads, GQA 4,
 head_dim 128, fp16, the bench's ``--size real``) and the fused write at 1 and 16 tokens per block,
 and at 16 with heads in registers (a 4k-token prefill, qk_mode 2). What the profiler reports —
 achieved occupancy, memory throughput, why warps stall — is what notebooks 04 and 05 need to say
@@ -16,7 +16,8 @@ scripts/gpu_check.sh runs this under ncu when ncu is installed. Needs a GPU.
 
 ``--host``: on the H100 (2026-11-27) the public fused write took 1.74 ms against 0.81 ms for its
 kernel alone, and the public attention op 0.32 ms more than its kernel: host time during which
-the GPU waits. This times each host-side part alone with ``time.perf_counter`` (the GPU idle
+the GPU waits (on the H200, data/bench/h200_2026-11-27_host_overhead.txt: ~1.1 ms of host time
+around a 0.2 ms fused kernel). This times each host-side part alone with ``time.perf_counter`` (the GPU idle
 before each): the argument checks (they copy index arrays back), the small host-to-device copies,
 the output's allocation (Numba has no caching allocator), the bare kernel launch, and the whole
 op without and with a final synchronize — so the next change goes where the time is.
@@ -93,7 +94,7 @@ def fused_write_setup(be, rng: np.random.Generator, shape: dict) -> SimpleNamesp
 
 def fused_write_launches(be, rng: np.random.Generator, shape: dict) -> list:
     """One launch of the fused-write kernel per FUSED_SETTINGS (arguments checked once)."""
-    from kvlab.kernels.cuda import attention, fused_write
+    from kvlab.kernels.cuda import fused_write
 
     f = fused_write_setup(be, rng, shape)
     return [lambda n=n, r=r: fused_write.launch(f.qkv, None, None, f.cos, f.sin, f.k_pool,

@@ -230,6 +230,27 @@ def test_cuda_kernel_versions_match_reference(version, name):
         assert_close(run_version(version, args, num_splits, **options), want)
 
 
+@pytest.mark.parametrize("version", [5, 6, 7])
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_cuda_kernel_versions_over_many_steps(version, kv_dtype):
+    """Long enough that each key stream takes several steps (v7: several chunks of keys) at one
+    split, so the rescale of the running softmax state between steps is exercised too."""
+    args = paged_batch([70, 33], [1, 2], 4, 2, 32, kv_dtype=kv_dtype, seed=6)
+    assert_close(run_version(version, args, 1), reference(args))
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7])
+def test_cuda_kernel_versions_keep_a_nan_key(version):
+    """A NaN in a key the row attends makes its output NaN, as in the reference: no version may
+    quietly drop the key (v7's first draft weighed NaN scores 0, like its masked slots)."""
+    args = paged_batch([20], [1], 2, 1, 16, seed=5)
+    k_pool, tables = args[1], args[3]
+    k_pool[tables[0, 5 // BLOCK], 5 % BLOCK, 0, 3] = np.nan
+    want = reference(args)
+    assert np.isnan(want).all()
+    assert np.isnan(run_version(version, args, 1)).all()
+
+
 @pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7])
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
 def test_cuda_kernel_versions_quantized(version, kv_dtype):
@@ -293,8 +314,26 @@ def test_cuda_launch_rejects_unknown_version():
 
 # --- num_splits=None: split-K chosen for the device ----------------------------------------------
 
+def test_v7_blocks_per_sm_zero_means_no_launch_bounds():
+    """scripts/sweep_v7.py builds v7 variants; 0 must mean "no bounds", None the default."""
+    from kvlab.kernels import cuda as kcuda
+    from kvlab.kernels.cuda import attention
+
+    try:
+        attention._make_warp_kernel(7, 2, 2, 0)
+        assert kcuda.REGISTRY[-1].launch_bounds is None
+        attention._make_warp_kernel(7, 2, 2, None)
+        assert kcuda.REGISTRY[-1].launch_bounds == (attention.WARP_THREADS,
+                                                    attention.CHUNK_BLOCKS_PER_SM)
+    finally:  # the registry lists the modules' own kernels (the PTX test compiles every one)
+        del kcuda.REGISTRY[-2:]
+
+
 def test_auto_num_splits_fills_the_gpu_without_short_partitions():
-    from kvlab.kernels.cuda.attention import MIN_KEYS_PER_SPLIT, auto_num_splits
+    from kvlab.kernels.cuda.attention import (MIN_KEYS_PER_SPLIT, RESIDENT_BLOCKS, VERSIONS,
+                                              auto_num_splits)
+
+    assert set(RESIDENT_BLOCKS) == set(VERSIONS)  # device_num_splits looks every version up
 
     v2_on_132_sms = dict(num_sms=132, resident_blocks=3)       # 1.5 waves = 594 blocks
     # 8 rows x 8 kv heads (one head tile each) = 64 blocks: 594 / 64 = 9.3 -> 16

@@ -116,7 +116,7 @@ def test_sigterm_mid_run_still_prints_and_saves_the_rows_so_far(tmp_path):
         f"raise SystemExit(main(['bench', '--backend', 'numpy', '--size', 'smoke', '--quiet', "
         f"'--stage', 'paging,rope,attention', '--json', {str(out_json)!r}]))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr  # a partial result: saved, but not a success
     result = json.loads(out_json.read_text())
     stages = {r["stage"] for r in result["rows"]}
     assert "paging" in stages and "attention" not in stages, stages

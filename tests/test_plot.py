@@ -476,7 +476,7 @@ def test_measured_roofline_points_at_intensity_and_achieved_rate():
     result = _h100()
     ax = kplot.plot_measured_roofline(result)
     points = {line.get_label().split(":")[0]: line for line in ax.get_lines()
-              if line.get_marker() == "o"}
+              if line.get_marker() in ("o", "s", "^", "D")}
     sdpa = next(r for r in result["rows"] if r["op"].startswith("torch SDPA"))
     flops = kplot.decode_flops(result["meta"]["shape"])
     x, y = points["torch SDPA contiguous (enable_gqa)"].get_xydata()[0]
@@ -489,18 +489,20 @@ def test_measured_roofline_points_at_intensity_and_achieved_rate():
     plt.close("all")
 
 
-@pytest.mark.parametrize("path, dashed", [("bench/h100_2026-11-27.json", "3.35 TB/s (H100 80GB HBM3"),
-                                          ("bench/h200_2026-11-27.json", "4.80 TB/s (H200")])
+@pytest.mark.parametrize("path, dashed", [
+    ("bench/h100_2026-11-27.json", "3.35 TB/s (NVIDIA H100 80GB HBM3"),
+    ("bench/h200_2026-11-27.json", "4.80 TB/s (NVIDIA H200 ")])
 def test_measured_roofline_draws_the_cards_own_datasheet_peak(path, dashed):
     from kvlab.data import load_json
 
     ax = kplot.plot_measured_roofline(load_json(path))
     assert [line.get_label() for line in ax.get_lines() if line.get_linestyle() == "--"] \
         == [next(line.get_label() for line in ax.get_lines() if line.get_label().startswith(dashed))]
-    unknown = load_json(path)
-    unknown["meta"]["device"] = "Some Future GPU"
-    ax = kplot.plot_measured_roofline(unknown)
-    assert not [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    for other in ("Some Future GPU", "NVIDIA GH200 480GB"):  # unknown, or only a name's tail
+        unknown = load_json(path)
+        unknown["meta"]["device"] = other
+        ax = kplot.plot_measured_roofline(unknown)
+        assert not [line for line in ax.get_lines() if line.get_linestyle() == "--"], other
     plt.close("all")
 
 

@@ -47,7 +47,7 @@ v1's kernels and the device function they share:
 - ``merge_splits_kernel``: grid ``(rows, num_q_heads)``, threads over head_dim: the log-sum-exp
   merge of the S partials (every version ends with it; for S = 1 it copies, exactly).
 
-v1 is simulator-safe as written (shared-memory reductions and barriers only). v2-v5 sum over a
+v1 is simulator-safe as written (shared-memory reductions and barriers only). v2-v7 sum over a
 key's lanes with warp shuffles on a GPU; the simulator has none, so there they run one narrow
 stand-in "warp" that sums through shared memory (``_sum_over_key_lanes``) — the shuffle path
 itself is checked by the PTX compile and by ``pytest -m gpu``. Pools
@@ -454,7 +454,7 @@ def _decode(kind, k_r, v_r):
 
 
 def _make_warp_kernel(version: int, elem_bytes: int = 0, keys_per_step: int = 0,
-                      blocks_per_sm: int = 0) -> Any:
+                      blocks_per_sm: int | None = None) -> Any:
     """v2-v7 share one source; ``version`` (and v5's ``elem_bytes``) are compile-time constants
     in it, so each kernel holds only its own steps (a learner diffs the ``if version ...`` blocks):
 
@@ -469,7 +469,7 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0, keys_per_step: int = 0,
     - v6: v5's source, compiled for ``BLOCKS_PER_SM`` blocks per SM (launch bounds).
     - v7: v5's loads and unpacking, ``keys_per_step`` keys per stream per step (default
       ``KEYS_PER_STEP``), one softmax rescale per step, exp2; compiled for ``blocks_per_sm``
-      (default ``CHUNK_BLOCKS_PER_SM``; 0 there: no launch bounds). scripts/sweep_v7.py builds
+      (None: ``CHUNK_BLOCKS_PER_SM``; 0: no launch bounds). scripts/sweep_v7.py builds
       other (keys, blocks) pairs to time them.
     """
     wide = version >= 5
@@ -509,7 +509,7 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0, keys_per_step: int = 0,
         v_next = cuda.local.array(DIM_SLOTS, np.float32)
         k_w = cuda.local.array(chunk_words, np.uint64)              # v5's words (v7: a chunk's)
         v_w = cuda.local.array(chunk_words, np.uint64)
-        p = cuda.local.array((keys, HEAD_TILE), np.float32)         # v7: a chunk's scores, then
+        prob = cuda.local.array((keys, HEAD_TILE), np.float32)      # v7: a chunk's scores, then
         k_sc = cuda.local.array(keys, np.float32)                   # its probabilities
         v_sc = cuda.local.array(keys, np.float32)
         for g in range(HEAD_TILE):
@@ -542,11 +542,11 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0, keys_per_step: int = 0,
                     _sum_over_key_lanes(s, lanes, scratch)
                     valid = first + c * num_streams + stream < stop
                     for g in range(HEAD_TILE):
-                        p[c, g] = s[g] * k_sc[c] if valid else NEG_INF
+                        prob[c, g] = s[g] * k_sc[c] if valid else NEG_INF
                 for g in range(HEAD_TILE):
                     m_new = m[g]
                     for c in range(keys):
-                        m_new = max(m_new, p[c, g])
+                        m_new = max(m_new, prob[c, g])
                     if m_new > NEG_INF:                # else: no key of this stream yet, p stays 0
                         correction = math.exp2(m[g] - m_new)
                         m[g] = m_new
@@ -554,12 +554,14 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0, keys_per_step: int = 0,
                         for i in range(DIM_SLOTS):
                             acc[g, i] *= correction
                     for c in range(keys):
-                        p[c, g] = math.exp2(p[c, g] - m_new) if p[c, g] > NEG_INF else ZERO
-                        l[g] += p[c, g]
+                        # masked slots (-inf) weigh 0; a NaN score stays NaN, as in v2-v6
+                        x = prob[c, g]
+                        prob[c, g] = math.exp2(x - m_new) if x != NEG_INF else ZERO
+                        l[g] += prob[c, g]
                 for c in range(keys):
                     _unpack(kind, elem_bytes, v_w, c * words, v_r, lane, lanes, head_dim)
                     for g in range(HEAD_TILE):
-                        pv = p[c, g] * v_sc[c]
+                        pv = prob[c, g] * v_sc[c]
                         for i in range(DIM_SLOTS):
                             acc[g, i] += pv * v_r[i]
         else:                                    # v2-v6: one key per stream per step
@@ -664,7 +666,8 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0, keys_per_step: int = 0,
         warp_attention.__name__ = f"warp_attention_v{version}_kernel"
         signatures = _signatures(template)
     warp_attention.__qualname__ = warp_attention.__name__
-    resident = {6: BLOCKS_PER_SM, 7: blocks_per_sm or CHUNK_BLOCKS_PER_SM}.get(version, 0)
+    chunk_bounds = CHUNK_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm
+    resident = {6: BLOCKS_PER_SM, 7: chunk_bounds}.get(version, 0)
     bounds = (WARP_THREADS, resident) if resident else None
     return kernel(*signatures, launch_bounds=bounds)(warp_attention)
 
@@ -672,7 +675,7 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0, keys_per_step: int = 0,
 warp_attention_v2_kernel = _make_warp_kernel(2)
 warp_attention_v3_kernel = _make_warp_kernel(3)
 warp_attention_v4_kernel = _make_warp_kernel(4)
-# v5 and v6, by the bytes of one pool element: float32, float16, int8 / fp8 codes
+# v5-v7, by the bytes of one pool element: float32, float16, int8 / fp8 codes
 WIDE_KERNELS = {(version, size): _make_warp_kernel(version, size)
                 for version in (5, 6, 7) for size in (4, 2, 1)}
 WARP_KERNELS = {2: warp_attention_v2_kernel, 3: warp_attention_v3_kernel,
@@ -714,7 +717,7 @@ VERSIONS = {
     7: "key chunks: v5 taking 2 keys per stream per step, one softmax rescale per chunk, exp2",
 }
 # What the public ops launch: the fastest version measured on a real GPU that passes `pytest -m gpu`
-# (v6: H200, 2026-11-27, 1.61 ms at the bench shape against v2's 2.37 ms; notebook 05).
+# (v6: H200, 2026-11-27, 1.57 ms at the bench shape against v2's 2.26 ms; notebook 05).
 DEFAULT_VERSION = 6
 
 

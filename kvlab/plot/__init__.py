@@ -20,8 +20,8 @@ tested without a screen:
 re-export them here.
 """
 from kvlab.plot.attention import (
-    H100_SXM_NOMINAL, decode_flops, lane_map, plot_kernel_versions, plot_lane_map,
-    plot_measured_roofline, plot_roofline, plot_scores_over_table, plot_split_k,
+    H100_SXM_NOMINAL, NOMINAL_HBM_BYTES_PER_S, decode_flops, lane_map, plot_kernel_versions,
+    plot_lane_map, plot_measured_roofline, plot_roofline, plot_scores_over_table, plot_split_k,
 )
 from kvlab.plot.fused_write import plot_thread_blocks, plot_write_traffic
 from kvlab.plot.capstone import plot_pool_timeline
@@ -54,6 +54,6 @@ __all__ = [
     # 04 fused write
     "plot_thread_blocks", "plot_write_traffic",
     # 05 attention
-    "H100_SXM_NOMINAL", "decode_flops", "lane_map", "plot_kernel_versions", "plot_lane_map",
+    "H100_SXM_NOMINAL", "NOMINAL_HBM_BYTES_PER_S", "decode_flops", "lane_map", "plot_kernel_versions", "plot_lane_map",
     "plot_measured_roofline", "plot_roofline", "plot_scores_over_table", "plot_split_k",
 ]

@@ -21,7 +21,7 @@ H100_SXM_NOMINAL = {"name": "H100 SXM (nominal datasheet)", "bytes_per_s": 3.35e
                     "flops_per_s": 989e12}
 # Datasheet HBM bandwidth by the name a GPU reports (NVIDIA's H100 SXM and H200 datasheets:
 # 3.35 and 4.8 TB/s), drawn dashed beside a measured roofline for scale.
-NOMINAL_HBM_BYTES_PER_S = {"H100 80GB HBM3": 3.35e12, "H200": 4.8e12}
+NOMINAL_HBM_BYTES_PER_S = {"NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA H200": 4.8e12}
 
 
 def plot_scores_over_table(weights: np.ndarray, block_table: Sequence[int], block_size: int,
@@ -173,7 +173,8 @@ def plot_measured_roofline(result: dict, ax: Axes | None = None) -> Axes:
     x = np.logspace(-1, 3, 200)
     ax.loglog(x, np.minimum(peak, x * bw) / 1e12, color=COLOR_REFERENCE, lw=2,
               label=f"measured: copy {bw / 1e9:,.0f} GB/s, fp32 matmul {peak / 1e12:.1f} TFLOP/s")
-    card = next((k for k in NOMINAL_HBM_BYTES_PER_S if k in meta["device"]), None)
+    card = next((k for k in NOMINAL_HBM_BYTES_PER_S  # "NVIDIA H200" but not "NVIDIA GH200 ..."
+                 if meta["device"] == k or meta["device"].startswith(k + " ")), None)
     if card is not None:  # an unknown card gets no datasheet line rather than a wrong one
         nominal = NOMINAL_HBM_BYTES_PER_S[card]
         ax.loglog(x, np.minimum(peak, x * nominal) / 1e12, color=COLOR_REFERENCE, lw=1, ls="--",
@@ -187,7 +188,8 @@ def plot_measured_roofline(result: dict, ax: Axes | None = None) -> Axes:
             best[name] = r
     for i, (name, r) in enumerate(best.items()):
         achieved = flops / r["median_s"]
-        ax.plot(flops / r["bytes"], achieved / 1e12, "o", ms=7,
+        marker = "os^D"[i // len(SEQ_COLORS) % 4]  # a new marker each time the colours repeat
+        ax.plot(flops / r["bytes"], achieved / 1e12, marker, ms=7,
                 color=SEQ_COLORS[i % len(SEQ_COLORS)],
                 label=f"{name}: {r['median_s'] * 1e6:,.0f} us, {r['gb_per_s']:,.0f} GB/s")
     ax.set_xlabel("arithmetic intensity (FLOPs per byte moved)")
