@@ -30,8 +30,8 @@ reason, its measured effect (notebook 05 times them side by side; ``VERSIONS`` n
 
 Measured on an H200 (2026-11-27, ``data/bench/h200_2026-11-27.json``, fp16, 16 splits, kernel
 alone): v1 6.01 ms, v2 2.26, v3 1.72, v4 1.74, v5 1.81, v6 1.57, v7 1.60 — torch SDPA on
-contiguous K/V 0.26 ms. Nsight Compute puts v6 at 17% of DRAM bandwidth and 59% of SM issue
-with 23% occupancy: latency-bound, with instruction issue next (notebook 05, section 5b).
+contiguous K/V 0.26 ms. Nsight Compute puts v6 at 17% of DRAM bandwidth and 59% "Compute (SM)
+Throughput" with 23% occupancy: latency-bound, with instruction issue next (notebook 05, section 5b).
 
 v1's kernels and the device function they share:
 
@@ -348,6 +348,17 @@ else:
 
 
 @cuda.jit(device=True, inline="always")
+def _key_dots(q_r, k_r, s, lanes, scratch):
+    """``s[g]`` = q head g . the key, for the tile's heads: each lane's partial dot over the dims
+    it holds, summed over the key's ``lanes`` lanes (every lane ends with the whole dot)."""
+    for g in range(HEAD_TILE):
+        s[g] = ZERO
+        for i in range(DIM_SLOTS):
+            s[g] += q_r[g, i] * k_r[i]
+    _sum_over_key_lanes(s, lanes, scratch)
+
+
+@cuda.jit(device=True, inline="always")
 def _code(pool, kind, block, offset, head, dim):
     """v2's load: one K or V element as float32 before its scale (widened float, int8 code, or fp8
     decoded) — the branch on ``kind`` sits between each load and the next."""
@@ -535,11 +546,7 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0, keys_per_step: int = 0,
                                                    kv_head, lane, lanes, words, k_w, v_w, c * words)
                 for c in range(keys):
                     _unpack(kind, elem_bytes, k_w, c * words, k_r, lane, lanes, head_dim)
-                    for g in range(HEAD_TILE):
-                        s[g] = ZERO
-                        for i in range(DIM_SLOTS):
-                            s[g] += q_r[g, i] * k_r[i]
-                    _sum_over_key_lanes(s, lanes, scratch)
+                    _key_dots(q_r, k_r, s, lanes, scratch)
                     valid = first + c * num_streams + stream < stop
                     for g in range(HEAD_TILE):
                         prob[c, g] = s[g] * k_sc[c] if valid else NEG_INF
@@ -608,11 +615,7 @@ def _make_warp_kernel(version: int, elem_bytes: int = 0, keys_per_step: int = 0,
                                             k_next, v_next)
                 if version == 3 or version == 4:
                     _decode(kind, k_r, v_r)
-                for g in range(HEAD_TILE):
-                    s[g] = ZERO
-                    for i in range(DIM_SLOTS):
-                        s[g] += q_r[g, i] * k_r[i]
-                _sum_over_key_lanes(s, lanes, scratch)
+                _key_dots(q_r, k_r, s, lanes, scratch)
                 if valid:
                     for g in range(HEAD_TILE):
                         score = s[g] * k_scale
