@@ -1,15 +1,16 @@
 """Launch kvlab's main CUDA kernels once each at the benchmark's real shape, for a profiler; or
 (``--host``) time the host side of the public ops part by part.
 
-    ncu --profile-from-start off --kernel-name regex:'warp_attention|fused_write' \
+    ncu --profile-from-start off --kernel-name regex:'attention_v|fused_write' \
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
         python3 scripts/profile_kernels.py
 
 Every kernel is compiled and run once first (outside the profiled range: Numba compiles on the
 first launch), then ``cuda.profile_start()`` opens the range and each kernel runs exactly once:
-paged decode attention v2, v5, v6 and v7 at 16 splits (8 x 32k cached tokens, 8 kv heads, GQA 4,
-head_dim 128, fp16, the bench's ``--size real``) and the fused write at 1 and 16 tokens per block,
-and at 16 with heads in registers (a 4k-token prefill, qk_mode 2). What the profiler reports —
+paged decode attention v2, v5, v6, v7 and v8 at 16 splits (8 x 32k cached tokens, 8 kv heads,
+GQA 4, head_dim 128, fp16, the bench's ``--size real``) and the fused write at 1 and 16 tokens per
+block, at 16 with heads in registers (v3, what the public op launches) and v4, a warp per token,
+on a 4k-token prefill (qk_mode 2). What the profiler reports —
 achieved occupancy, memory throughput, why warps stall — is what notebooks 04 and 05 need to say
 what limits each kernel.
 scripts/gpu_check.sh runs this under ncu when ncu is installed. Needs a GPU.
@@ -37,8 +38,9 @@ from kvlab.ref.fused_write import _one_sequence
 from kvlab.ref.rope import rope_tables
 
 SPLITS = 16
-ATTENTION_VERSIONS = (2, 5, 6, 7)
-FUSED_SETTINGS = ((1, False), (16, False), (16, True))  # (tokens per block, pairs in registers)
+ATTENTION_VERSIONS = (2, 5, 6, 7, 8)
+# (tokens per block, pairs in registers, version): v4 ignores the first two
+FUSED_SETTINGS = ((1, False, 3), (16, False, 3), (16, True, 3), (16, True, 4))
 
 
 def attention_arrays(be, rng: np.random.Generator, shape: dict) -> tuple:
@@ -97,10 +99,11 @@ def fused_write_launches(be, rng: np.random.Generator, shape: dict) -> list:
     from kvlab.kernels.cuda import fused_write
 
     f = fused_write_setup(be, rng, shape)
-    return [lambda n=n, r=r: fused_write.launch(f.qkv, None, None, f.cos, f.sin, f.k_pool,
-                                                f.v_pool, None, None, f.table_2d, f.starts,
-                                                f.offsets, f.checked, EPS, 2, None, True, n, r)
-            for n, r in FUSED_SETTINGS]
+    return [lambda n=n, r=r, v=v: fused_write.launch(f.qkv, None, None, f.cos, f.sin, f.k_pool,
+                                                     f.v_pool, None, None, f.table_2d, f.starts,
+                                                     f.offsets, f.checked, EPS, 2, None, True, n,
+                                                     r, version=v)
+            for n, r, v in FUSED_SETTINGS]
 
 
 def _host_us(fn, repeats: int) -> float:
@@ -145,19 +148,26 @@ def host_overhead(be, rng: np.random.Generator, shape: dict, num_splits: int = S
          lambda: kept.append(fused_write.launch(f.qkv, None, None, f.cos, f.sin, f.k_pool,
                                                 f.v_pool, None, None, f.table_2d, f.starts,
                                                 f.offsets, f.checked, EPS, 2, None, True))),
+        ("fused write: launch(version=4) alone (a warp per token, no sync)",
+         lambda: kept.append(fused_write.launch(f.qkv, None, None, f.cos, f.sin, f.k_pool,
+                                                f.v_pool, None, None, f.table_2d, f.starts,
+                                                f.offsets, f.checked, EPS, 2, None, True,
+                                                version=4))),
         ("fused write: public paged_write, no sync",
          lambda: kept.append(be.fused_write.paged_write(f.qkv, None, None, f.cos, f.sin,
                                                         f.k_pool, f.v_pool, f.table_1d, 0, f.hq,
                                                         f.h, EPS, 2))),
     ]
     q, k_p, v_p, tables, lens, qs = arrays = attention_arrays(be, rng, shape)
-    launch_default = attention_launches(be, rng, shape, num_splits, arrays)[
-        ATTENTION_VERSIONS.index(attention.DEFAULT_VERSION)]
+    launches = attention_launches(be, rng, shape, num_splits, arrays)
+    launch_default = launches[ATTENTION_VERSIONS.index(attention.DEFAULT_VERSION)]
     parts += [
         ("attention: check_paged_decode_attention",
          lambda: check_paged_decode_attention(q, k_p, v_p, tables, lens, qs, None, 0, None, None,
                                               num_splits)),
         ("attention: launch() alone (widen q, kernel, merge; no sync)", launch_default),
+        ("attention: launch(version=8) alone (kernel reads fp16 q, merge; no sync)",
+         launches[ATTENTION_VERSIONS.index(8)]),
         ("attention: public paged_decode_attention, no sync",
          lambda: kept.append(be.attention.paged_decode_attention(q, k_p, v_p, tables, lens, qs,
                                                                  num_splits=num_splits))),
@@ -198,7 +208,7 @@ def main() -> None:
     cuda.synchronize()
     cuda.profile_stop()
     print(f"profiled attention v{ATTENTION_VERSIONS} at {SPLITS} splits and the fused write at "
-          f"(tokens per block, in registers) {FUSED_SETTINGS}, shape {shape}")
+          f"(tokens per block, in registers, version) {FUSED_SETTINGS}, shape {shape}")
 
 
 if __name__ == "__main__":

@@ -189,7 +189,8 @@ def test_paged_split_k_equals_one_split(num_splits):
 
 def quantized_attention_error(kv_dtype, outlier=1.0, seed=3):
     """Attention of 4 query tokens (8 q heads, GQA 4) over 300 positions written to a quantized
-    paged pool, against float32 attention over the unquantized K/V (the seed's two measures).
+    paged pool, against float32 attention over the unquantized K/V (ferrum's two measures: the
+    Rust engine whose KvInt8 kvlab mirrors).
     ``outlier`` multiplies two K channels (real K caches have a few large channels)."""
     rng = np.random.default_rng(seed)
     length, block_size, hkv, hq, d = 300, 16, 2, 8, 128
@@ -210,7 +211,7 @@ def quantized_attention_error(kv_dtype, outlier=1.0, seed=3):
 
 
 @pytest.mark.parametrize("seed", [3, 4, 5])
-def test_int8_attention_meets_the_seeds_bar(seed):
+def test_int8_attention_meets_ferrums_bar(seed):
     # measured: cosine 0.99996, rel_max_diff 0.008 - 0.009
     err = quantized_attention_error("int8", seed=seed)
     assert err["cosine"] > 0.999 and err["rel_max_diff"] < 0.02, err

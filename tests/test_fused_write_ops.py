@@ -144,13 +144,15 @@ def test_cuda_kernel_steps(tokens_per_block, kv_dtype, qk_mode, registers):
                        d=32)
 
 
-def check_kernel_steps(tokens_per_block, kv_dtype, qk_mode, registers, tokens, hq, hkv, d):
+def check_kernel_steps(tokens_per_block, kv_dtype, qk_mode, registers, tokens, hq, hkv, d,
+                       dtype="float16", version=3, rotary_dim=None, paged=True):
     """kvlab.kernels.cuda.fused_write.launch with these settings == the unfused ops."""
     from kvlab.checks import check_fused_write
     from kvlab.kernels.cuda import fused_write
     from kvlab.ref.fused_write import _one_sequence
 
-    case = make_case(tokens, hq, hkv, d, 5, kv_dtype=kv_dtype, seed=5)
+    case = make_case(tokens, hq, hkv, d, 5, dtype=dtype, kv_dtype=kv_dtype, seed=5,
+                     rotary_dim=rotary_dim, block_size=16 if paged else 1, shuffled=paged)
     want = unfused(case, qk_mode)
     gpu = get_backend("cuda")
     a = {k: (gpu.asarray(v) if k in ARRAYS and v is not None else v) for k, v in case.items()}
@@ -161,8 +163,8 @@ def check_kernel_steps(tokens_per_block, kv_dtype, qk_mode, registers, tokens, h
                               qk_mode, a["k_scales"], a["v_scales"], kv_dtype)
     q = fused_write.launch(a["qkv"], a["q_norm_w"], a["k_norm_w"], a["cos"], a["sin"],
                            a["k_pool"], a["v_pool"], a["k_scales"], a["v_scales"], table, starts,
-                           offsets, shape, 1e-6, qk_mode, kv_dtype, True, tokens_per_block,
-                           registers)
+                           offsets, shape, 1e-6, qk_mode, kv_dtype, paged, tokens_per_block,
+                           registers, version=version)
     got = {k: gpu.to_numpy(a[k]) for k in ("k_pool", "v_pool", "k_scales", "v_scales")
            if a[k] is not None}
     got["q_out"] = gpu.to_numpy(q)
@@ -335,7 +337,7 @@ def test_quantized_cache_refuses_k_that_overflows_after_rope(backend):
         assert not backend.to_numpy(moved[name]).any(), name
 
 
-# --- the seed's API: KvLayer.paged_write / contig_write ------------------------------------------
+# --- ferrum's API: KvLayer.paged_write / contig_write --------------------------------------------
 
 def test_layer_paged_write_checks_len_reserves_and_rolls_back(backend):
     layer = KvLayer.alloc_paged(4, 16, 1, 64, backend=backend, dtype="int8")
@@ -387,6 +389,71 @@ def test_gpu_prefill_matches_numpy(kv_dtype):
 @pytest.mark.gpu
 @pytest.mark.sanitize
 def test_gpu_prefill_under_sanitizer():
-    """Run by ../shared/gpu under compute-sanitizer: no out-of-bounds access, no race."""
+    """Run by scripts/gpu_check.sh under compute-sanitizer: no out-of-bounds access, no race."""
     case = make_case(64, 32, 8, 128, 14, kv_dtype="fp8_e4m3", seed=9)
     assert_fused_equals_unfused(run_paged_write(get_backend("cuda"), case, 3), unfused(case, 3))
+
+
+# --- v4: a warp per token (not yet what the public ops launch) ----------------------------------
+
+V4_CASES = [  # dtype, qk_mode, kv_dtype, rotary_dim, paged
+    ("float16", 0, None, None, True), ("float16", 1, None, None, True),
+    ("float16", 2, None, 16, True), ("float16", 3, None, None, False),
+    ("float16", 1, "int8", None, True), ("float16", 2, "fp8_e4m3", None, False),
+    ("float32", 1, None, None, True), ("float32", 2, "int8", None, True),
+    ("float32", 3, "fp8_e4m3", 16, True)]
+
+
+@pytest.mark.parametrize("dtype, qk_mode, kv_dtype, rotary_dim, paged", V4_CASES)
+def test_cuda_fused_write_v4_equals_unfused(dtype, qk_mode, kv_dtype, rotary_dim, paged):
+    """v4's own lane logic (its shuffles emulated in the simulator) bit for bit against the
+    unfused ops: every qk_mode, fp16 and fp32 qkv, float/int8/fp8 caches, partial rotary, paged
+    and contiguous caches; 5 tokens of 4 heads, so a CTA's last warp has no token."""
+    from kvlab.kernels.cuda import fused_write_v4
+
+    elem = np.dtype(dtype).itemsize
+    assert fused_write_v4.layout(elem, 32, qk_mode, (rotary_dim or 32) // 2) is not None
+    check_kernel_steps(1, kv_dtype, qk_mode, True, tokens=5, hq=2, hkv=1, d=32, dtype=dtype,
+                       version=4, rotary_dim=rotary_dim, paged=paged)
+
+
+def test_cuda_fused_write_v4_dry_run_refuses_before_writing():
+    """A K head the norm's weight makes too large for an int8 cache: v4's dry run flags it and
+    nothing is written (the raw qkv passed the host-side check)."""
+    from kvlab.checks import check_fused_write
+    from kvlab.kernels.cuda import fused_write
+    from kvlab.ref.fused_write import _one_sequence
+
+    case = make_case(3, 2, 1, 32, 0, kv_dtype="int8", seed=7)
+    case["k_norm_w"] = np.full(32, 1e7, np.float32)
+    gpu = get_backend("cuda")
+    a = {k: (gpu.asarray(v) if k in ARRAYS and v is not None else v) for k, v in case.items()}
+    table, starts, offsets = (gpu.asarray(x) for x in _one_sequence(case["qkv"],
+                                                                     case["block_table"], 0))
+    args = (a["qkv"], a["q_norm_w"], a["k_norm_w"], a["cos"], a["sin"], a["k_pool"], a["v_pool"])
+    shape = check_fused_write(*args, table, starts, offsets, 2, 1, 1e-6, 1, a["k_scales"],
+                              a["v_scales"], "int8")
+    with pytest.raises(ValueError, match="nothing was written"):
+        fused_write.launch(*args, a["k_scales"], a["v_scales"], table, starts, offsets, shape,
+                           1e-6, 1, "int8", True, version=4)
+    assert np.array_equal(gpu.to_numpy(a["k_pool"]), case["k_pool"])
+    assert np.array_equal(gpu.to_numpy(a["v_pool"]), case["v_pool"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype, qk_mode", [("float16", 1), ("float16", 2), ("float16", 3),
+                                            ("float32", 1)])
+def test_gpu_fused_write_v4_at_prefill_size(kv_dtype, dtype, qk_mode):
+    """v4 bit-equal to the unfused path on a GPU: 1,000 tokens (not a multiple of the 4 tokens
+    of a CTA), Qwen3-8B-like heads."""
+    check_kernel_steps(16, kv_dtype, qk_mode, True, tokens=1000, hq=32, hkv=8, d=128,
+                       dtype=dtype, version=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitize
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_gpu_fused_write_v4_under_sanitizer(kv_dtype):
+    """v4's 16-byte loads and stores under compute-sanitizer (memcheck, racecheck, initcheck)."""
+    check_kernel_steps(16, kv_dtype, 1, True, tokens=63, hq=8, hkv=2, d=128, version=4)

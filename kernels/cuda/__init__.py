@@ -5,7 +5,8 @@ by :func:`kvlab.backends.cuda_mode` *before* numba is imported here.
 
 Every kernel is declared with :func:`kernel`, which is ``numba.cuda.jit`` plus a record of the
 argument types the kernel is compiled for. The simulator runs any Python, so the test suite also
-compiles every recorded kernel to PTX for real (``kvlab.kernels.cuda.ptx``) — no GPU needed.
+compiles every recorded kernel to PTX and through ptxas for real (``kvlab.kernels.cuda.ptx``:
+registers, spills, shared memory, the decode loops' instruction budget) — no GPU needed.
 """
 from __future__ import annotations
 

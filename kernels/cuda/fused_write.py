@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from kvlab.checks import check_fused_write
-from kvlab.kernels.cuda import MODE, cuda, kernel, mul_rn
+from kvlab.kernels.cuda import MODE, cuda, fused_write_v4, kernel, mul_rn
 from kvlab.kernels.cuda.quant import _check_values as _check_quant_values
 from kvlab.kernels.cuda.quant import _fp8_e4m3_encode, block_max
 from kvlab.ref.fused_write import _one_sequence
@@ -318,12 +318,16 @@ def _dummy(kind: str) -> Any:
 
 def launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales, block_tables,
            query_start, pos_offsets, shape, eps, qk_mode, kv_dtype, paged,
-           tokens_per_block=TOKENS_PER_BLOCK, pairs_in_registers=PAIRS_IN_REGISTERS) -> Any:
+           tokens_per_block=TOKENS_PER_BLOCK, pairs_in_registers=PAIRS_IN_REGISTERS,
+           version=3) -> Any:
     """The kernel on arguments **already checked** (``shape`` from
     :func:`kvlab.checks.check_fused_write`); returns q_out. Public so that the benchmark can time
     the kernel alone and compare its steps: ``tokens_per_block`` (1, the first version: a block
     per token and head) and ``pairs_in_registers`` (v3: heads with nothing to share skip shared
-    memory and barriers)."""
+    memory and barriers). ``version=4``: :mod:`kvlab.kernels.cuda.fused_write_v4` (a warp per
+    token) where it can lay the heads out, else this kernel with the settings above."""
+    if version not in (3, 4):
+        raise ValueError(f"version must be 3 or 4, got {version!r}")
     if isinstance(tokens_per_block, bool) or not isinstance(tokens_per_block, int) \
             or tokens_per_block < 1:
         raise ValueError(f"tokens_per_block must be an int >= 1, got {tokens_per_block!r}")
@@ -352,8 +356,16 @@ def launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales
     if not paged:
         block_tables = _dummy("block_tables")
     grid = (-(-shape.num_tokens // tokens_per_block), shape.num_q_heads + 2 * shape.num_kv_heads)
+    v4 = None
+    if version == 4:
+        v4 = fused_write_v4.prepare(qkv, q_out, cos, k_pool, v_pool, k_scales, v_scales, shape,
+                                    qk_mode)
 
     def run(check_only: bool, max_input: float, flag: Any) -> None:
+        if v4 is not None:
+            v4(q_norm_w, k_norm_w, cos, sin, block_tables, query_start, pos_offsets, eps,
+               CACHE_KIND[kv_dtype], paged, QMAX.get(kv_dtype, ONE), check_only, max_input, flag)
+            return
         fused_write_kernel[grid, THREADS_PER_BLOCK](
             qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales, block_tables,
             query_start, pos_offsets, shape.num_q_heads, shape.num_kv_heads, np.float32(eps),

@@ -4,7 +4,8 @@ What is new since the paging kernels: a **reduction**. Every (token, kv_head) ve
 ``amax = max |x|`` before any of its elements can be encoded, so the threads of a block must
 cooperate: each takes a strided slice of the vector, writes its partial max to shared memory, a
 tree halves the partials log2(B) times (``block_max``), and every thread reads the block's answer.
-(Warp shuffles would be faster, but Numba's simulator has none: see DESIGN.md §5.)
+(Warp shuffles would be faster — the newest kernels use them, emulated in the simulator by
+:mod:`kvlab.kernels.cuda._warp` — but this stage keeps the shared-memory tree it teaches.)
 
 Launch wrappers have ``kvlab.ref.quant``'s names and parameters, check the arguments first
 (:mod:`kvlab.checks`), and take and return Numba device arrays. Codes must equal the reference's
