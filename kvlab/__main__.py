@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict
 
@@ -30,6 +31,9 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):  # "nan" and "inf" parse as floats
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r} (it "
+                                             f"must be finite)")
         if value <= 0:
             raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
         return value
@@ -145,10 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", choices=("numpy", "cuda", "torch"), default="numpy",
                    help="implementation to time (default numpy); cuda = Numba kernels (GPU, else the "
                    "simulator at smoke size), torch = kvlab's torch ops (mps, cuda or cpu)")
-    b.add_argument("--size", choices=("smoke", "real"), default=None,
-                   help="smoke: tiny shapes (CI, simulator); real: issue #9's shapes, 8 x 32k cached "
-                   "tokens, 8 kv heads, GQA 4, head_dim 128, 4k-token prefill (default: real for "
-                   "cuda on a GPU, else smoke)")
+    b.add_argument("--size", choices=("smoke", "medium", "real"), default=None,
+                   help="smoke: tiny shapes (CI, simulator); medium: 4 x 4k cached tokens and a "
+                   "2k-token prefill, shapes a CPU runs in seconds; real: the GPU target, 8 x 32k "
+                   "cached tokens, 8 kv heads, GQA 4, head_dim 128, 4k-token prefill (default: "
+                   "real for cuda on a GPU, else smoke)")
     b.add_argument("--json", metavar="FILE", help="also write the rows and metadata to FILE as JSON")
     b.add_argument("--warmup", type=_non_negative_int, default=None,
                    help="untimed calls first (default 1; 2 on a GPU)")

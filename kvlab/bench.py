@@ -54,29 +54,37 @@ import numpy as np
 
 from kvlab.backends import BACKENDS, cuda_mode, get_backend
 
-SIZES = ("smoke", "real")
+SIZES = ("smoke", "medium", "real")
 L2_FLUSH_BYTES = 256 * 1024**2       # > any current GPU's L2 (H100: 50 MB, H200: 50 MB)
 COPY_BW_BYTES = 512 * 1024**2        # each of src and dst for the copy-bandwidth measurement
 SECONDS_PER_MEASUREMENT = 1.5        # repeats are cut so one measurement takes about this long
 MIN_REPEATS = 3
 
-# Shapes. "real" is issue #9's target: a decode batch of 8 x 32k cached tokens (256k), 8 kv heads,
+# Shapes. "real" is the GPU target: a decode batch of 8 x 32k cached tokens (256k), 8 kv heads,
 # GQA 4 (32 q heads), head_dim 128, 16-token blocks; writes/RoPE/quantization at a 4k-token prefill.
+# "medium" is the same model shape at a size a CPU runs in seconds (4 x 4k cached tokens, a 2k-token
+# prefill), large enough that a CPU's ratios mean something (the torch backend's CPU targets).
 # "smoke" is small enough for Numba's CUDA simulator (~2 heads x ~64 tokens) and for CI.
 PRESETS: dict[str, dict[str, int]] = {
     "smoke": dict(num_seqs=2, context_len=64, num_kv_heads=2, group=2, head_dim=64, block_size=16,
                   prefill=32, copy_blocks=4, num_splits=2),
+    "medium": dict(num_seqs=4, context_len=4096, num_kv_heads=8, group=4, head_dim=128,
+                   block_size=16, prefill=2048, copy_blocks=256, num_splits=4),
     "real": dict(num_seqs=8, context_len=32768, num_kv_heads=8, group=4, head_dim=128,
                  block_size=16, prefill=4096, copy_blocks=1024, num_splits=16),
 }
 # cuda backend only: notebook 05's numbered attention kernels timed alone (arguments checked once,
 # outside the timing), {version: split counts} per size.
-SPLIT_SWEEP = {"smoke": {1: (1, 2), 2: (2,), 3: (2,), 4: (1, 2), 5: (1, 2), 6: (2,), 7: (1, 2)},
+SPLIT_SWEEP = {"smoke": {1: (1, 2), 2: (2,), 3: (2,), 4: (1, 2), 5: (1, 2), 6: (2,), 7: (1, 2),
+                         8: (1, 2)},
+               "medium": {1: (1, 4), 2: (4,), 3: (4,), 4: (4,), 5: (4,), 6: (1, 4, 16),
+                          7: (1, 4, 16), 8: (1, 4, 16)},
                "real": {1: (1, 16), 2: (16,), 3: (16,), 4: (16,), 5: (16,),
-                        6: (1, 8, 16, 32, 64, 128), 7: (1, 8, 16, 32, 64, 128)}}
+                        6: (1, 8, 16, 32, 64, 128), 7: (1, 8, 16, 32, 64, 128),
+                        8: (1, 8, 16, 32, 64, 128)}}
 # cuda backend only: the fused-write kernel alone, tokens carried per thread block (1: the first
 # version, a block per token and head)
-TOKENS_SWEEP = {"smoke": (1, 8), "real": (1, 4, 8, 16, 32)}
+TOKENS_SWEEP = {"smoke": (1, 8), "medium": (1, 8, 32), "real": (1, 4, 8, 16, 32)}
 EPS = 1e-6
 THETA = 1e6
 
@@ -574,6 +582,10 @@ def bench_fused_write(ctx: Ctx) -> None:
                                  traffic(2, "fused"), baseline=unfused_alone)
                 if (tokens, registers) == (TOKENS_PER_BLOCK, PAIRS_IN_REGISTERS):
                     ctx.compare(mine, kernel)  # < 1: what the op's checks and small copies cost
+        ctx.run("fused_write", "fused kernel v4 alone (qk_mode 2) a warp per token", ctx.impl,
+                ctx.timer, _fused_kernel_only(ctx, pre, hq, h, TOKENS_PER_BLOCK,
+                                              PAIRS_IN_REGISTERS, version=4),
+                shape, traffic(2, "fused"), baseline=unfused_alone)
 
 
 def _unfused_kernels_only(ctx: Ctx, pre: dict[str, Any]) -> Callable[[], Any]:
@@ -612,7 +624,8 @@ def _unfused_kernels_only(ctx: Ctx, pre: dict[str, Any]) -> Callable[[], Any]:
 
 
 def _fused_kernel_only(ctx: Ctx, pre: dict[str, Any], hq: int, h: int,
-                       tokens_per_block: int, registers: bool) -> Callable[[], Any]:
+                       tokens_per_block: int, registers: bool, version: int = 3
+                       ) -> Callable[[], Any]:
     """kvlab.kernels.cuda.fused_write.launch on arguments checked once, outside the timing."""
     from kvlab.checks import check_fused_write
     from kvlab.kernels.cuda import fused_write
@@ -627,7 +640,7 @@ def _fused_kernel_only(ctx: Ctx, pre: dict[str, Any], hq: int, h: int,
                               EPS, 2, None, None, None)
     return lambda: fused_write.launch(qkv, None, None, cos, sin, kp, vp, None, None, table,
                                       starts, offsets, shape, EPS, 2, None, True,
-                                      tokens_per_block, registers)
+                                      tokens_per_block, registers, version=version)
 
 
 def bench_attention(ctx: Ctx) -> None:
@@ -726,7 +739,16 @@ def _sdpa_rows(ctx: Ctx, dec: dict[str, Any], shape: str,
                   ctx.torch_timer, sdpa, shape + " fp16", bytes_sdpa(b, n, hq, h, d), note=note)
     gts = ctx.run("attention", "torch gather-then-SDPA", f"torch-sdpa-{dev}", ctx.torch_timer,
                   gather_then_sdpa, shape + " fp16", bytes_gather_then_sdpa(b, n, bs, hq, h, d))
-    return [ref, gts]
+    if dev != "cpu":
+        return [ref, gts]
+    # torch has no fast float16 SDPA on a CPU (measured ~5x slower than float32 at --size medium):
+    # there the fair baseline is SDPA on the contiguous K/V widened to float32 beforehand
+    tq32, k32, v32 = (x.float() for x in (tq, contiguous["k_pool"], contiguous["v_pool"]))
+    fp32 = ctx.run("attention", "torch SDPA contiguous fp32 (enable_gqa)", f"torch-sdpa-{dev}",
+                   ctx.torch_timer,
+                   lambda: F.scaled_dot_product_attention(tq32, k32, v32, enable_gqa=True),
+                   shape + " fp32", bytes_sdpa(b, n, hq, h, d, elem=4))
+    return [ref, gts, fp32]
 
 
 def _attention_kernel_rows(ctx: Ctx, arrays: Callable[..., list[Any]], shape: str,
@@ -868,7 +890,7 @@ def _fp32_matmul_tflops(torch: Any, timer: Any) -> float:
 
 def _progress(quiet: bool) -> Any:
     try:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm  # a widget bar in JupyterLab, a text bar in a terminal
     except ImportError:  # the GPU machines may lack tqdm: a one-line-per-op stand-in
         class tqdm:  # noqa: N801
             def __init__(self, disable=False, **_):
@@ -925,8 +947,8 @@ def run_bench(backend_name: str = "numpy", stages: list[str] | None = None,
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     if backend_name == "cuda" and cuda_mode() == "simulator" and size != "smoke":
-        raise ValueError("the cuda backend runs in Numba's CUDA simulator here (no GPU), which is "
-                         "far too slow for --size real; use --size smoke (the default here)")
+        raise ValueError(f"the cuda backend runs in Numba's CUDA simulator here (no GPU), which is "
+                         f"far too slow for --size {size}; use --size smoke (the default here)")
 
     backend = get_backend(backend_name)
     torch = _import_torch()

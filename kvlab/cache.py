@@ -1,12 +1,15 @@
 """KV caches built from the paging ops: one sequence's layer (:class:`KvLayer`), or many sequences
 across every layer (:class:`KvCacheManager`), over per-layer pools (:class:`KvPool`).
 
+:class:`KvLayer` mirrors the API of ferrum, the Rust inference engine whose ``ferrum-kernels`` crate
+defines ``KvFp16``, ``KvInt8``, ``KvScales`` and ``KvLayer``: "ferrum's" below names those.
+
 Who does what::
 
     KvPool            the bytes: per layer k_pool, v_pool [num_blocks, block_size, num_kv_heads,
                       head_dim] on one backend (numpy / cuda / torch)
     BlockAllocator    the bookkeeping (kvlab.paging): which block is free, shared, cached
-    KvLayer           one sequence x one layer, the seed engine's API: paged or contiguous
+    KvLayer           one sequence x one layer, ferrum's ``KvLayer`` API: paged or contiguous
     KvCacheManager    many sequences x all layers: one block table per sequence, used by every
                       layer (vLLM's layout), prefix caching, fork with copy-on-write
 
@@ -25,13 +28,13 @@ import numpy as np
 
 from kvlab.backends import Backend, get_backend
 from kvlab.checks import (
-    CACHE_QUANT_DTYPES, POOL_DTYPES, QUANT_INPUT_DTYPES, TOKEN_DIMS, check_array, dtype_name,
-    non_negative_int, positive_int,
+    CACHE_QUANT_DTYPES, POOL_DTYPES, QUANT_INPUT_DTYPES, TOKEN_DIMS, check_array, check_int,
+    dtype_name, non_negative_int, positive_int,
 )
 from kvlab.dtypes import get_dtype, list_dtypes
 from kvlab.paging import AllocatorSnapshot, BlockAllocator, BlockKey, Growth, blocks_needed
 
-INDEX_DTYPE = np.int32  # block tables, positions, slots, lengths (DESIGN.md §4)
+INDEX_DTYPE = np.int32  # block tables, positions, slots, lengths (docs/design.md)
 
 
 # --- the bytes --------------------------------------------------------------------------------
@@ -40,15 +43,15 @@ class KvPool:
     """Paged K/V storage for ``num_layers`` layers on one backend.
 
     ``k_pools[layer]`` and ``v_pools[layer]`` are backend arrays of shape
-    ``[num_blocks, block_size, num_kv_heads, head_dim]`` ("NHD", DESIGN.md §4), zero-filled.
+    ``[num_blocks, block_size, num_kv_heads, head_dim]`` ("NHD", docs/design.md), zero-filled.
     Block ``b`` means the same block id in every layer: a sequence has one block table for all
     its layers, so one allocator serves the whole pool.
 
-    dtype: ``"fp16"`` (the seed's ``KvFp16``; default), a pool dtype the paging ops accept
-        (``"float16"``, ``"float32"``), or a quantized KV dtype, ``"int8"`` (the seed's ``KvInt8``)
+    dtype: ``"fp16"`` (ferrum's ``KvFp16``; default), a pool dtype the paging ops accept
+        (``"float16"``, ``"float32"``), or a quantized KV dtype, ``"int8"`` (ferrum's ``KvInt8``)
         or ``"fp8_e4m3"``: then the pools hold codes (int8 / uint8) and ``k_scales[layer]``,
-        ``v_scales[layer]`` hold their fp16 scales ``[num_blocks, block_size, num_kv_heads]`` (the
-        seed's ``KvScales``), and writes quantize through ``kvlab.ref.quant.write_kv_quant``.
+        ``v_scales[layer]`` hold their fp16 scales ``[num_blocks, block_size, num_kv_heads]``
+        (ferrum's ``KvScales``), and writes quantize through ``kvlab.ref.quant.write_kv_quant``.
     backend: a backend name (``"numpy"``, ``"cuda"``, ``"torch"``) or a
         :class:`~kvlab.backends.Backend`.
     """
@@ -111,10 +114,10 @@ class KvPool:
                 f"on {self.backend.name}, {self.nbytes / 2**20:.2f} MiB)")
 
 
-# --- one sequence, one layer: the seed engine's API ---------------------------------------------
+# --- one sequence, one layer: ferrum's KvLayer API -----------------------------------------------
 
 class KvLayer:
-    """One sequence's K/V cache for one layer, paged or contiguous (the seed engine's ``KvLayer``).
+    """One sequence's K/V cache for one layer, paged or contiguous (ferrum's ``KvLayer``).
 
     Build one with :meth:`alloc_paged` or :meth:`alloc_contig`. Both hold ``len`` tokens at
     positions ``0 .. len-1`` and take new tokens with :meth:`write`:
@@ -150,7 +153,7 @@ class KvLayer:
 
         Standalone (no ``pool``): the layer owns a one-layer pool of ``num_blocks`` blocks
         (default ``max_blocks_per_seq``, enough for one full sequence) and its own allocator, as
-        the seed engine's layer does. ``dtype`` defaults to ``"fp16"``, ``backend`` to ``"numpy"``.
+        ferrum's layer does. ``dtype`` defaults to ``"fp16"``, ``backend`` to ``"numpy"``.
 
         Shared: pass a one-layer ``pool`` (a :class:`KvPool`) and the ``allocator`` that manages
         it; the layer takes blocks from ``allocator`` alongside other sequences' layers.
@@ -197,7 +200,7 @@ class KvLayer:
         front (what paging avoids: a short sequence still pays for ``capacity`` tokens).
 
         A quantized dtype (``"int8"``, ``"fp8_e4m3"``) also reserves ``k_scales``, ``v_scales``
-        ``[capacity, num_kv_heads]`` fp16 (the seed panics on a contiguous INT8 cache; kvlab
+        ``[capacity, num_kv_heads]`` fp16 (ferrum panics on a contiguous INT8 cache; kvlab
         writes it as a pool of ``capacity`` blocks of one slot)."""
         for name, value in (("capacity", capacity), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim)):
@@ -256,7 +259,7 @@ class KvLayer:
 
     @property
     def k_scales(self) -> Any:
-        """A quantized layer's K scales (the seed's ``KvScales``): fp16 ``[capacity, Hkv]``
+        """A quantized layer's K scales (ferrum's ``KvScales``): fp16 ``[capacity, Hkv]``
         when contiguous, its layer of the pool's ``[num_blocks, block_size, Hkv]`` when paged;
         None for an fp16/fp32 layer."""
         if not self.kv_dtype:
@@ -329,7 +332,7 @@ class KvLayer:
 
     def paged_write(self, qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any,
                     pos_offset: int, eps: float, qk_mode: int) -> Any:
-        """The seed's fused write for a paged layer: split the packed ``qkv`` rows, (norm and)
+        """ferrum's fused write for a paged layer: split the packed ``qkv`` rows, (norm and)
         rotate Q and K, store K and V at positions ``pos_offset ..`` through the block table,
         return ``q_out [T, num_q_heads, head_dim]`` (``kvlab.ref.fused_write.paged_write``).
 
@@ -444,8 +447,8 @@ class KvLayer:
     def decode_attention(self, q: Any, cfg: Any = None, num_splits: int | None = None) -> Any:
         """Attention of q ``[T, num_q_heads, head_dim]`` over this layer's ``len`` positions (the
         step's T tokens already written), float32 ``[T, num_q_heads, head_dim]``.
-        ``cfg``: a :class:`kvlab.attention.AttnConfig` (None = the defaults). Contiguous: the
-        seed's ``contig_decode_attention``; paged: ``paged_decode_attention`` with this layer's
+        ``cfg``: a :class:`kvlab.attention.AttnConfig` (None = the defaults). Contiguous:
+        ferrum's ``contig_decode_attention``; paged: ``paged_decode_attention`` with this layer's
         pools, table and scales (``num_splits`` partitions, merged; None: the backend
         chooses)."""
         from kvlab.attention import contig_decode_attention, paged_layer_attention
@@ -719,8 +722,9 @@ class KvCacheManager:
     def gather(self, seq_id: Hashable, layer: int) -> tuple[Any, Any]:
         """``(k, v)`` of one sequence in one layer, ``[context_len, num_kv_heads, head_dim]``,
         copied out of the pool on the pool's backend."""
-        if not (isinstance(layer, int) and 0 <= layer < self.pool.num_layers):
-            raise ValueError(f"layer must be in [0, {self.pool.num_layers}), got {layer!r}")
+        layer = check_int("layer", layer, minimum=0)  # any integer, NumPy's too; not a bool
+        if layer >= self.pool.num_layers:
+            raise ValueError(f"layer must be in [0, {self.pool.num_layers}), got {layer}")
         pool, backend = self.pool, self.pool.backend
         table = backend.asarray(self.block_table(seq_id))
         if pool.kv_dtype:  # dequantized, float32
@@ -783,6 +787,14 @@ class KvCacheManager:
             if int(k_per_layer[layer].shape[0]) != num_new:
                 raise ValueError(f"k_per_layer[{layer}] has {k_per_layer[layer].shape[0]} tokens "
                                  f"but token_ids has {num_new}")
+        if pool.kv_dtype:
+            # write_kv_quant refuses values its dtype cannot store (NaN, inf, too large), but
+            # only for the layer it writes: check every layer before the first one is written.
+            # Each backend's quant stage tests them on its own device (one flag read back).
+            dt = get_dtype(pool.kv_dtype)
+            for layer in range(pool.num_layers):
+                pool.backend.quant._check_values(f"k_per_layer[{layer}]", k_per_layer[layer], dt)
+                pool.backend.quant._check_values(f"v_per_layer[{layer}]", v_per_layer[layer], dt)
 
 
 # --- helpers ----------------------------------------------------------------------------------

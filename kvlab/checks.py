@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# Pools hold fp16 (the seed engine's KvFp16) or fp32 (handy for teaching). Quantised (int8) pools
+# Pools hold fp16 (ferrum's KvFp16) or fp32 (handy for teaching). Quantised (int8) pools
 # belong to a later stage, whose ops bring checks of their own.
 POOL_DTYPES = ("float16", "float32")
 INDEX_DTYPE = "int32"  # block tables, slot mappings, positions, context lengths, block ids
@@ -409,7 +409,7 @@ def check_apply_rope(x: Any, cos: Any, sin: Any, positions: Any, style: Any,
 QUANT_DTYPES = ("int8", "fp8_e4m3", "int4")  # kv_dtype names quantize/dequantize take
 CACHE_QUANT_DTYPES = ("int8", "fp8_e4m3")     # kv_dtype names the quantized cache ops take
 QUANT_INPUT_DTYPES = ("float16", "float32")   # what K and V arrive as
-SCALE_DTYPE = "float16"                      # every stored scale (the seed's KvScales)
+SCALE_DTYPE = "float16"                      # every stored scale (ferrum's KvScales)
 SCALE_POOL_DIMS = ("num_blocks", "block_size", "num_kv_heads")
 
 
@@ -555,7 +555,7 @@ def check_attention_options(scale: Any, sliding_window: Any, head_dim: int) -> t
 
 def _check_gqa(num_q_heads: int, num_kv_heads: int, q_head_dim: int, kv_head_dim: int,
                kv_name: str) -> None:
-    """GQA (DESIGN.md §4): every KV head serves ``num_q_heads // num_kv_heads`` query heads."""
+    """GQA (docs/design.md): every KV head serves ``num_q_heads // num_kv_heads`` query heads."""
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
         raise ValueError(f"q's num_q_heads ({num_q_heads}) must be a multiple of {kv_name}'s "
                          f"num_kv_heads ({num_kv_heads}) (GQA: q head h reads kv head "

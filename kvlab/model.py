@@ -36,6 +36,7 @@ import numpy as np
 
 from kvlab.backends import Backend
 from kvlab.cache import KvLayer, as_backend
+from kvlab.ref.rope import rope_tables
 
 QK_MODE = 1  # per-head RMSNorm, then rotate-half RoPE (docs/ops.md, stage 4)
 
@@ -376,8 +377,10 @@ class Qwen3Model:
                 q_norm=w["self_attn.q_norm.weight"], k_norm=w["self_attn.k_norm.weight"]))
         be = self.backend
         self._norm_w = [(be.asarray(l.q_norm), be.asarray(l.k_norm)) for l in self.layers]
-        cos, sin = be.rope.rope_tables(c.max_position_embeddings, c.head_dim, float(c.rope_theta))
-        self.cos, self.sin = cos, sin
+        # The tables are computed on the host and copied to this backend's device: a backend's
+        # own rope_tables picks a default device (torch: mps first), which need not be this one.
+        tables = rope_tables(c.max_position_embeddings, c.head_dim, float(c.rope_theta))
+        self.cos, self.sin = (be.asarray(t) for t in tables)
 
     # --- building ------------------------------------------------------------------------------
 

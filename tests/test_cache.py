@@ -1,4 +1,4 @@
-"""kvlab.cache: KvPool, KvLayer (the seed engine's API, paged and contiguous) and KvCacheManager.
+"""kvlab.cache: KvPool, KvLayer (ferrum's ``KvLayer`` API, paged and contiguous) and KvCacheManager.
 
 Hand-worked block tables and pool contents on the numpy backend, then one scripted scenario
 (prefill, fork, copy-on-write, prefix hit, release) run on every backend, whose results must equal
@@ -50,7 +50,7 @@ def test_pool_shapes_and_dtypes():
         KvPool(1, 0, 4, 1, 8)
 
 
-# --- KvLayer: the seed's API -------------------------------------------------------------------
+# --- KvLayer: ferrum's API ---------------------------------------------------------------------
 
 def test_paged_layer_starts_empty():
     layer = KvLayer.alloc_paged(max_blocks_per_seq=4, block_size=16, num_kv_heads=2, head_dim=8)
@@ -151,7 +151,7 @@ def test_set_len_shrinks_and_reserve_lets_an_op_write_through_the_table():
     np.testing.assert_array_equal(layer.gather()[0], k[:5])
     layer.set_len(0)
     assert layer.paged_block_indices.size == 0 and layer.allocator.num_used == 0
-    # The seed's flow for a fused op: reserve, let the op write via block_table, then set_len.
+    # ferrum's flow for a fused op: reserve, let the op write via block_table, then set_len.
     layer.reserve(6)
     assert layer.len == 0 and layer.block_table.tolist()[:2] != [-1, -1]
     slots = slot_mapping(layer.block_table, np.arange(6, dtype=np.int32), layer.block_size)
@@ -313,3 +313,42 @@ def test_manager_argument_errors():
     with pytest.raises(TypeError, match="token ids must be ints"):
         mgr.add_sequence("c", [1.0])
     assert mgr.seq_ids == ["a"] and "a" in mgr and len(mgr) == 1
+
+
+def test_manager_gather_takes_any_integer_layer_but_not_a_bool():
+    pool = KvPool(2, 4, 2, 1, 2)
+    mgr = KvCacheManager(pool, 2)
+    mgr.add_sequence("a", [1, 2, 3])
+    k, v = tokens_kv(3, 1, 2)
+    mgr.append("a", [k, 2 * k], [v, 2 * v], [1, 2, 3])
+    for layer in (np.int64(1), np.int32(1)):
+        np.testing.assert_array_equal(mgr.gather("a", layer)[0], 2 * k)
+    with pytest.raises(TypeError, match="layer must be an int, got bool"):
+        mgr.gather("a", True)  # True == 1: it used to return layer 1
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 2\), got 2"):
+        mgr.gather("a", np.int64(2))
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+def test_failed_quantized_append_writes_no_layer(backend_name, kv_dtype):
+    """A value the dtype cannot store in the *last* layer is found before the first layer's
+    codes and scales are written (each backend's write_kv_quant only checks its own layer)."""
+    be = get_backend(backend_name)
+    pool = KvPool(2, 4, 2, 1, 8, dtype=kv_dtype, backend=be)
+    mgr = KvCacheManager(pool, 2)
+    mgr.add_sequence("a", [1, 2, 3])
+    k, v = tokens_kv(3, 1, 8, dtype=np.float32)
+    bad_k = k.copy()
+    bad_k[2, 0, 5] = np.nan
+    before = mgr.snapshot()
+    stored = [be.to_numpy(a).copy() for a in (*pool.k_pools, *pool.v_pools, *pool.k_scales,
+                                               *pool.v_scales)]
+    with pytest.raises(ValueError, match=r"k_per_layer\[1\] holds 1 value.* \[2, 0, 5\]: nan"):
+        mgr.append("a", [be.asarray(k), be.asarray(bad_k)], [be.asarray(v), be.asarray(v)],
+                   [1, 2, 3])
+    assert mgr.snapshot() == before
+    after = [be.to_numpy(a) for a in (*pool.k_pools, *pool.v_pools, *pool.k_scales,
+                                      *pool.v_scales)]
+    for was, now in zip(stored, after):
+        np.testing.assert_array_equal(now, was)

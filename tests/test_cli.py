@@ -36,3 +36,18 @@ def test_help_and_errors():
     assert bad.returncode == 2 and "positive" in bad.stderr
     bad = kvlab("plan", "--model", "qwen3-8b", "--dtype", "int3")
     assert bad.returncode == 2 and "unknown KV dtype" in bad.stderr
+
+
+def test_nan_and_inf_are_refused_with_a_clear_message():
+    """float("nan") and float("inf") parse, and nan > 0 is False but so is nan <= 0: they used to
+    reach the planner and end in "cannot convert float NaN to integer"."""
+    for option in ("--memory-gib", "--utilization"):
+        for value in ("nan", "inf", "-inf", "NaN"):
+            bad = kvlab("plan", "--model", "qwen3-8b", f"{option}={value}")  # "-inf": not a flag
+            assert bad.returncode == 2, (option, value, bad.stdout)
+            assert f"argument {option}: expected a positive number, got '{value}' (it must be " \
+                "finite)" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_sizes_include_medium():
+    assert "medium" in kvlab("bench", "--help").stdout

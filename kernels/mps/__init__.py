@@ -1,15 +1,25 @@
 """PyTorch implementations of kvlab's ops, one module per stage, mirroring ``kvlab.ref.<stage>``.
 
 Named for Apple's MPS device, the reason this backend exists, but the same ops run on CUDA and on
-the CPU. They use only float16/float32/int8/int32 ops MPS supports (no float64).
+the CPU. They use only ops and dtypes MPS has (no float64, no FP8 dtype, no integer matmul):
+``tests/test_mps_safety.py`` records every aten op each public op calls and checks it against a
+list made from the installed torch's own files (``scripts/mps_allowlist.py``).
 Unverified on MPS: no machine this project is tested on has one.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
-import torch
+
+# Large CPU tensors on transparent huge pages, as NumPy puts its large arrays: without them every
+# new tensor of 32 MiB or more (glibc's largest mmap threshold) is faulted in 4 KiB pages, measured
+# 4x slower than NumPy's allocation of the same array (a gather of 4 x 4096 tokens: 40 ms against
+# 13). torch reads the variable at its first large allocation; a value already set is kept.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402  (after the variable above)
 
 DESCRIPTION = "PyTorch ops (mps → cuda → cpu; unverified on MPS)"
 
@@ -27,11 +37,22 @@ def pick_device(device: str | None = None) -> str:
     return device
 
 
+def has_float64(device: str | torch.device | None) -> bool:
+    """False on MPS (``"mps"``, ``"mps:0"``, ...), whose GPUs have no float64; True elsewhere.
+
+    The one place the backend asks: ops that would use float64 on other devices (a correctly
+    rounded sqrt, in :mod:`kvlab.kernels.mps.fused_write`) take their float32 path when this is
+    False, and ``tests/test_mps_safety.py`` sets it False to run the ops as they run on MPS.
+    """
+    return torch.device(device or "cpu").type != "mps"
+
+
 def asarray(array: Any, device: str | None = None) -> torch.Tensor:
     """Copy a NumPy array to a tensor on ``device`` (dtype kept; float64 refused on MPS)."""
     array = np.ascontiguousarray(array)
-    if device == "mps" and array.dtype == np.float64:
-        raise TypeError("MPS has no float64: convert the array to float32 first")
+    if array.dtype == np.float64 and not has_float64(device):
+        raise TypeError(f"MPS has no float64 (device {device!r}): convert the array to float32 "
+                        f"first")
     return torch.from_numpy(array.copy()).to(device or "cpu")
 
 
@@ -40,7 +61,34 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def synchronize(device: str | None = None) -> None:
-    if device == "mps":
+    """Wait for the device's queued work (``"mps"``, ``"mps:0"``, ``"cuda:1"``, ...); the CPU has
+    none."""
+    kind = torch.device(device or "cpu").type
+    if kind == "mps":
         torch.mps.synchronize()
-    elif device is not None and device.startswith("cuda"):
-        torch.cuda.synchronize()
+    elif kind == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def require_tensors(**arrays: Any) -> None:
+    """TypeError unless every array argument (None skipped) is a ``torch.Tensor``, ValueError
+    unless they are all on one device.
+
+    The argument checks of :mod:`kvlab.checks` are duck-typed (any array with ``.shape`` and
+    ``.dtype`` passes them), so a NumPy array given to a torch op would only fail later, deep in
+    the op, with an ``AttributeError`` about ``.float`` or ``.long`` (and a write could have
+    started); a tensor on another device would fail in the middle of the op too.
+    """
+    first = None
+    for name, array in arrays.items():
+        if array is None or not hasattr(array, "shape"):
+            continue  # not an array: kvlab.checks says what it should have been
+        if not isinstance(array, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor for the torch backend, got "
+                            f"{type(array).__module__}.{type(array).__name__} (convert it with "
+                            f"backend.asarray)")
+        if first is None:
+            first = name, array.device
+        elif array.device != first[1]:
+            raise ValueError(f"{name} is on {array.device} but {first[0]} is on {first[1]}: the "
+                             f"torch ops take tensors on one device")

@@ -12,8 +12,9 @@ the fewest whole-tensor steps, each over Q and K together (one norm, one rotatio
 
 Every step is one float32 operation in the reference's order, so the results equal NumPy's bit
 for bit on the CPU (tested); ``torch.rsqrt`` is avoided (not correctly rounded), and so is
-torch's float32 CPU ``sqrt`` (see :func:`_sqrt_rn`). Only float16/float32/int32/int64/int8/uint8 ops MPS supports are used.
-Unverified on MPS: no machine this project is tested on has one.
+torch's float32 CPU ``sqrt`` (see :func:`_sqrt_rn`: one float64 value per head, except on MPS,
+which has no float64). Otherwise only float16/float32/int32/int64/int8/uint8 ops MPS supports are
+used. Unverified on MPS: no machine this project is tested on has one.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from kvlab.checks import check_fused_write, raise_for_values
+from kvlab.kernels.mps import has_float64, require_tensors
 from kvlab.kernels.mps.quant import quantize
 from kvlab.ref.fused_write import _one_sequence
 from kvlab.ref.rope import pair_dims
@@ -51,7 +53,7 @@ def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     is innocuous). MPS has no float64, so there it stays float32 (unverified on MPS). One value
     per head: the cost is nothing.
     """
-    if x.device.type == "mps":
+    if not has_float64(x.device):
         return torch.sqrt(x)
     return torch.sqrt(x.double()).float()
 
@@ -107,7 +109,7 @@ def _write(qkv, q_norm_w, k_norm_w, cos, sin, positions, slots, k_pool, v_pool, 
         _rows(v_pool).index_copy_(0, slots, v)
     else:
         for x, pool, scale_pool in ((k, k_pool, k_scales), (v, v_pool, v_scales)):
-            codes, scales = quantize(x.contiguous(), kv_dtype)
+            codes, scales = quantize(x.contiguous(), kv_dtype)  # checks K again, rotated
             _rows(pool).index_copy_(0, slots, codes)
             _rows(scale_pool).index_copy_(0, slots, scales)
     return q.contiguous()
@@ -120,6 +122,10 @@ def paged_write_batched(qkv: torch.Tensor, q_norm_w: Any, k_norm_w: Any, cos: An
                         v_scales: Any = None, kv_dtype: str | None = None) -> torch.Tensor:
     """Many sequences' new tokens; as :func:`kvlab.ref.fused_write.paged_write_batched`
     (tensors on one device; returns q_out)."""
+    require_tensors(qkv=qkv, q_norm_w=q_norm_w, k_norm_w=k_norm_w, cos=cos, sin=sin,
+                    k_pool=k_pool, v_pool=v_pool, block_tables=block_tables,
+                    query_start=query_start, pos_offsets=pos_offsets, k_scales=k_scales,
+                    v_scales=v_scales)
     shape = check_fused_write(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, block_tables,
                               query_start, pos_offsets, num_q_heads, num_kv_heads, eps, qk_mode,
                               k_scales, v_scales, kv_dtype)
@@ -141,6 +147,7 @@ def paged_write(qkv: torch.Tensor, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: 
                 k_scales: Any = None, v_scales: Any = None,
                 kv_dtype: str | None = None) -> torch.Tensor:
     """One sequence; as :func:`kvlab.ref.fused_write.paged_write` (tensors on one device)."""
+    require_tensors(qkv=qkv, block_table=block_table)  # the rest: paged_write_batched
     table, starts, offsets = _one_sequence(qkv, block_table, pos_offset)
     return paged_write_batched(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, table,
                                torch.from_numpy(starts).to(qkv.device),
@@ -153,6 +160,8 @@ def contig_write(qkv: torch.Tensor, q_norm_w: Any, k_norm_w: Any, cos: Any, sin:
                  num_kv_heads: int, eps: float, qk_mode: int, k_scales: Any = None,
                  v_scales: Any = None, kv_dtype: str | None = None) -> torch.Tensor:
     """A contiguous cache; as :func:`kvlab.ref.fused_write.contig_write` (tensors)."""
+    require_tensors(qkv=qkv, q_norm_w=q_norm_w, k_norm_w=k_norm_w, cos=cos, sin=sin,
+                    k_cache=k_cache, v_cache=v_cache, k_scales=k_scales, v_scales=v_scales)
     _, starts, offsets = _one_sequence(qkv, None, pos_offset)
     shape = check_fused_write(qkv, q_norm_w, k_norm_w, cos, sin, k_cache, v_cache, None, starts,
                               offsets, num_q_heads, num_kv_heads, eps, qk_mode, k_scales,

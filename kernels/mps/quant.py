@@ -29,6 +29,9 @@ from kvlab.checks import (
     raise_for_values,
     table_shape,
 )
+from kvlab.dtypes import KvDtype
+from kvlab.kernels.mps import require_tensors
+from kvlab.kernels.mps.paging import as_words, without_padding
 
 AMAX_FLOOR = 1e-8
 QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "int4": 7.0}
@@ -87,8 +90,16 @@ def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scales)`` of x; as :func:`kvlab.ref.quant.quantize` (tensors on x's device)."""
+    require_tensors(x=x)
     dt = check_quantize(x, kv_dtype)
     _check_values("x", x, dt)
+    return quantize_checked(x, dt)
+
+
+def quantize_checked(x: torch.Tensor, dt: KvDtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize` of an x whose shape and values are already checked (a write's K and V:
+    their values are checked once, before anything is written, not again per step)."""
+    kv_dtype = dt.name
     groups = _grouped(x.float(), dt.group_size)                     # [T, H, G, group]
     floor = torch.tensor(AMAX_FLOOR, dtype=torch.float32, device=x.device)
     scale = torch.maximum(groups.abs().amax(-1), floor) / QMAX[kv_dtype]  # [T, H, G] float32
@@ -106,6 +117,7 @@ def quantize(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Tensor
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, kv_dtype: str) -> torch.Tensor:
     """float32 ``[T, Hkv, D]``; as :func:`kvlab.ref.quant.dequantize`."""
+    require_tensors(codes=codes, scales=scales)
     dt = check_dequantize(codes, scales, kv_dtype)
     if kv_dtype == "int4":
         packed = codes.to(torch.int32)
@@ -129,13 +141,14 @@ def write_kv_quant(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_poo
 
     Parameters as :func:`kvlab.ref.quant.write_kv_quant` (tensors on one device).
     """
+    require_tensors(k=k, v=v, k_pool=k_pool, v_pool=v_pool, k_scales=k_scales, v_scales=v_scales,
+                    slots=slots)
     dt = check_write_kv_quant(k, v, k_pool, v_pool, k_scales, v_scales, slots, kv_dtype)
     _check_values("k", k, dt)
     _check_values("v", v, dt)
-    real = slots >= 0
-    rows = slots[real].long()
+    rows, k, v = without_padding(slots, k, v)
     for x, pool, scale_pool in ((k, k_pool, k_scales), (v, v_pool, v_scales)):
-        codes, scales = quantize(x[real], kv_dtype)
+        codes, scales = quantize_checked(x, dt)
         _rows(pool).index_copy_(0, rows, codes)
         _rows(scale_pool).index_copy_(0, rows, scales)
 
@@ -146,6 +159,8 @@ def gather_kv_quant(k_pool: torch.Tensor, v_pool: torch.Tensor, k_scales: torch.
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences' K and V dequantized to float32 ``[sum(len), Hkv, D]``; as
     :func:`kvlab.ref.quant.gather_kv_quant`."""
+    require_tensors(k_pool=k_pool, v_pool=v_pool, k_scales=k_scales, v_scales=v_scales,
+                    block_table=block_table, context_len=context_len)
     context_lens = check_gather_kv_quant(k_pool, v_pool, k_scales, v_scales, block_table,
                                          context_len, kv_dtype)
     device, block_size = k_pool.device, k_pool.shape[1]
@@ -164,7 +179,9 @@ def copy_blocks_quant(k_pool: torch.Tensor, v_pool: torch.Tensor, k_scales: torc
                       v_scales: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
                       kv_dtype: str) -> None:
     """Copy whole blocks ``src[i] -> dst[i]`` of a quantized pool, codes and scales, in place."""
+    require_tensors(k_pool=k_pool, v_pool=v_pool, k_scales=k_scales, v_scales=v_scales, src=src,
+                    dst=dst)
     check_copy_blocks_quant(k_pool, v_pool, k_scales, v_scales, src, dst, kv_dtype)
     src, dst = src.long(), dst.long()
-    for pool in (k_pool, v_pool, k_scales, v_scales):
+    for pool in map(as_words, (k_pool, v_pool, k_scales, v_scales)):
         pool.index_copy_(0, dst, pool.index_select(0, src))

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from kvlab.checks import check_apply_rope
-from kvlab.kernels.mps import pick_device
+from kvlab.kernels.mps import pick_device, require_tensors
 from kvlab.ref import rope as _ref
 
 
@@ -37,6 +37,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions:
 
     Parameters as :func:`kvlab.ref.rope.apply_rope` (tensors on one device).
     """
+    require_tensors(x=x, cos=cos, sin=sin, positions=positions)
     rotary_dim = check_apply_rope(x, cos, sin, positions, style, rotary_dim)
     first, second = (torch.from_numpy(d).to(x.device) for d in _ref.pair_dims(rotary_dim, style))
     rows = positions.long()
