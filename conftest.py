@@ -1,8 +1,8 @@
 """Repo-root pytest set-up: choose Numba's CUDA simulator before anything imports numba.
 
 Tests run the ``cuda`` backend in the simulator unless the caller chose (``NUMBA_ENABLE_CUDASIM``
-set) or asked for the GPU tests (``pytest -m gpu``, as ``../shared/gpu/run.sh`` does), in which
-case kvlab.backends decides from the driver. Tests marked ``gpu`` are skipped without a real GPU.
+set) or asked for the GPU tests (``pytest -m gpu``, as ``scripts/gpu_check.sh`` does), in
+which case kvlab.backends decides from the driver. Tests marked ``gpu`` are skipped without a real GPU.
 """
 import os
 
@@ -14,6 +14,9 @@ def pytest_configure(config):
     wants_gpu = "gpu" in markexpr and "not gpu" not in markexpr
     if "NUMBA_ENABLE_CUDASIM" not in os.environ and not wants_gpu:
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    # Every exercise checker in the notebooks checks its reference solution instead of the stub
+    # (the notebooks' kernels inherit this process's environment): see kvlab.exercises.core.
+    os.environ.setdefault("KVLAB_SOLUTIONS", "1")
 
 
 def pytest_collection_modifyitems(config, items):

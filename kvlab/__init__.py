@@ -1,6 +1,6 @@
 """kvlab: a teaching lab and reference implementation of the KV cache LLM inference engines run on.
 
-Layers (DESIGN.md §2): ``kvlab.ref`` (NumPy reference ops) · ``kvlab.kernels.cuda`` (Numba CUDA)
+Layers (docs/design.md#layers): ``kvlab.ref`` (NumPy reference ops) · ``kvlab.kernels.cuda`` (Numba CUDA)
 · ``kvlab.kernels.mps`` (PyTorch) · host state and tools in ``kvlab`` itself. Importing kvlab
 imports neither numba nor torch; :func:`kvlab.backends.get_backend` loads a backend on request.
 """

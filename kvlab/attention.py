@@ -1,5 +1,5 @@
-"""Decode attention on kvlab's caches: the seed engine's ``AttnConfig`` and
-``contig_decode_attention``, and the same call for a paged :class:`~kvlab.cache.KvLayer`.
+"""Decode attention on kvlab's caches: ferrum's ``AttnConfig`` and
+``contig_decode_attention`` (the Rust engine whose cache API kvlab mirrors), and the same call for a paged :class:`~kvlab.cache.KvLayer`.
 
 The ops themselves are array-level and live in each backend's ``attention`` module
 (``kvlab.ref.attention``, ``kvlab.kernels.cuda.attention``, ``kvlab.kernels.mps.attention``);
@@ -18,7 +18,7 @@ from kvlab.checks import check_attention_options, non_negative_int
 
 @dataclass(frozen=True)
 class AttnConfig:
-    """How one attention call is computed (the seed's ``AttnConfig``).
+    """How one attention call is computed (ferrum's ``AttnConfig``).
 
     Attributes:
         scale: the factor on ``q . k``; None = ``1/sqrt(head_dim)``.
@@ -26,11 +26,11 @@ class AttnConfig:
             T = 1, sees everything either way). The paged op is always causal.
         sliding_window: W > 0 keeps the W most recent positions ``(p - W, p]``, the query's own
             included (Mistral / Hugging Face); 0 = no window.
-        kv_stride: the seed's stride, in elements, between consecutive tokens' K (and V) rows of
+        kv_stride: ferrum's stride, in elements, between consecutive tokens' K (and V) rows of
             a contiguous cache. kvlab's contiguous caches are dense ``[capacity, num_kv_heads,
             head_dim]`` arrays, so the stride is always ``num_kv_heads * head_dim`` (what
             ``layer.k.strides[0] / itemsize`` says); None means exactly that, and any other value
-            is a ValueError rather than a silent misread. (A padded row, as the seed allows, is
+            is a ValueError rather than a silent misread. (A padded row, as ferrum allows, is
             what a strided view would express: kvlab refuses strided caches, see docs/ops.md.)
     """
 

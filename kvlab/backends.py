@@ -1,6 +1,6 @@
 """The one place that picks an implementation of kvlab's ops.
 
-Three backends share one contract (DESIGN.md §5): the same stage modules with the same function
+Three backends share one contract (docs/design.md#backends): the same stage modules with the same function
 names and parameters, each taking and returning its own arrays.
 
 | name      | package                | arrays               | runs on                                  |

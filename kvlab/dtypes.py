@@ -10,7 +10,7 @@ element, and the scales stored beside them. Four are registered here (notebook 0
 | ``fp8_e4m3`` | OCP E4M3FN byte (max 448)        | one per (token, kv_head)       | 130                 |
 | ``int4``     | symmetric int4, -7..7, two a byte | one per group of 32 elements   | 64 + 8 = 72         |
 
-``fp16`` and ``int8`` are the seed engine's ``KvFp16`` and ``KvInt8`` (its ``KvScales`` are the int8
+``fp16`` and ``int8`` are ferrum's ``KvFp16`` and ``KvInt8`` (its ``KvScales`` are the int8
 scale pools, ``[num_blocks, block_size, num_kv_heads]`` fp16). Every scaled dtype uses the same
 symmetric rule with its own largest code ``qmax`` (127, 448, 7)::
 
@@ -39,7 +39,7 @@ class KvDtype:
     """How one (token, kv_head) vector is stored.
 
     Attributes:
-        name: the registry key (the seed's ``NAME``), e.g. ``"int8"``.
+        name: the registry key (ferrum's ``NAME``), e.g. ``"int8"``.
         bits: bits per element (16 for fp16, 8 for int8/fp8, 4 for packed int4).
         storage: NumPy dtype name of the pool's elements (``"float16"``, ``"int8"``, ``"uint8"``).
         scale_bytes: bytes per stored scale; 0 when the dtype stores no scales.
@@ -71,7 +71,7 @@ class KvDtype:
 
     @property
     def bytes_per_elem(self) -> float:
-        """The seed's ``BYTES_PER_ELEM`` (0.5 for a 4-bit dtype); scales not included."""
+        """ferrum's ``BYTES_PER_ELEM`` (0.5 for a 4-bit dtype); scales not included."""
         return self.bits / 8
 
     def scales_per_vector(self, head_dim: int) -> int:

@@ -134,7 +134,9 @@ class Request:
 class StepRecord:
     """The pool after one step: blocks ``used`` (owned by a running request), ``cached`` (nobody
     owns them, their K/V kept for prefix hits), ``free``; which requests ran, joined, finished;
-    each running request's block count; the tokens the step computed."""
+    each running request's block count and block ids (a block shared through the prefix cache
+    appears under every request that holds it); the ids of the cached blocks; the tokens the step
+    computed."""
 
     step: int
     used: int
@@ -145,6 +147,8 @@ class StepRecord:
     finished: tuple
     blocks: dict
     tokens: int
+    block_ids: dict = field(default_factory=dict)
+    cached_ids: tuple = ()
 
 
 @dataclass
@@ -238,10 +242,12 @@ def serve(model: Any, requests: Sequence[Request], num_blocks: int, block_size: 
                     del running[rid]
                     finished.append(rid)
         a = mgr.allocator
+        tables = {rid: tuple(int(b) for b in mgr.block_table(rid) if b >= 0) for rid in running}
         result.timeline.append(StepRecord(
             step, a.num_used, a.num_cached, a.num_free, tuple(running) + tuple(finished),
-            tuple(joined), tuple(finished),
-            {rid: int((mgr.block_table(rid) >= 0).sum()) for rid in running}, tokens))
+            tuple(joined), tuple(finished), {rid: len(ids) for rid, ids in tables.items()},
+            tokens, tables,
+            tuple(b for b in range(num_blocks) if a.ref_count(b) == 0 and not a.is_free(b))))
         step += 1
     mgr.check_invariants()
     result.leaked_blocks = mgr.allocator.num_used

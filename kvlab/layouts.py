@@ -8,10 +8,10 @@ which elements a GPU thread can load in one wide, coalesced read.
 =========  =====================================================================  ==============
 name       shape (one pool: K or V)                                               used by
 =========  =====================================================================  ==============
-``nhd``    ``[num_blocks, block_size, num_kv_heads, head_dim]``                   kvlab (DESIGN §4),
+``nhd``    ``[num_blocks, block_size, num_kv_heads, head_dim]``                   kvlab,
                                                                                   FlashInfer "NHD"
-``hnd``    ``[num_blocks, num_kv_heads, block_size, head_dim]``                   the seed engine's
-                                                                                  Metal pools,
+``hnd``    ``[num_blocks, num_kv_heads, block_size, head_dim]``                   ferrum's Metal
+                                                                                  pools,
                                                                                   FlashInfer "HND"
 ``vllm_k`` ``[num_blocks, num_kv_heads, head_dim // x, block_size, x]``           vLLM's key cache
 ``vllm_v`` ``[num_blocks, num_kv_heads, head_dim, block_size]``                   vLLM's value cache
@@ -258,7 +258,7 @@ def check_block_tables(block_tables: Any, context_lens: Any, block_size: int,
                        min_len: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Validate a batched block table and its lengths; return them as int64 arrays.
 
-    ``block_tables`` ``[num_seqs, max_blocks]`` (unused entries -1, DESIGN §4), ``context_lens``
+    ``block_tables`` ``[num_seqs, max_blocks]`` (unused entries -1, docs/design.md#conventions), ``context_lens``
     ``[num_seqs]``. Sequence ``s`` uses its first ``ceil(context_lens[s] / block_size)`` entries:
     those must be valid block ids (``< num_blocks`` when given) and distinct within the sequence;
     entries past them are ignored. Raises ValueError naming the first problem.

@@ -108,8 +108,9 @@ def tokens_that_fit(
 
     ``budget = memory_bytes * utilization - weight_bytes / tp``, the way vLLM sizes its pool
     (``gpu_memory_utilization``, default 0.9), then ``budget // bytes_per_token``. The weights are
-    taken as split evenly across ranks, and activations are left to the ``1 - utilization`` margin
-    (both approximations). Every layer is charged for every token, as an engine that gives all
+    taken as split evenly across ranks. vLLM also takes the peak activation memory of a profiling
+    run (and CUDA graphs, the non-torch allocations) out of the same ``utilization`` share, so this
+    is an upper bound on the tokens an engine really gets. Every layer is charged for every token, as an engine that gives all
     layers one pool must; sliding-window layers make a long single sequence cheaper than this.
     Returns 0 when the weights alone do not fit.
     """

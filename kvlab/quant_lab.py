@@ -8,11 +8,11 @@ fp16, codes rounded half to even):
 |-------------|----------------------------|-------------------------|---------------------------------|
 | ``tensor``  | whole K (or V) tensor      | every element           | vLLM's fp8 KV cache (k_scale)   |
 | ``head``    | kv head                    | all tokens and dims     |                                 |
-| ``token``   | (token, kv head)           | the head's ``head_dim`` | the seed's KvInt8, kvlab        |
+| ``token``   | (token, kv head)           | the head's ``head_dim`` | ferrum's KvInt8, kvlab          |
 | ``channel`` | (kv head, dim)             | all tokens              | KIVI's keys (Liu et al., 2024)  |
 
 and measures the damage twice: as reconstruction error of K and V, and as error in the attention
-output, which is what the model sees. Everything here is NumPy, float32 math (DESIGN.md §4), and is
+output, which is what the model sees. Everything here is NumPy, float32 math (docs/design.md#conventions), and is
 host code for experiments, not an op of the cache: a per-channel scale cannot be computed by a
 cache that receives one token at a time (KIVI keeps a residual of recent tokens in fp16 for that).
 
@@ -57,7 +57,7 @@ def synthetic_kv(num_tokens: int, num_kv_heads: int = 2, head_dim: int = 128, *,
 
 
 def rope_rotate_half(x: np.ndarray, positions: np.ndarray, theta: float = 1e6) -> np.ndarray:
-    """Minimal rotate-half ("neox") RoPE over the whole head, float32 (DESIGN.md §4):
+    """Minimal rotate-half ("neox") RoPE over the whole head, float32 (docs/design.md#conventions):
     dims ``(i, i + D/2)`` of the token at position m turn by ``m * theta**(-2i/D)``.
     (``kvlab.ref.rope`` is the full version; this lab needs only the plain case.)"""
     head_dim = x.shape[-1]
@@ -111,7 +111,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float | None =
     builds it) on float32 copies of any float input.
 
     q ``[Tq, Hq, D]``, k, v ``[L, Hkv, D]``; GQA: q head h reads kv head ``h // (Hq // Hkv)``.
-    Causal when ``Tq > 1``: query i sees positions ``< L - Tq + 1 + i`` (DESIGN.md §4).
+    Causal when ``Tq > 1``: query i sees positions ``< L - Tq + 1 + i`` (docs/design.md#conventions).
     Returns ``[Tq, Hq, D]`` float32.
     """
     q, k, v = (np.ascontiguousarray(a, np.float32) for a in (q, k, v))
@@ -119,9 +119,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float | None =
 
 
 def attention_error(reference: np.ndarray, approx: np.ndarray) -> dict[str, float]:
-    """The seed's two accuracy measures of an attention output against its FP32 reference:
-    ``cosine`` (of the flattened outputs; the bar is > 0.999) and ``rel_max_diff``
-    (``max|diff| / max|ref|``; the bar is < 0.02)."""
+    """The two accuracy measures ferrum's tests hold its INT8 cache to, of an attention output
+    against its FP32 reference: ``cosine`` (of the flattened outputs; ferrum's threshold is
+    > 0.999) and ``rel_max_diff`` (``max|diff| / max|ref|``; ferrum's threshold is < 0.02)."""
     a, b = reference.ravel().astype(np.float64), approx.ravel().astype(np.float64)
     return {"cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))),
             "rel_max_diff": float(np.abs(a - b).max() / np.abs(a).max())}

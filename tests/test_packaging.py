@@ -1,6 +1,6 @@
 """The project's shape: kernels/ installs as kvlab.kernels (editable and wheel), the dependency
-lists agree (pyproject ranges ⊇ lock pins; environment.yml = pyproject), and importing kvlab
-stays light (no numba, no torch)."""
+lists agree (pyproject ranges ⊇ lock pins; environment.yml = pyproject), importing kvlab
+stays light (no numba, no torch), and the browser test runs in CI but not in `make test`."""
 import re
 import subprocess
 import sys
@@ -129,3 +129,16 @@ def test_environment_yml_agrees_with_pyproject():
             assert CU13_EXTRA <= set(conda), "numba-cuda[cu13]'s CUDA packages missing"
     assert set(conda) - {"python", "pip"} == expected, "environment.yml lists extra packages"
     assert conda["python"].contains("3.11") and conda["python"].contains("3.12")
+
+
+def test_browser_test_runs_in_ci_but_not_in_make_test():
+    """`make test` stays browser-free; CI runs the browser test (browser/) after it."""
+    assert "browser" not in PYPROJECT["tool"]["pytest"]["ini_options"]["testpaths"]
+    makefile = (ROOT / "Makefile").read_text()
+    test_recipe = re.search(r"^test: .*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "browser" not in test_recipe
+    browser_recipe = re.search(r"^test-browser: .*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "pytest browser" in browser_recipe
+    commands = [line for line in (ROOT / ".ci/run").read_text().splitlines()
+                if line.startswith("make ")]
+    assert commands == ["make test", "make test-browser"]

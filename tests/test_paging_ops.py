@@ -404,7 +404,7 @@ def test_pools_must_be_contiguous(backend, op):
     assert not backend.to_numpy(wide).any()
 
 
-# --- real sizes, real GPU (skipped without one; ../shared/gpu/run.sh runs them) ----------------
+# --- real sizes, real GPU (skipped without one; scripts/gpu_check.sh runs them) ---------------
 
 @pytest.mark.gpu
 @pytest.mark.sanitize

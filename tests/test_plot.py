@@ -514,3 +514,55 @@ def test_gpu_result_plots_reject_cpu_results():
         kplot.plot_measured_roofline(cpu)
     with pytest.raises(ValueError, match="kernel vN"):
         kplot.plot_kernel_versions(cpu)
+
+
+# --- 04: the fused kernel's grid --------------------------------------------------------------
+
+def test_thread_blocks_one_cell_per_head_and_token_group():
+    from matplotlib.patches import Rectangle
+
+    ax = kplot.plot_thread_blocks(4, 2, num_tokens=40, tokens_per_block=16, qk_mode=2)
+    cells = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(cells) == 3 * (4 + 2 * 2)  # ceil(40 / 16) token groups x (Hq + 2 Hkv) heads
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["tokens 32–39", "tokens 16–31",
+                                                            "tokens 0–15"]
+    assert not [c for c in cells if c.get_hatch()]  # RoPE only, float cache: all in registers
+    # QK-norm: Q and K heads need the sum of squares, so they go through shared memory; an int8
+    # cache's amax does the same to K and V
+    normed = kplot.plot_thread_blocks(4, 2, num_tokens=16, qk_mode=1)
+    assert sum(bool(c.get_hatch()) for c in normed.patches if isinstance(c, Rectangle)) == 4 + 2
+    quantized = kplot.plot_thread_blocks(4, 2, num_tokens=16, qk_mode=2, quantized=True)
+    assert sum(bool(c.get_hatch()) for c in quantized.patches if isinstance(c, Rectangle)) == 2 + 2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_q_heads=0, num_kv_heads=1), "num_q_heads"),
+    (dict(num_q_heads=2, num_kv_heads=1, tokens_per_block=0), "tokens_per_block"),
+    (dict(num_q_heads=2, num_kv_heads=1, num_tokens=2.5), "num_tokens"),
+    (dict(num_q_heads=2, num_kv_heads=1, qk_mode=4), "qk_mode"),
+])
+def test_thread_blocks_rejects_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kplot.plot_thread_blocks(**kwargs)
+
+
+# --- 06: the pool under continuous batching ---------------------------------------------------
+
+def test_pool_timeline_draws_the_last_step_with_a_width():
+    """Step s is drawn from s to s + 1, the last one too: a pool that ends empty is seen empty."""
+    from types import SimpleNamespace
+
+    def record(step, used, cached, running):
+        return SimpleNamespace(step=step, used=used, cached=cached, free=8 - used - cached,
+                               running=running, blocks={r: used for r in running})
+
+    result = SimpleNamespace(
+        timeline=[record(0, 3, 0, ("A",)), record(1, 5, 0, ("A",)), record(2, 0, 2, ())],
+        outputs={"A": [1, 2]}, prefix_hits={}, num_blocks=8, block_size=4, bytes_per_block=64)
+    fig = kplot.plot_pool_timeline(result)
+    top = fig.axes[0]
+    assert top.get_xlim() == (0, 3)
+    used = top.collections[0].get_paths()[0]  # the "used" band of the stack, in data units
+    assert used.contains_point((1.5, 4.5)) and used.contains_point((0.5, 2.5))
+    assert not used.contains_point((2.5, 0.5))  # the last step: nothing used, drawn as such
+    assert top.get_legend() is not None

@@ -1,6 +1,6 @@
 """The granularity lab (kvlab.quant_lab) and the quant figures: the minimal attention reference
 against torch's scaled_dot_product_attention, fake_quant against the cache's own ops, and the
-seed's INT8 accuracy bars (cosine > 0.999, max|diff|/max|ref| < 0.02) where they hold."""
+INT8 accuracy bars of ferrum's tests (cosine > 0.999, max|diff|/max|ref| < 0.02) where they hold."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -24,7 +24,7 @@ def test_attention_matches_torch_sdpa(num_q, num_q_heads, num_kv_heads):
     group = num_q_heads // num_kv_heads
     tq, tk, tv = (torch.from_numpy(a).transpose(0, 1) for a in
                   (q, np.repeat(k, group, 1), np.repeat(v, group, 1)))
-    # DESIGN §4 causality: query i sees positions < L - Tq + 1 + i (bottom-right aligned mask)
+    # docs/design.md#conventions, causality: query i sees positions < L - Tq + 1 + i (bottom-right aligned mask)
     mask = torch.arange(37)[None, :] < (37 - num_q + 1 + torch.arange(num_q))[:, None]
     want = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask)
     np.testing.assert_allclose(attention(q, k, v), want.transpose(0, 1).numpy(), atol=2e-6)
@@ -39,8 +39,8 @@ def test_token_granularity_is_what_the_cache_stores():
         fake_quant(k, "int8", "row")
 
 
-def test_seed_bars_int8_on_gaussian_kv():
-    """What the seed's bars were set on: Gaussian K/V. Measured: cosine 0.99996, rel max 0.012."""
+def test_ferrum_bars_int8_on_gaussian_kv():
+    """What ferrum's INT8 bars were set on: Gaussian K/V. Measured: cosine 0.99996, rel max 0.012."""
     rng = np.random.default_rng(2)
     q = rng.standard_normal((4, 8, 128)).astype(np.float32)
     k, v = (rng.standard_normal((512, 2, 128)).astype(np.float32) for _ in range(2))

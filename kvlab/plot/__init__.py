@@ -15,13 +15,17 @@ tested without a screen:
 
 ``import kvlab`` does not import Matplotlib; only ``import kvlab.plot`` does. Modules:
 :mod:`~kvlab.plot.style` (palette and axes helpers), :mod:`~kvlab.plot.tour` (00),
-:mod:`~kvlab.plot.paging` (01), :mod:`~kvlab.plot.rope` (03),
-:mod:`~kvlab.plot.fused_write` (04); later stages add theirs and
-re-export them here.
+:mod:`~kvlab.plot.paging` (01), :mod:`~kvlab.plot.quant` (02), :mod:`~kvlab.plot.rope` (03),
+:mod:`~kvlab.plot.fused_write` (04), :mod:`~kvlab.plot.attention` (05),
+:mod:`~kvlab.plot.capstone` (06) and :mod:`~kvlab.plot.perf` (07), re-exported here; and
+:mod:`~kvlab.plot.trace`, the pictures of a traced kernel launch (:mod:`kvlab.trace`).
 """
 from kvlab.plot.attention import (
-    H100_SXM_NOMINAL, NOMINAL_HBM_BYTES_PER_S, decode_flops, lane_map, plot_kernel_versions,
-    plot_lane_map, plot_measured_roofline, plot_roofline, plot_scores_over_table, plot_split_k,
+    H100_SXM_NOMINAL, lane_map, plot_lane_map, plot_roofline, plot_scores_over_table, plot_split_k,
+)
+from kvlab.plot.perf import (
+    NOMINAL_HBM_BYTES_PER_S, decode_flops, plot_kernel_versions, plot_ladder, plot_measured_roofline,
+    version_color,
 )
 from kvlab.plot.fused_write import plot_thread_blocks, plot_write_traffic
 from kvlab.plot.capstone import plot_pool_timeline
@@ -54,6 +58,9 @@ __all__ = [
     # 04 fused write
     "plot_thread_blocks", "plot_write_traffic",
     # 05 attention
-    "H100_SXM_NOMINAL", "NOMINAL_HBM_BYTES_PER_S", "decode_flops", "lane_map", "plot_kernel_versions", "plot_lane_map",
-    "plot_measured_roofline", "plot_roofline", "plot_scores_over_table", "plot_split_k",
+    "H100_SXM_NOMINAL", "lane_map", "plot_lane_map", "plot_roofline", "plot_scores_over_table",
+    "plot_split_k",
+    # 07 GPU performance (kvlab.plot.perf)
+    "NOMINAL_HBM_BYTES_PER_S", "decode_flops", "plot_kernel_versions", "plot_ladder",
+    "plot_measured_roofline", "version_color",
 ]

@@ -1,6 +1,6 @@
 """Figures of notebook 05 (decode attention): the attention weights laid over a block table, the
-split-K partitions and their merge, a roofline placing each attention variant, the measured kernel
-versions, and which lane of a warp reads which bytes of a key.
+split-K partitions and their merge, a roofline placing each attention variant, and which lane of
+a warp reads which bytes of a key (the measured kernel versions are drawn by :mod:`kvlab.plot.perf`).
 
 Functions take plain numbers (weights, partition bounds, FLOPs and bytes already computed) and draw
 them; see :mod:`kvlab.plot` for the rules.
@@ -19,9 +19,6 @@ from kvlab.plot.style import COLOR_REFERENCE, OKABE_ITO, SEQ_COLORS, new_axes
 # 3.35 TB/s, dense BF16 tensor-core throughput ~989 TFLOP/s (1979 with 2:4 sparsity).
 H100_SXM_NOMINAL = {"name": "H100 SXM (nominal datasheet)", "bytes_per_s": 3.35e12,
                     "flops_per_s": 989e12}
-# Datasheet HBM bandwidth by the name a GPU reports (NVIDIA's H100 SXM and H200 datasheets:
-# 3.35 and 4.8 TB/s), drawn dashed beside a measured roofline for scale.
-NOMINAL_HBM_BYTES_PER_S = {"NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA H200": 4.8e12}
 
 
 def plot_scores_over_table(weights: np.ndarray, block_table: Sequence[int], block_size: int,
@@ -37,9 +34,10 @@ def plot_scores_over_table(weights: np.ndarray, block_table: Sequence[int], bloc
     table = [int(b) for b in block_table]
     if block_size <= 0 or len(table) * block_size < length:
         raise ValueError(f"{len(table)} blocks of {block_size} cannot hold {length} positions")
-    ax = new_axes(ax, (9, 1.2 + 0.35 * len(w)))
-    ax.imshow(w, aspect="auto", cmap="Blues", vmin=0, vmax=max(w.max(), 1e-12),
-              extent=(-0.5, length - 0.5, len(w) - 0.5, -0.5), interpolation="nearest")
+    ax = new_axes(ax, (9, 1.6 + 0.35 * len(w)))
+    image = ax.imshow(w, aspect="auto", cmap="Blues", vmin=0, vmax=max(w.max(), 1e-12),
+                      extent=(-0.5, length - 0.5, len(w) - 0.5, -0.5), interpolation="nearest")
+    ax.figure.colorbar(image, ax=ax, label="attention weight", pad=0.01)
     for i in range(-(-length // block_size)):
         edge = i * block_size - 0.5
         ax.axvline(edge, color=OKABE_ITO["vermillion"], lw=1.2)
@@ -111,94 +109,6 @@ def plot_roofline(variants: Sequence[dict], device: dict = H100_SXM_NOMINAL,
     return ax
 
 
-# --- measured on a GPU (a `python -m kvlab bench --json` result) -----------------------------------
-
-def decode_flops(shape: dict) -> int:
-    """FLOPs of one decode step of the bench's attention shape: ``4 B Hq L D`` (a multiply-add for
-    ``q . k`` and one for ``p v`` per cached position, query head and dim)."""
-    hq = shape["num_kv_heads"] * shape["group"]
-    return 4 * shape["num_seqs"] * hq * shape["context_len"] * shape["head_dim"]
-
-
-def _label(result: dict) -> str:
-    meta = result["meta"]
-    return f"{meta['device']}, {meta['date'][:10]} (kvlab bench, size {meta['size']})"
-
-
-def _attention_rows(result: dict) -> list[dict]:
-    return [r for r in result["rows"] if r["stage"] == "attention"]
-
-
-def plot_kernel_versions(result: dict, ax: Axes | None = None) -> Axes:
-    """Median time of each attention kernel version over its split counts (kernel alone), with torch
-    SDPA on contiguous K/V and gather-then-SDPA as horizontal lines: the version ladder of
-    notebook 05, measured. ``result``: a ``kvlab bench --backend cuda --json`` result."""
-    rows = [r for r in _attention_rows(result) if r["op"].startswith("kernel v")
-            and " fp16 " in r["op"]]
-    if not rows:
-        raise ValueError("the result holds no 'kernel vN fp16 splits=S' rows (run the cuda backend)")
-    ax = new_axes(ax, (7, 4.2))
-    versions = sorted({int(r["op"].split()[1][1:]) for r in rows})
-    for i, version in enumerate(versions):
-        mine = sorted((int(r["op"].rsplit("=", 1)[1]), r["median_s"]) for r in rows
-                      if r["op"].startswith(f"kernel v{version} "))
-        ax.plot([s for s, _ in mine], [t * 1e3 for _, t in mine], "o-",
-                color=SEQ_COLORS[i % len(SEQ_COLORS)], label=f"kvlab v{version}")
-    for r, style in zip([r for r in _attention_rows(result) if r["impl"].startswith("torch-sdpa")],
-                        ("-", "--")):
-        ax.axhline(r["median_s"] * 1e3, color=COLOR_REFERENCE, ls=style, lw=1.2,
-                   label=f"{r['op']} ({r['median_s'] * 1e6:.0f} us)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("num_splits (split-K partitions per sequence)")
-    ax.set_ylabel("median time per decode step (ms)")
-    ax.set_title(f"paged decode attention, fp16 — {_label(result)}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
-    return ax
-
-
-def plot_measured_roofline(result: dict, ax: Axes | None = None) -> Axes:
-    """A roofline from measurements: the memory roof is the device-to-device copy bandwidth the
-    bench measured, the compute roof its float32 matrix product (TF32 off); the card's datasheet HBM
-    peak (``NOMINAL_HBM_BYTES_PER_S``, when the card is known) is drawn dashed for scale. Each attention row is a point at its arithmetic intensity and the
-    FLOP/s it achieved (FLOPs from :func:`decode_flops`, bytes as the bench counts them)."""
-    meta = result["meta"]
-    bw = (meta.get("copy_bandwidth_gb_per_s") or 0) * 1e9
-    peak = (meta.get("fp32_matmul_tflops") or 0) * 1e12
-    if bw <= 0 or peak <= 0:
-        raise ValueError("the result has no measured copy bandwidth / fp32 matmul rate (a GPU run)")
-    rows = _attention_rows(result)
-    flops = decode_flops(meta["shape"])
-    ax = new_axes(ax, (7, 4.2))
-    x = np.logspace(-1, 3, 200)
-    ax.loglog(x, np.minimum(peak, x * bw) / 1e12, color=COLOR_REFERENCE, lw=2,
-              label=f"measured: copy {bw / 1e9:,.0f} GB/s, fp32 matmul {peak / 1e12:.1f} TFLOP/s")
-    card = next((k for k in NOMINAL_HBM_BYTES_PER_S  # "NVIDIA H200" but not "NVIDIA GH200 ..."
-                 if meta["device"] == k or meta["device"].startswith(k + " ")), None)
-    if card is not None:  # an unknown card gets no datasheet line rather than a wrong one
-        nominal = NOMINAL_HBM_BYTES_PER_S[card]
-        ax.loglog(x, np.minimum(peak, x * nominal) / 1e12, color=COLOR_REFERENCE, lw=1, ls="--",
-                  label=f"{nominal / 1e12:.2f} TB/s ({card} datasheet HBM)")
-    picks = [r for r in rows if r["op"].startswith(("kernel v", "torch SDPA", "torch gather"))
-             and " fp8" not in r["op"]]
-    best: dict[str, dict] = {}
-    for r in picks:  # one point per kernel version and dtype: its fastest split count
-        name = r["op"].rsplit(" splits=", 1)[0]
-        if name not in best or r["median_s"] < best[name]["median_s"]:
-            best[name] = r
-    for i, (name, r) in enumerate(best.items()):
-        achieved = flops / r["median_s"]
-        marker = "os^D"[i // len(SEQ_COLORS) % 4]  # a new marker each time the colours repeat
-        ax.plot(flops / r["bytes"], achieved / 1e12, marker, ms=7,
-                color=SEQ_COLORS[i % len(SEQ_COLORS)],
-                label=f"{name}: {r['median_s'] * 1e6:,.0f} us, {r['gb_per_s']:,.0f} GB/s")
-    ax.set_xlabel("arithmetic intensity (FLOPs per byte moved)")
-    ax.set_ylabel("achieved TFLOP/s")
-    ax.set_title(f"decode attention roofline — {_label(result)}", fontsize=9)
-    ax.legend(fontsize=6.5, loc="upper left")
-    return ax
-
-
 def lane_map(head_dim: int, lanes: int, dim_slots: int,
              elem_bytes: int | None = None) -> np.ndarray:
     """int ``[lanes, dim_slots]``: the dim of a key row that slot i of lane r holds in the warp
@@ -233,7 +143,7 @@ def plot_lane_map(head_dim: int = 128, lanes: int = 16, dim_slots: int = 8, elem
     bottom: v5-v7, one 8-byte word per lane and instruction. Defaults: head_dim 128, fp16, the 16
     lanes per key of a GPU launch."""
     per_word = 8 // elem_bytes
-    ax = new_axes(ax, (10, 2.6))
+    ax = new_axes(ax, (9.6, 2.6))
     strips = [(f"v2-v4: {dim_slots} loads of {elem_bytes} B per lane",
                lane_map(head_dim, lanes, dim_slots), 1),
               (f"v5-v7: {dim_slots // per_word} loads of 8 B per lane",
@@ -256,7 +166,7 @@ def plot_lane_map(head_dim: int = 128, lanes: int = 16, dim_slots: int = 8, elem
             first, last = covered.min(), covered.max() + 1
             ax.plot([first + 0.3, last - 0.3], [y + 0.2, y + 0.2], color=COLOR_REFERENCE, lw=2)
             ax.text((first + last) / 2, y + 0.05, f"load {load}", ha="center", va="top",
-                    fontsize=7)
+                    fontsize=8)
         ax.text(0, y + 0.95, label, fontsize=8, va="bottom")
     ax.set_xlim(0, head_dim)
     ax.set_ylim(-0.3, 2.75)

@@ -6,12 +6,13 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from kvlab.plot.style import COLOR_FREE, OKABE_ITO, seq_color
+from kvlab.plot.style import COLOR_FREE, OKABE_ITO
 
 
 def plot_pool_timeline(result: Any, ax: Axes | None = None) -> Figure:
     """The pool's blocks step by step (used / prefix-cached / free, stacked) above each request's
-    lifetime, for a :class:`kvlab.generate.ServeResult`. Returns the figure."""
+    lifetime, for a :class:`kvlab.generate.ServeResult`. Step ``s`` is drawn from ``s`` to
+    ``s + 1``: the pool as that step left it, the last step included. Returns the figure."""
     import matplotlib.pyplot as plt  # only when a new figure is needed: the caller picks the backend
 
     if ax is None:
@@ -19,16 +20,21 @@ def plot_pool_timeline(result: Any, ax: Axes | None = None) -> Figure:
                                       gridspec_kw={"height_ratios": [3, 2]})
     else:
         fig, ax2 = ax.figure, None
-    steps = [t.step for t in result.timeline]
-    ax.stackplot(steps, [t.used for t in result.timeline], [t.cached for t in result.timeline],
-                 [t.free for t in result.timeline], labels=["used", "cached (prefix, evictable)",
-                                                            "free"],
+    timeline = list(result.timeline)
+    # each record holds from its step to the next; repeat the last one so its step has a width
+    steps = [t.step for t in timeline] + [timeline[-1].step + 1]
+    timeline.append(timeline[-1])
+    ax.stackplot(steps, [t.used for t in timeline], [t.cached for t in timeline],
+                 [t.free for t in timeline], labels=["used", "cached (prefix, evictable)", "free"],
                  colors=[OKABE_ITO["vermillion"], OKABE_ITO["orange"], COLOR_FREE], step="post")
     ax.set_ylabel(f"blocks of {result.block_size} tokens")
     ax.set_ylim(0, result.num_blocks)
+    ax.set_xlim(steps[0], steps[-1])
     ax.set_title(f"continuous batching: a {result.num_blocks}-block pool "
-                 f"({result.num_blocks * result.bytes_per_block / 1024:.0f} KiB), step by step")
-    ax.legend(loc="upper right", fontsize=8)
+                 f"({result.num_blocks * result.bytes_per_block / 1024:.0f} KiB), step by step",
+                 pad=22)  # room for the legend, which sits above the plot: inside, it would
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=3, frameon=False,  # cover it
+              fontsize=9, borderaxespad=0.2)
     if ax2 is not None:
         rids = list(result.outputs)
         for row, rid in enumerate(rids):
@@ -37,7 +43,9 @@ def plot_pool_timeline(result: Any, ax: Axes | None = None) -> Figure:
             if not alive:
                 continue
             first, last = alive[0][0], alive[-1][0]
-            ax2.barh(row, last - first + 1, left=first, color=seq_color(row), alpha=0.7)
+            # one colour for every request (each is named on its bar): the pool's colours above
+            # mean block states, and a request drawn in one of them would read as that state
+            ax2.barh(row, last - first + 1, left=first, color=OKABE_ITO["sky_blue"], alpha=0.7)
             hit = result.prefix_hits.get(rid, 0)
             ax2.text(first + 0.1, row, f"{rid}" + (f" (reused {hit} tok)" if hit else ""),
                      va="center", fontsize=8)

@@ -15,7 +15,7 @@ from kvlab.plot.style import (
 
 _LAYOUT_TITLES = {
     "nhd": "NHD (kvlab, FlashInfer)\n[block_size, heads, head_dim]",
-    "hnd": "HND (seed engine Metal, FlashInfer)\n[heads, block_size, head_dim]",
+    "hnd": "HND (ferrum's Metal pools, FlashInfer)\n[heads, block_size, head_dim]",
     "vllm_k": "vLLM key cache\n[heads, head_dim/x, block_size, x]",
     "vllm_v": "vLLM value cache\n[heads, head_dim, block_size]",
 }
@@ -34,7 +34,7 @@ def plot_block_table(
     """The block tables on the left, the pool's physical blocks on the right, and how they map.
 
     ``block_tables`` ``int [num_seqs, max_blocks]`` (-1 = unused) and ``context_lens``
-    ``int [num_seqs]`` as in DESIGN §4; sequence ``s`` uses its first
+    ``int [num_seqs]`` as in docs/design.md#conventions; sequence ``s`` uses its first
     ``ceil(context_lens[s] / block_size)`` entries. Left: one row per sequence, one cell per
     logical block, labelled with the physical block it maps to ("→#3"). Right: the pool's
     ``num_blocks`` blocks, each coloured by the sequence that owns it and filled in proportion to
@@ -118,14 +118,14 @@ def plot_block_table(
         if column:
             ax.text(x + 0.08, y - ph / 2, f"#{b}", ha="left", va="center", fontsize=8,
                     fontweight="bold", zorder=3, bbox=plate if who else None)
-            ax.text(x + pw - 0.1, y - ph / 2, note, ha="right", va="center", fontsize=7.5,
+            ax.text(x + pw - 0.1, y - ph / 2, note, ha="right", va="center", fontsize=8,
                     zorder=3, color="#333333" if who else "#777777",
                     bbox=plate if who else None)
         else:
             ax.text(x + pw / 2, y - 0.3 * ph, f"#{b}", ha="center", va="center", fontsize=8,
                     fontweight="bold", zorder=3)
             ax.text(x + pw / 2, y - 0.68 * ph, note.replace(" ", "\n"), ha="center",
-                    va="center", fontsize=6.5, zorder=3, color="#333333" if who else "#777777",
+                    va="center", fontsize=8, zorder=3, color="#333333" if who else "#777777",
                     bbox=plate if who else None)
 
     # the block tables
@@ -139,7 +139,7 @@ def plot_block_table(
                                    facecolor=seq_color(s), edgecolor="#555555", linewidth=0.8,
                                    zorder=2, gid="logical-block"))
             ax.text(j * lw + lw / 2, y - lh / 2, f"→#{b}", ha="center", va="center",
-                    fontsize=7.5, zorder=3,
+                    fontsize=8, zorder=3,
                     color="white" if s % len(SEQ_COLORS) in dark_text else "black")
             if arrows:  # drawn under the cells: it shows between the table and the pool
                 px, py = physical_xy(b)
@@ -149,7 +149,7 @@ def plot_block_table(
                                              shrinkB=0.5, color=seq_color(s), alpha=0.8,
                                              linewidth=1.0, zorder=1, gid="mapping-arrow"))
         if used == 0:
-            ax.text(0.05, y - lh / 2, "(no tokens)", ha="left", va="center", fontsize=7.5,
+            ax.text(0.05, y - lh / 2, "(no tokens)", ha="left", va="center", fontsize=8,
                     color="#777777")
 
     ax.text(width_logical / 2, top + 0.25, "block tables\n(logical block → physical)",
@@ -182,6 +182,15 @@ def _address_grid(num_kv_heads: int, head_dim: int, block_size: int, layout: str
     return offsets.reshape(block_size * num_kv_heads, head_dim)  # row = slot * H + head
 
 
+_CELL_FONT = 8  # points: the byte offsets written in the cells
+
+
+def _labels_fit(cell_inches: float, largest: int) -> bool:
+    """Whether a cell ``cell_inches`` wide holds ``largest`` written at _CELL_FONT points (a digit
+    is ~0.64 em wide in Matplotlib's default font), with a little room on each side."""
+    return cell_inches >= len(str(largest)) * 0.64 * _CELL_FONT / 72 + 0.03
+
+
 def plot_layout_addresses(
     num_kv_heads: int,
     head_dim: int,
@@ -201,7 +210,7 @@ def plot_layout_addresses(
     (:func:`kvlab.layouts.byte_offset`). A smooth run of colour along a row is contiguous memory;
     a jump is a stride. ``layout`` is one of ``"nhd"``, ``"hnd"``, ``"vllm_k"``, ``"vllm_v"``;
     ``itemsize`` (bytes per element) sets vLLM's ``x = 16 // itemsize``. ``annotate`` defaults to
-    True for at most 256 cells.
+    True for at most 256 cells wide enough to hold their numbers.
 
     Returns the Axes, holding one image whose array is the offsets ``[block_size * heads,
     head_dim]``. Raises ValueError for an unknown layout, non-positive sizes, or a ``head_dim``
@@ -216,21 +225,23 @@ def plot_layout_addresses(
                                              ("head_dim", head_dim), ("block_size", block_size)))
     grid = _address_grid(h, d, s, layout, itemsize)  # ValueError for itemsize / x problems
     rows, cols = grid.shape
-    annotate = rows * cols <= 256 if annotate is None else bool(annotate)
-    ax = new_axes(ax, (max(4.0, 0.36 * cols + 2.2), max(3.0, 0.3 * rows + 1.6)))
+    width = min(9.8, max(4.0, 0.36 * cols + 2.2))  # 2.2 in: tick labels and the colour bar
+    if annotate is None:
+        annotate = rows * cols <= 256 and _labels_fit((width - 2.2) / cols, int(grid.max()))
+    ax = new_axes(ax, (width, max(3.0, 0.3 * rows + 1.6)))
     image = ax.imshow(grid, cmap=cmap, aspect="auto", interpolation="nearest",
                       vmin=0, vmax=grid.max() if grid.max() > 0 else 1)
     if annotate:
         threshold = 0.55 * grid.max()
         for r in range(rows):
             for c in range(cols):
-                ax.text(c, r, f"{grid[r, c]}", ha="center", va="center", fontsize=6,
+                ax.text(c, r, f"{grid[r, c]}", ha="center", va="center", fontsize=_CELL_FONT,
                         color="white" if grid[r, c] < threshold else "black")
     step = max(1, rows // 24)
     ax.set_yticks(range(0, rows, step),
-                  labels=[f"t{r // h} h{r % h}" for r in range(0, rows, step)], fontsize=7)
+                  labels=[f"t{r // h} h{r % h}" for r in range(0, rows, step)], fontsize=8)
     ax.set_xticks(range(0, cols, max(1, cols // 16)))
-    ax.tick_params(labelsize=7, length=2)
+    ax.tick_params(labelsize=8, length=2)
     for r in range(h, rows, h):  # a line between tokens
         ax.axhline(r - 0.5, color="white", linewidth=1.2)
     if layout == "vllm_k":  # a line between 16-byte chunks of a key
@@ -271,10 +282,15 @@ def plot_all_layouts(
     cols = head_dim if isinstance(head_dim, int) else 8
     grid_cols = 2 if len(layouts) >= 3 else len(layouts)
     grid_rows = -(-len(layouts) // grid_cols)
+    # at most 9.8 in wide (JupyterLab shows ~10.5 in at 100 dpi); 1.6 in: tick labels, colour bar
+    width = min(9.8, grid_cols * max(3.0, 0.34 * cols + 0.3) + 1.6)
+    if annotate is None and isinstance(itemsize, int) and itemsize > 0:
+        largest = rows * cols * itemsize
+        annotate = rows * cols <= 256 and _labels_fit((width - 1.6) / (grid_cols * cols) - 0.01,
+                                                      largest)
     fig, axes = plt.subplots(grid_rows, grid_cols, sharex=True, sharey=True, squeeze=False,
                              layout="constrained",
-                             figsize=(grid_cols * max(3.0, 0.34 * cols + 0.9) + 1.0,
-                                      grid_rows * max(2.6, 0.3 * rows + 1.2) + 0.5))
+                             figsize=(width, grid_rows * max(2.6, 0.3 * rows + 1.2) + 0.5))
     axes = axes.ravel()
     for ax in axes[len(layouts):]:
         ax.remove()

@@ -43,16 +43,17 @@ def plot_error_histograms(errors: Mapping[str, np.ndarray], ax: Axes | None = No
         ax.hist(s, bins=edges, histtype="step", linewidth=1.5, color=_SERIES[i % len(_SERIES)],
                 label=label)
     ax.set(yscale="log", xlabel=xlabel, ylabel="elements")
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: covers no bar
     return ax
 
 
 def plot_memory_vs_error(names: Sequence[str], bytes_per_token: Sequence[float],
                          errors: Sequence[float], ax: Axes | None = None,
                          ylabel: str = "attention error, max|diff| / max|ref|",
-                         bar: float | None = None) -> Axes:
+                         bar: float | None = None, bar_label: str = "threshold") -> Axes:
     """One point per KV dtype: KV bytes per token (x) against an accuracy error (y, log), each
-    point in its dtype's colour and labelled; ``bar`` draws a dashed horizontal threshold."""
+    point in its dtype's colour and labelled; ``bar`` draws a dashed horizontal threshold, named
+    ``bar_label`` (e.g. "ferrum's INT8 test threshold")."""
     if not (len(names) == len(bytes_per_token) == len(errors)) or not names:
         raise ValueError("names, bytes_per_token and errors must be non-empty and equally long")
     ax = new_axes(ax, (6, 3.5))
@@ -62,7 +63,7 @@ def plot_memory_vs_error(names: Sequence[str], bytes_per_token: Sequence[float],
                     xytext=(7, 3) if i % 2 == 0 else (7, -11))  # alternate: close points stay legible
     if bar is not None:
         ax.axhline(bar, color=COLOR_REFERENCE, linestyle="--", linewidth=1)
-        ax.annotate(f"bar {bar:g}", (ax.get_xlim()[0], bar), textcoords="offset points",
+        ax.annotate(f"{bar_label} {bar:g}", (ax.get_xlim()[0], bar), textcoords="offset points",
                     xytext=(4, 3), color=COLOR_REFERENCE)
     ax.margins(x=0.25, y=0.2)
     ax.set(yscale="log", xlabel="KV bytes per token (one layer, one model shape)", ylabel=ylabel)

@@ -97,7 +97,7 @@ def plot_pair_rotation(points: Mapping[str, np.ndarray], positions: Sequence[int
             ax.annotate("", xy=(a, b), xytext=(0, 0),
                         arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.4,
                                         alpha=0.35 + 0.65 * (k + 1) / len(positions)))
-            ax.text(a * 1.1, b * 1.1, f"m={pos}", color=colour, fontsize=7.5,
+            ax.text(a * 1.1, b * 1.1, f"m={pos}", color=colour, fontsize=8,
                     ha="center", va="center")
         ax.plot([], [], color=colour, lw=2, label=label)  # a legend entry for the arrows
         radius = max(radius, float(np.hypot(xy[:, 0], xy[:, 1]).max()))
@@ -141,6 +141,8 @@ def plot_pair_layouts(head_dim: int, rotary_dim: int | None = None,
                       ax: Axes | None = None) -> Axes:
     """The dims of one head, twice: coloured by the pair each belongs to, rotate-half (neox) above,
     interleaved (gptj) below. Dims from rotary_dim on (partial rotary) are grey: they never turn.
+    Each cell is labelled with its pair when the head is small enough (head_dim <= 32) for the
+    numbers to be legible.
 
     Returns the Axes; its cells are Rectangles with gid ``"neox-dim"`` / ``"gptj-dim"``.
     """
@@ -154,7 +156,8 @@ def plot_pair_layouts(head_dim: int, rotary_dim: int | None = None,
                          f"{head_dim} and {rotary_dim}")
     half = rotary_dim // 2
     cmap = colormaps["viridis"]
-    ax = new_axes(ax, (max(6.0, 0.42 * head_dim + 2), 2.6))
+    ax = new_axes(ax, (min(9.8, max(6.0, 0.42 * head_dim + 2)), 2.6))
+    labelled = head_dim <= 32  # wider heads get cells too narrow for an 8-point number
     rows = {"neox": lambda d: d % half, "gptj": lambda d: d // 2}
     titles = {"neox": "rotate-half (neox)", "gptj": "interleaved (gptj)"}
     for row, (style, pair_of) in enumerate(rows.items()):
@@ -165,13 +168,13 @@ def plot_pair_layouts(head_dim: int, rotary_dim: int | None = None,
             face = cmap(pair / max(half - 1, 1)) if rotated else COLOR_FREE
             ax.add_patch(Rectangle((d, y * 1.4), 0.95, 0.95, facecolor=face, edgecolor="white",
                                    gid=f"{style}-dim"))
-            text = f"{pair}" if rotated else "·"
-            dark = rotated and pair / max(half - 1, 1) < 0.6
-            ax.text(d + 0.475, y * 1.4 + 0.475, text, ha="center", va="center", fontsize=7,
-                    color="white" if dark else "black")
+            if labelled:
+                dark = rotated and pair / max(half - 1, 1) < 0.6
+                ax.text(d + 0.475, y * 1.4 + 0.475, f"{pair}" if rotated else "·", ha="center",
+                        va="center", fontsize=8, color="white" if dark else "black")
         ax.text(-0.3, y * 1.4 + 0.475, titles[style], ha="right", va="center", fontsize=9)
     for d in range(0, head_dim, max(1, head_dim // 8)):
-        ax.text(d + 0.475, -0.25, str(d), ha="center", va="top", fontsize=7, color="#555555")
+        ax.text(d + 0.475, -0.25, str(d), ha="center", va="top", fontsize=8, color="#555555")
     ax.set_xlim(-0.2, head_dim + 0.1)
     ax.set_ylim(-0.7, 2.5)
     ax.set_axis_off()

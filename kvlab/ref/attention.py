@@ -7,7 +7,7 @@ holds in the cache::
     p_j   = exp(s_j - max s) / sum_j exp(s_j - max s)                       (softmax)
     out   = sum_j p_j v_j                                                    float32 [D]
 
-Shapes (token-first, DESIGN.md §4)::
+Shapes (token-first, docs/design.md#conventions)::
 
     q, out          [T, num_q_heads, head_dim]            q float16/float32, out float32
     k, v            [L, num_kv_heads, head_dim]           contiguous (``decode_attention``)

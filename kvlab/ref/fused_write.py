@@ -1,20 +1,20 @@
 """The fused write, NumPy reference: packed QKV -> (QK-norm) -> RoPE -> KV cache, in one op.
 
 A decoder layer's attention starts with one matmul whose output row packs every head of a token
-(DESIGN.md §4)::
+(docs/design.md#conventions)::
 
     qkv  [T, (Hq + 2 * Hkv) * D]      Q heads 0..Hq-1 | K heads 0..Hkv-1 | V heads 0..Hkv-1
 
 Before attention, an engine must: split the row into heads, normalise Q and K per head (Qwen3's
 QK-norm), rotate them by their positions (RoPE), keep Q for attention and store K and V in the
 cache (quantizing them on the way, for an int8/fp8 cache). Done as separate ops, every step reads
-its input from memory and writes its output back; the seed engine's ``paged_write`` does it all in
+its input from memory and writes its output back; ferrum's ``paged_write`` does it all in
 one kernel. This module is the definition every fused kernel is held to: the pieces
 (:func:`split_qkv`, :func:`rms_norm_heads`), their unfused composition
 (:func:`split_qkv_norm_rope`), and the fused ops (:func:`paged_write`, :func:`contig_write`,
 :func:`paged_write_batched`) built from them.
 
-``qk_mode`` (the seed's name): 0 copy; 1 RMSNorm then rotate-half RoPE (Qwen3); 2 rotate-half RoPE
+``qk_mode`` (ferrum's name): 0 copy; 1 RMSNorm then rotate-half RoPE (Qwen3); 2 rotate-half RoPE
 only (Llama, Mistral); 3 interleaved RoPE only (GPT-J). V is never normed or rotated.
 
 **Numerics: where each value is rounded** (the same in every backend)::

@@ -1,7 +1,7 @@
 """Quantized KV, NumPy reference: int8 and FP8 E4M3 with per-(token, kv_head) scales, and int4.
 
 One symmetric rule serves every scaled dtype; only the largest code ``qmax`` and the encoder
-change (DESIGN.md §4, the seed engine's ``KvInt8``)::
+change (docs/design.md#conventions; ferrum's ``KvInt8``)::
 
     amax  = max |x|  over the scale's elements      (one (token, kv_head) vector; int4: 32 of it)
     scale = max(amax, 1e-8) / qmax                  float32; qmax = 127 (int8), 448 (fp8), 7 (int4)
@@ -9,13 +9,13 @@ change (DESIGN.md §4, the seed engine's ``KvInt8``)::
     store code and fp16(scale)
     x'    = decode(code) * float32(fp16(scale))     dequantization reads the *stored* fp16 scale
 
-The codes are computed with the float32 scale and read back with its fp16 rounding, as the seed's
+The codes are computed with the float32 scale and read back with its fp16 rounding, as ferrum's
 CUDA path does: the 1e-8 floor then keeps ``x / scale`` finite even for an all-zero vector (whose
 fp16 scale underflows to 0 and dequantizes to exact zeros). So for int8 and int4 the round-trip
 error per element is at most ``scale / 2`` (rounding) plus ``qmax * |scale - fp16(scale)|`` (the
 scale's own rounding); fp8 rounds to 3 mantissa bits instead, a relative error (tests state it).
 
-Arrays (token-first, DESIGN.md §4)::
+Arrays (token-first, docs/design.md#conventions)::
 
     x                      [T, num_kv_heads, head_dim]              float16 or float32
     int8 codes / scales    [T, Hkv, head_dim] int8   / [T, Hkv] float16
@@ -45,7 +45,7 @@ from kvlab.checks import (
 )
 from kvlab.ref.paging import _slots
 
-AMAX_FLOOR = np.float32(1e-8)  # the seed's floor: an all-zero vector still gets a finite scale
+AMAX_FLOOR = np.float32(1e-8)  # ferrum's floor: an all-zero vector still gets a finite scale
 FP8_MAX = 448.0                # the largest finite E4M3FN value, S.1111.110 = 1.75 * 2**8
 INT4_GROUP = 32                # int4 elements per scale
 # The float32 NaN an E4M3FN NaN widens to, as torch does: the byte's mantissa bits 111 move to the

@@ -12,7 +12,7 @@ Rotating q by ``m f`` and k by ``n f`` leaves ``q . k`` depending on ``m - n`` o
 sees relative positions, and a key rotated once, when it is written to the cache, never changes.
 
 **Tables.** :func:`rope_tables` computes ``cos`` and ``sin`` once per model, float32
-``[max_positions, rotary_dim // 2]`` (DESIGN.md §4), in float64 and then rounded, so every backend
+``[max_positions, rotary_dim // 2]`` (docs/design.md#conventions), in float64 and then rounded, so every backend
 rotates by the same numbers. (Hugging Face computes them in float32, where the angle ``m f`` itself
 loses ``m * 2**-24`` radians: about 0.008 rad at position 131072.)
 
@@ -28,7 +28,7 @@ unchanged (GPT-NeoX, Phi-2, ChatGLM: ``partial_rotary_factor`` in Hugging Face c
 (see :func:`rope_frequencies`): none, ``linear``, ``dynamic`` (NTK), ``yarn`` and ``llama3``, each
 with the parameters Hugging Face's ``rope_scaling`` / ``rope_parameters`` use.
 
-Arithmetic is float32 (x may be float16: it is widened, rotated and rounded once, DESIGN §4).
+Arithmetic is float32 (x may be float16: it is widened, rotated and rounded once, docs/design.md#conventions).
 Arguments are checked by :mod:`kvlab.checks` before anything is computed.
 """
 from __future__ import annotations

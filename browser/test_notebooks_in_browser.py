@@ -1,0 +1,283 @@
+"""Every notebook, the way a learner uses it: opened in JupyterLab in Chromium, then Run All.
+
+The notebooks run as a learner sees them, stubs and all: an exercise's checker cell prints a ✗
+verdict for the unfilled stub and never raises, so a notebook with stubs still runs to the end
+(the solutions swap of ``make test`` is off here). For each notebook the test checks, in order:
+
+1. it opens unmodified: right after the kernel has started, JupyterLab does not mark it dirty
+   (a saved kernelspec or language_info that differs from the installed kernel's would), and each
+   saved explorer output (a widget view with a PNG of its default state) shows as that PNG until
+   the notebook runs, as in a fresh clone, where every notebook opens untrusted;
+2. Run All (the Run menu's command) runs every code cell, and no cell shows an error output or a
+   traceback or warning on stderr;
+3. every explorer (an element of class ``kvlab-explorer``) shows its ipywidgets controls and a
+   loaded ``<img>`` (class ``kvlab-explorer-figure``, or inside an element of that class); there
+   is one per saved explorer output, and at least one unless the notebook is in
+   ``WITHOUT_EXPLORER``;
+4. moving one control of each explorer (arrow key on a slider, another option of a dropdown or of
+   toggle buttons) changes the figure's image bytes;
+5. the browser console has no errors (level SEVERE).
+
+It saves a screenshot of each notebook (and of each explorer after its move) under build/browser/,
+and build/browser/summary.{json,md} with what was checked and how long each step took.
+"""
+import json
+import time
+
+import pytest
+from selenium.common.exceptions import JavascriptException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select
+
+OPEN_TIMEOUT_S = 120
+RUN_TIMEOUT_S = 300
+RENDER_TIMEOUT_S = 60
+REDRAW_TIMEOUT_S = 60
+# Time for JupyterLab to apply the kernel's spec and language_info to the notebook's metadata
+# (which is what would make it dirty) after both have arrived.
+SETTLE_S = 1.5
+CONTROLS = (".widget-slider, .widget-dropdown, .widget-toggle-buttons, .widget-radio-box, "
+            ".widget-checkbox, .widget-button, .widget-play, .widget-select, .widget-text")
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+# Notebooks with nothing to move, each with its reason; every other notebook has an explorer.
+WITHOUT_EXPLORER = {
+    "07_gpu_performance.ipynb": "reads results measured on a GPU; nothing here runs on one",
+}
+
+# The notebook panel JupyterLab shows, once its kernel is up (null until then).
+JS_PANEL = """
+const app = window.jupyterapp;
+const panel = app && app.shell.currentWidget;
+if (!panel || !panel.context || !panel.context.isReady || !panel.content || !panel.sessionContext)
+    return null;
+const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
+if (!kernel || kernel.status !== 'idle') return null;
+return {path: panel.context.path, cells: panel.content.widgets.length};
+"""
+
+# Dirty state once the kernel's info and spec have been applied to the notebook.
+JS_OPEN_STATE = """
+const done = arguments[arguments.length - 1];
+const panel = window.jupyterapp.shell.currentWidget;
+const kernel = panel.sessionContext.session.kernel;
+Promise.all([kernel.info, kernel.spec]).then(() => setTimeout(() => done({
+    dirty: panel.context.model.dirty,
+    tab_dirty: document.querySelector('.lm-TabBar-tab.jp-mod-current.jp-mod-dirty') !== null,
+    metadata: panel.context.model.metadata,
+}), arguments[0] * 1000), (err) => done({error: String(err)}));
+"""
+
+# What each saved output that has a widget view shows before anything ran: the form JupyterLab's
+# renderers pick, as its output area does (an untrusted output, as in a fresh clone, gets only
+# the safe renderers: a PNG, never the widget renderer). Asked of the registry rather than read
+# off the page, because JupyterLab renders a long notebook's cells only as they scroll into view.
+JS_SAVED_WIDGET_OUTPUTS = """
+const mime = arguments[0];
+const panel = window.jupyterapp.shell.currentWidget;
+const rendermime = panel.content.rendermime;
+const shown = [];
+panel.content.widgets.forEach((cell, i) => {
+    if (cell.model.type !== 'code') return;
+    const outputs = cell.model.outputs;
+    for (let j = 0; j < outputs.length; j++) {
+        const output = outputs.get(j);
+        if (!(mime in output.data)) continue;
+        shown.push({cell: i, mime_types: Object.keys(output.data), trusted: output.trusted,
+                    shown_as: rendermime.preferredMimeType(output.data,
+                                                           output.trusted ? 'any' : 'ensure')});
+    }
+});
+return shown;
+"""
+
+JS_RUN_ALL = """
+const done = arguments[arguments.length - 1];
+window.jupyterapp.commands.execute('notebook:run-all-cells')
+    .then((ok) => done({ok: ok}), (err) => done({error: String(err)}));
+"""
+
+JS_KERNEL_STATUS = """
+const panel = window.jupyterapp.shell.currentWidget;
+return panel.sessionContext.session.kernel.status;
+"""
+
+# Per code cell: did it run, its error outputs, its stderr text, and the DOM's stderr tracebacks.
+JS_CELLS = """
+const panel = window.jupyterapp.shell.currentWidget;
+return panel.content.widgets.filter((cell) => cell.model.type === 'code').map((cell) => {
+    const outputs = [];
+    for (let j = 0; j < cell.model.outputs.length; j++) outputs.push(cell.model.outputs.get(j).toJSON());
+    const stderrNodes = cell.node.querySelectorAll(
+        '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]');
+    return {
+        source: cell.model.sharedModel.getSource(),
+        execution_count: cell.model.executionCount,
+        errors: outputs.filter((o) => o.output_type === 'error').map((o) => o.ename + ': ' + o.evalue),
+        stderr: outputs.filter((o) => o.output_type === 'stream' && o.name === 'stderr')
+                       .map((o) => Array.isArray(o.text) ? o.text.join('') : o.text),
+        stderr_shown: Array.from(stderrNodes).map((n) => n.innerText),
+    };
+});
+"""
+
+# A fingerprint of an explorer's figure: SHA-256 of the image's bytes (blob: or data: URL alike).
+JS_FIGURE_DIGEST = """
+const done = arguments[arguments.length - 1];
+const img = arguments[0].querySelector('img.kvlab-explorer-figure, .kvlab-explorer-figure img');
+if (!img || !img.complete || img.naturalWidth === 0) { done(null); return; }
+fetch(img.src).then((r) => r.arrayBuffer()).then((bytes) => crypto.subtle.digest('SHA-256', bytes))
+    .then((hash) => done(Array.from(new Uint8Array(hash), (b) => b.toString(16).padStart(2, '0'))
+                         .join('')), (err) => done('error: ' + err));
+"""
+
+def _wait(what: str, timeout_s: float, probe, interval_s: float = 0.25):
+    """Polls ``probe()`` until it returns something other than None; fails naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            value = probe()
+        except JavascriptException:
+            value = None
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def _explorers(driver):
+    return driver.find_elements(By.CSS_SELECTOR, ".jp-NotebookPanel .kvlab-explorer")
+
+
+def _digest(driver, explorer):
+    digest = driver.execute_async_script(JS_FIGURE_DIGEST, explorer)
+    return digest if digest and not digest.startswith("error") else None
+
+
+def _rendered_explorers(driver, expected: int, seen: list[int]):
+    """The explorers once there are at least ``expected``, each shows an image, and their number
+    has held for a second."""
+    found = _explorers(driver)
+    if len(found) < expected or not all(_digest(driver, e) for e in found):
+        return None
+    seen.append(len(found))
+    steady = len(seen) >= 5 and len(set(seen[-5:])) == 1
+    return found if steady else None
+
+
+def _move_one_control(driver, explorer) -> str:
+    """Moves the first control a learner would reach for; returns what it did."""
+    handles = explorer.find_elements(By.CSS_SELECTOR, ".widget-slider .noUi-handle")
+    if handles:
+        handle = handles[0]
+        value = handle.get_attribute("aria-valuenow")
+        at_max = value == handle.get_attribute("aria-valuemax")
+        driver.execute_script("arguments[0].focus();", handle)
+        handle.send_keys(Keys.ARROW_LEFT if at_max else Keys.ARROW_RIGHT)
+        return f"slider one step {'left' if at_max else 'right'} from {value}"
+    selects = explorer.find_elements(By.CSS_SELECTOR, ".widget-dropdown select")
+    if selects:
+        select = Select(selects[0])
+        current = select.first_selected_option.text
+        other = next(o.text for o in select.options if o.text != current)
+        select.select_by_visible_text(other)
+        return f"dropdown {current!r} -> {other!r}"
+    toggles = explorer.find_elements(By.CSS_SELECTOR,
+                                     ".widget-toggle-buttons button:not(.mod-active)")
+    if toggles:
+        label = toggles[0].text
+        toggles[0].click()
+        return f"toggle button {label!r}"
+    buttons = explorer.find_elements(By.CSS_SELECTOR, "button.widget-button")
+    if buttons:
+        label = buttons[0].text
+        buttons[0].click()
+        return f"button {label!r}"
+    pytest.fail("explorer has no slider, dropdown, toggle buttons or button to move")
+
+
+def _console_errors(driver) -> list[str]:
+    """Every console error since the page loaded (none is known to be harmless: none is skipped)."""
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def test_notebook_runs_in_jupyterlab(notebook_name, lab, chromium, out_dir, summary):
+    driver, stem = chromium, notebook_name.removesuffix(".ipynb")
+    row = summary.setdefault(notebook_name, {})
+    started = time.monotonic()
+    try:
+        driver.set_script_timeout(RUN_TIMEOUT_S)
+        driver.get(f"{lab.url}/lab/tree/{notebook_name}?reset&token={lab.token}")
+        opened = _wait("the notebook to open with an idle kernel", OPEN_TIMEOUT_S,
+                       lambda: driver.execute_script(JS_PANEL))
+        assert opened["path"] == notebook_name
+
+        state = driver.execute_async_script(JS_OPEN_STATE, SETTLE_S)
+        assert "error" not in state, state
+        row["open_s"] = round(time.monotonic() - started, 1)
+        row["clean_on_open"] = not (state["dirty"] or state["tab_dirty"])
+        if not row["clean_on_open"]:
+            saved = json.loads(lab.api("GET", f"/api/contents/{notebook_name}"))["content"]
+            changed = {key: {"saved": saved["metadata"].get(key), "now": state["metadata"].get(key)}
+                       for key in saved["metadata"].keys() | state["metadata"].keys()
+                       if saved["metadata"].get(key) != state["metadata"].get(key)}
+            pytest.fail(f"JupyterLab marks the notebook modified on open; metadata it changed: "
+                        f"{changed or 'none (something else changed)'}")
+        row["saved_widget_outputs"] = driver.execute_script(JS_SAVED_WIDGET_OUTPUTS, WIDGET_VIEW)
+        saved_explorers = [o for o in row["saved_widget_outputs"] if "image/png" in o["mime_types"]]
+        unseen = [o for o in saved_explorers if o["shown_as"] != "image/png"]
+        assert not unseen, f"saved explorer outputs not shown as their PNG before running: {unseen}"
+
+        run_started = time.monotonic()
+        result = driver.execute_async_script(JS_RUN_ALL)
+        assert result.get("ok") is not None, f"Run All failed: {result}"
+        _wait("the kernel to be idle after Run All", RUN_TIMEOUT_S,
+              lambda: driver.execute_script(JS_KERNEL_STATUS) == "idle" or None)
+        row["run_s"] = round(time.monotonic() - run_started, 1)
+
+        cells = [c for c in driver.execute_script(JS_CELLS) if c["source"].strip()]
+        row["code_cells"] = len(cells)
+        row["cells_run"] = sum(c["execution_count"] is not None for c in cells)
+        row["stderr"] = [text for c in cells for text in c["stderr"]]
+        not_run = [c["source"][:80] for c in cells if c["execution_count"] is None]
+        errors = [e for c in cells for e in c["errors"]]
+        # the model's stderr text and what the page shows on stderr (an error output included)
+        bad_stderr = sorted({text[:300] for c in cells for text in c["stderr"] + c["stderr_shown"]
+                             if any(word in text for word in ("Traceback", "Error", "Warning"))})
+        assert not errors, f"error outputs: {errors}"
+        assert not bad_stderr, f"stderr with a traceback, error or warning: {bad_stderr}"
+        assert not not_run, f"cells that did not run: {not_run}"
+
+        render_started, counts = time.monotonic(), []
+        explorers = _wait("the explorers to render their figures", RENDER_TIMEOUT_S,
+                          lambda: _rendered_explorers(driver, len(saved_explorers), counts))
+        if notebook_name not in WITHOUT_EXPLORER:
+            assert explorers, "the notebook has no explorer (an element of class kvlab-explorer)"
+        assert len(explorers) == len(saved_explorers), (
+            f"{len(explorers)} live explorers, but {len(saved_explorers)} saved explorer outputs "
+            "(a widget view with a PNG): rerun and save the notebook")
+        row["render_s"] = round(time.monotonic() - render_started, 1)
+        row["explorers_found"], row["explorers_moved"], row["moves"] = len(explorers), 0, []
+        for k, explorer in enumerate(explorers):
+            controls = explorer.find_elements(By.CSS_SELECTOR, CONTROLS)
+            assert controls, f"explorer {k} shows no controls"
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", explorer)
+            before = _digest(driver, explorer)
+            move_started = time.monotonic()
+            move = _move_one_control(driver, explorer)
+            _wait(f"explorer {k}'s figure to change after {move}", REDRAW_TIMEOUT_S,
+                  lambda: (_digest(driver, explorer) or before) != before or None)
+            row["moves"].append({"explorer": k, "controls": len(controls), "move": move,
+                                 "redraw_s": round(time.monotonic() - move_started, 2)})
+            row["explorers_moved"] += 1
+            explorer.screenshot(str(out_dir / f"{stem}.explorer{k}.png"))
+
+        if explorers:
+            driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", explorers[0])
+        row["console_errors"] = _console_errors(driver)
+        assert not row["console_errors"], f"browser console errors: {row['console_errors']}"
+    finally:
+        driver.save_screenshot(str(out_dir / f"{stem}.png"))
+        row["total_s"] = round(time.monotonic() - started, 1)
+        lab.shut_down_kernels()

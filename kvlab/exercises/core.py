@@ -1,0 +1,215 @@
+"""The machinery every exercise shares: cases, the checker's verdict, and the solution swap.
+
+An :class:`Exercise` is a function the learner writes (``signature``), the kvlab function its
+answer must match (``reference``), and the inputs it is tried on (``cases``: hand-picked edge cases
+first, then seeded random ones). ``check(fn)`` runs ``fn`` and the reference on every case and
+prints a short verdict: ✓ with the number of cases, or the first failing case (its inputs, what was
+expected, what came back, where they differ) and a hint. It returns True or False and never
+raises, so a notebook still runs top to bottom while a stub is unfilled.
+
+The solution swap: with the environment variable ``KVLAB_SOLUTIONS=1`` (the repo-root conftest.py
+sets it, so ``make test`` runs every notebook that way) ``check`` checks the exercise's reference
+solution in place of the learner's function. The notebooks on disk keep their stubs; the test run
+still executes every checker, so a notebook cannot silently break.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+SOLUTIONS_ENV = "KVLAB_SOLUTIONS"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One set of arguments to try, by parameter name, with a label a learner can read."""
+
+    label: str
+    kwargs: dict[str, Any]
+    random: bool = False  # a seeded random case (the verdict counts them apart)
+
+
+def copy_args(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Fresh copies of every array, so one call cannot change what the next one sees."""
+    return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
+
+
+def call(fn: Callable, case: Case) -> Any:
+    """The default way to run a case: call ``fn`` on copies of its arguments, return its result."""
+    return fn(**copy_args(case.kwargs))
+
+
+def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
+            path: str = "result") -> str | None:
+    """None when ``got`` matches ``expected``; else one sentence saying where they first differ.
+
+    Tuples and lists compare item by item; arrays by shape, then value (exact for integers and
+    booleans, ``rtol``/``atol`` for floats, NaN equal to NaN); anything else by ``==``.
+    """
+    if isinstance(expected, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+            return f"{path} should be a tuple of {len(expected)} items, got {_short(got)}"
+        for i, (g, e) in enumerate(zip(got, expected)):
+            message = compare(g, e, rtol, atol, f"{path}[{i}]")
+            if message:
+                return message
+        return None
+    if isinstance(expected, np.ndarray):
+        try:
+            got_array = np.asarray(got)
+        except Exception:  # a learner's object numpy cannot read
+            return f"{path} should be an array, got {type(got).__name__}"
+        if got_array.shape != expected.shape:
+            return f"{path} has shape {got_array.shape}, expected {expected.shape}"
+        if expected.dtype.kind in "iub":
+            same = got_array == expected
+        else:
+            same = np.isclose(got_array.astype(np.float64), expected.astype(np.float64),
+                              rtol=rtol, atol=atol, equal_nan=True)
+        if same.all():
+            return None
+        bad = np.argwhere(~same)
+        where = tuple(int(i) for i in bad[0])
+        return (f"{path}{list(where) if where else ''} is {got_array[where]!r}, expected "
+                f"{expected[where]!r} ({len(bad)} of {expected.size} elements differ)")
+    if isinstance(expected, float) or isinstance(got, float):
+        try:
+            ok = np.isclose(float(got), float(expected), rtol=rtol, atol=atol, equal_nan=True)
+        except (TypeError, ValueError):
+            ok = False
+        return None if ok else f"{path} is {got!r}, expected {expected!r}"
+    return None if got == expected else f"{path} is {got!r}, expected {expected!r}"
+
+
+def _short(value: Any, limit: int = 220) -> str:
+    """A one-line picture of an argument: small arrays in full, large ones by shape and dtype."""
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_short(item, limit) for item in value) + ")"
+    if isinstance(value, np.ndarray):
+        if value.size <= 12:
+            text = np.array2string(value, separator=", ", threshold=12).replace("\n", "")
+            return f"{' '.join(text.split())} ({value.dtype})"
+        return f"<{value.dtype} array, shape {value.shape}>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise: what the learner writes, what it must match, and what it is tried on.
+
+    name: ``"NN.what"``, e.g. ``"01.slot_mapping"`` (NN is the notebook's number).
+    notebook, section: where it lives, e.g. ``"01_paging"``, ``"2.2 From a position to a slot"``.
+    signature: the function the learner implements, as they would write its ``def`` line.
+    hint: one line that points at the idea without giving the code.
+    solution: the reference solution, written as a learner would (``solution(name)`` shows it).
+    reference: the kvlab function the answer must match (often the same as ``solution``'s result,
+        but computed by the package, e.g. ``kvlab.ref.paging.slot_mapping``).
+    cases: makes the cases, hand-picked first, then seeded random ones.
+    run: how one case is run with a function (default :func:`call`); kernels launch here.
+    explain: optional ``(fn, case) -> None`` shown with a failure (e.g. a picture of the accesses).
+    kernel: True for a kernel puzzle: the learner writes a ``@cuda.jit`` kernel, not a function.
+    """
+
+    name: str
+    notebook: str
+    section: str
+    signature: str
+    hint: str
+    solution: Callable
+    reference: Callable
+    cases: Callable[[], list[Case]]
+    run: Callable[[Callable, Case], Any] = call
+    rtol: float = 1e-5
+    atol: float = 1e-6
+    explain: Callable[[Callable, Case], None] | None = field(default=None, repr=False)
+    kernel: bool = False
+
+    def check(self, fn: Callable, *, quiet: bool = False) -> bool:
+        """Try ``fn`` on every case; print ✓ or the first failing case; return whether it passed."""
+        say = (lambda *a: None) if quiet else print
+        swapped = os.environ.get(SOLUTIONS_ENV) == "1"
+        if swapped:
+            fn = self.solution
+        if self.kernel and not hasattr(fn, "__getitem__"):
+            say(f"✗ {self.name}: expected a @cuda.jit kernel, got {_short(fn)} "
+                f"(put @cuda.jit above its def)")
+            return False
+        if not callable(fn) and not self.kernel:
+            say(f"✗ {self.name}: expected a function {self.signature}, got {_short(fn)}")
+            return False
+        cases = self.cases()
+        for case in cases:
+            expected = self.run(self.reference, case)
+            try:
+                got = self.run(fn, case)
+            except NotImplementedError:
+                say(f"✗ {self.name}: not implemented yet.\n  Hint: {self.hint}")
+                return False
+            except Exception as error:  # the learner's bug: report it as a failing case
+                return self._fail(say, fn, case,
+                                  f"your function raised {type(error).__name__}: {error}")
+            message = compare(got, expected, self.rtol, self.atol)
+            if message:
+                return self._fail(say, fn, case, message, expected, got)
+        hand = sum(not c.random for c in cases)
+        note = " (reference solution swapped in: KVLAB_SOLUTIONS=1)" if swapped else ""
+        say(f"✓ {self.name}: all {len(cases)} cases pass ({hand} hand-picked, "
+            f"{len(cases) - hand} random){note}")
+        return True
+
+    def _fail(self, say, fn, case: Case, message: str, expected: Any = None,
+              got: Any = None) -> bool:
+        lines = [f"✗ {self.name}: fails on case '{case.label}'"]
+        lines += [f"  {name} = {_short(value)}" for name, value in case.kwargs.items()]
+        if expected is not None:
+            lines += [f"  expected: {_short(expected)}", f"  got:      {_short(got)}"]
+        lines += [f"  {message}", f"  Hint: {self.hint}"]
+        say("\n".join(lines))
+        if self.explain is not None and say is print:
+            self.explain(fn, case)
+        return False
+
+    def show_solution(self) -> Callable:
+        """Print the reference solution's source and return the function."""
+        # A Numba kernel keeps its Python function as .py_func (GPU) or .fn (simulator).
+        source = getattr(self.solution, "py_func", None) or getattr(self.solution, "fn", None)
+        print(inspect.getsource(source or self.solution))
+        return self.solution
+
+
+EXERCISES: dict[str, Exercise] = {}
+
+
+def register(exercise: Exercise) -> Exercise:
+    """Add an exercise to :data:`EXERCISES` (each name once)."""
+    if exercise.name in EXERCISES:
+        raise ValueError(f"exercise {exercise.name!r} is registered twice")
+    EXERCISES[exercise.name] = exercise
+    return exercise
+
+
+def get(name: str) -> Exercise:
+    """The exercise called ``name``; a KeyError lists the names there are."""
+    try:
+        return EXERCISES[name]
+    except KeyError:
+        raise KeyError(f"no exercise {name!r}; there are: {', '.join(sorted(EXERCISES))}") from None
+
+
+def check(name: str, fn: Callable) -> None:
+    """Print exercise ``name``'s verdict on ``fn``: the call a notebook's checker cell makes.
+
+    It returns nothing, so the cell shows the verdict alone; ``EXERCISES[name].check(fn)``
+    returns it as a bool.
+    """
+    get(name).check(fn)
+
+
+def solution(name: str) -> Callable:
+    """Print exercise ``name``'s reference solution and return it (for a learner who is stuck)."""
+    return get(name).show_solution()

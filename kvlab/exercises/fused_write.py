@@ -1,0 +1,219 @@
+"""Exercises of notebook 04 (the fused write): split + QK-norm, the fused write's per-token loop,
+and the unfused path's bytes counted by hand.
+
+Each is checked against :mod:`kvlab.ref.fused_write`. The inputs are float32, so the learner's
+NumPy and the reference agree to float32 rounding (the reference's fixed-order sum and its
+rounding to fp16 are the notebook's subject, not the exercises').
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from kvlab.exercises.core import Case, Exercise, copy_args, register
+from kvlab.ref import fused_write as ref
+from kvlab.ref.rope import rope_tables
+
+NOTEBOOK = "04_fused_write"
+
+
+# --- 04.split_and_norm -------------------------------------------------------------------------
+
+def split_and_norm_solution(qkv: np.ndarray, q_norm_w: np.ndarray, k_norm_w: np.ndarray,
+                            num_q_heads: int, num_kv_heads: int, head_dim: int,
+                            eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """qkv float32 ``[T, (Hq + 2*Hkv) * D]`` -> (q ``[T, Hq, D]`` and k ``[T, Hkv, D]``
+    RMSNormed per head, v ``[T, Hkv, D]`` as it is), all float32."""
+    heads = qkv.reshape(len(qkv), num_q_heads + 2 * num_kv_heads, head_dim)
+    q = heads[:, :num_q_heads]
+    k = heads[:, num_q_heads:num_q_heads + num_kv_heads]
+    v = heads[:, num_q_heads + num_kv_heads:]
+
+    def rms_norm(x, weight):  # over each head's own D values; one weight shared by all heads
+        mean_square = (x * x).mean(axis=-1, keepdims=True)
+        return weight * x / np.sqrt(mean_square + eps)
+
+    return rms_norm(q, q_norm_w), rms_norm(k, k_norm_w), v
+
+
+def split_and_norm_reference(qkv, q_norm_w, k_norm_w, num_q_heads, num_kv_heads, head_dim, eps):
+    """kvlab's pieces: ``split_qkv`` then ``rms_norm_heads`` on Q and K."""
+    q, k, v = ref.split_qkv(qkv, num_q_heads, num_kv_heads, head_dim)
+    return ref.rms_norm_heads(q, q_norm_w, eps), ref.rms_norm_heads(k, k_norm_w, eps), v
+
+
+def _split_and_norm_cases() -> list[Case]:
+    def case(label, rows, hq, hkv, d, eps=1e-6, seed=0, random=False):
+        rng = np.random.default_rng(seed)
+        qkv = np.asarray(rows, np.float32).reshape(-1, (hq + 2 * hkv) * d)
+        return Case(label, dict(
+            qkv=qkv, q_norm_w=(1 + 0.5 * rng.standard_normal(d)).astype(np.float32),
+            k_norm_w=(1 + 0.5 * rng.standard_normal(d)).astype(np.float32),
+            num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=eps), random=random)
+
+    # heads of very different sizes: a norm over the whole row instead of each head fails here
+    one_token = [1, 2, 3, 4, 10, 20, 30, 40, 0.5, -1, 0.5, 1, 7, 7, 7, 7]
+    with_zero_head = [3, -1, 2, 0.5, 0, 0, 0, 0, 1, 2, 3, 4]  # K head all zeros: eps keeps it finite
+    cases = [
+        case("1 token, 2 Q heads, 1 KV head of 4 dims (MQA)", one_token, 2, 1, 4),
+        case("a K head of zeros (0/0 without eps)", with_zero_head, 1, 1, 4),
+        case("a large eps (0.5): where does it go?", one_token, 2, 1, 4, eps=0.5),
+        case("2 tokens, 4 Q heads, 2 KV heads (GQA)",
+             np.random.default_rng(5).standard_normal(2 * 8 * 4) * 3, 4, 2, 4, seed=5),
+    ]
+    rng = np.random.default_rng(4)
+    for i in range(4):
+        hkv = int(rng.choice([1, 2]))
+        hq = hkv * int(rng.choice([1, 2, 4]))
+        d = int(rng.choice([4, 8, 16]))
+        t = int(rng.integers(1, 5))
+        rows = rng.standard_normal(t * (hq + 2 * hkv) * d) * rng.uniform(0.1, 10)
+        cases.append(case(f"random {i}", rows, hq, hkv, d, seed=10 + i, random=True))
+    return cases
+
+
+register(Exercise(
+    name="04.split_and_norm", notebook=NOTEBOOK, section="2 Build it in NumPy",
+    signature="split_and_norm(qkv, q_norm_w, k_norm_w, num_q_heads, num_kv_heads, head_dim, eps)"
+              " -> (q, k, v)",
+    hint="reshape each row to [heads, head_dim]: Q heads first, then K, then V; RMSNorm each Q "
+         "and K head over its own head_dim values: weight * x / sqrt(mean(x*x) + eps).",
+    solution=split_and_norm_solution,
+    reference=split_and_norm_reference,
+    cases=_split_and_norm_cases,
+))
+
+
+# --- 04.fused_write_loop -----------------------------------------------------------------------
+
+def fused_write_solution(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, k_pool: np.ndarray,
+                         v_pool: np.ndarray, block_table: np.ndarray, pos_offset: int,
+                         num_q_heads: int, num_kv_heads: int, head_dim: int) -> np.ndarray:
+    """qk_mode 2 (rotate-half RoPE, no norm), float32: returns ``q_out [T, Hq, D]`` and writes
+    each token's K and V heads into ``k_pool``, ``v_pool`` ``[num_blocks, block_size, Hkv, D]``."""
+    block_size = k_pool.shape[1]
+    half = head_dim // 2
+    q_out = np.empty((len(qkv), num_q_heads, head_dim), qkv.dtype)
+    for t, row in enumerate(qkv):
+        heads = row.reshape(num_q_heads + 2 * num_kv_heads, head_dim)
+        pos = pos_offset + t                               # the cache already holds pos_offset
+        c, s = cos[pos], sin[pos]                          # [head_dim // 2], one angle per pair
+        qk = heads[:num_q_heads + num_kv_heads]            # Q and K rotate; V never does
+        a, b = qk[:, :half], qk[:, half:]                  # rotate-half pairs: (i, i + half)
+        rotated = np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+        block, offset = block_table[pos // block_size], pos % block_size
+        q_out[t] = rotated[:num_q_heads]
+        k_pool[block, offset] = rotated[num_q_heads:]
+        v_pool[block, offset] = heads[num_q_heads + num_kv_heads:]
+    return q_out
+
+
+def fused_write_reference(qkv, cos, sin, k_pool, v_pool, block_table, pos_offset, num_q_heads,
+                          num_kv_heads, head_dim):
+    """``kvlab.ref.fused_write.paged_write`` with qk_mode 2 (no norm weights needed)."""
+    return ref.paged_write(qkv, None, None, cos, sin, k_pool, v_pool, block_table, pos_offset,
+                           num_q_heads, num_kv_heads, 1e-6, 2)
+
+
+def _run_fused_write(fn: Callable, case: Case) -> Any:
+    """``(q_out, k_pool, v_pool)`` after ``fn`` ran on copies of the case's arrays."""
+    args = copy_args(case.kwargs)
+    q_out = fn(**args)
+    return q_out, args["k_pool"], args["v_pool"]
+
+
+def _fused_write_cases() -> list[Case]:
+    def case(label, tokens, pos_offset, table, hq=2, hkv=1, d=8, block_size=4, num_blocks=6,
+             seed=0, random=False):
+        rng = np.random.default_rng(seed)
+        cos, sin = rope_tables(64, d, 10_000.0)
+        return Case(label, dict(
+            qkv=rng.standard_normal((tokens, (hq + 2 * hkv) * d)).astype(np.float32),
+            cos=cos, sin=sin,
+            k_pool=np.zeros((num_blocks, block_size, hkv, d), np.float32),
+            v_pool=np.zeros((num_blocks, block_size, hkv, d), np.float32),
+            block_table=np.asarray(table, np.int32), pos_offset=pos_offset, num_q_heads=hq,
+            num_kv_heads=hkv, head_dim=d), random=random)
+
+    cases = [
+        case("1 token at position 0 (no turn yet)", 1, 0, [3, 1]),
+        case("3 tokens after 2 cached, a shuffled table", 3, 2, [5, 0, 2], seed=1),
+        case("5 tokens after 6 cached: crosses into the next block", 5, 6, [4, 2, 0, 1], seed=2),
+        case("GQA: 4 Q heads, 2 KV heads, head_dim 4", 2, 9, [1, 3, 5], hq=4, hkv=2, d=4, seed=3),
+    ]
+    rng = np.random.default_rng(6)
+    for i in range(3):
+        hkv = int(rng.choice([1, 2]))
+        block_size = int(rng.choice([2, 4, 8]))
+        tokens, offset = int(rng.integers(1, 6)), int(rng.integers(0, 12))
+        needed = -(-(offset + tokens) // block_size)
+        table = rng.permutation(16)[:needed]
+        cases.append(case(f"random {i}", tokens, offset, table, hq=hkv * int(rng.choice([1, 2])),
+                          hkv=hkv, d=int(rng.choice([4, 8])), block_size=block_size,
+                          num_blocks=16, seed=20 + i, random=True))
+    return cases
+
+
+register(Exercise(
+    name="04.fused_write_loop", notebook=NOTEBOOK, section="2 Build it in NumPy",
+    signature="fused_write(qkv, cos, sin, k_pool, v_pool, block_table, pos_offset, num_q_heads, "
+              "num_kv_heads, head_dim) -> q_out",
+    hint="for token t at position pos_offset + t: rotate its Q and K heads with cos[pos], "
+         "sin[pos] (pairs i, i + head_dim/2); K and V go to block_table[pos // block_size], "
+         "offset pos % block_size.",
+    solution=fused_write_solution,
+    reference=fused_write_reference,
+    cases=_fused_write_cases,
+    run=_run_fused_write,
+))
+
+
+# --- 04.unfused_bytes --------------------------------------------------------------------------
+
+def unfused_bytes_solution(num_q_heads: int, num_kv_heads: int, head_dim: int) -> tuple[int, int]:
+    """``(read, written)``: bytes the unfused path moves for one token, qk_mode 2, fp16 qkv and
+    cache, RoPE on all of head_dim (cos and sin rows: float32, head_dim / 2 each)."""
+    q = num_q_heads * head_dim * 2               # fp16
+    k = v = num_kv_heads * head_dim * 2
+    angles = 2 * (head_dim // 2) * 4             # one cos row + one sin row, float32
+    index = 4                                    # one int32: a table entry, or a slot
+    rope_q = (q + angles, q)
+    rope_k = (k + angles, k)
+    slot_mapping = (index, index)
+    cache_write = (k + v + index, k + v)
+    steps = (rope_q, rope_k, slot_mapping, cache_write)
+    return sum(r for r, _ in steps), sum(w for _, w in steps)
+
+
+def unfused_bytes_reference(num_q_heads, num_kv_heads, head_dim):
+    """``write_traffic`` for one token, qk_mode 2: its unfused totals."""
+    total = ref.write_traffic(1, num_q_heads, num_kv_heads, head_dim, qk_mode=2)["unfused"]
+    return total["read"], total["write"]
+
+
+def _unfused_bytes_cases() -> list[Case]:
+    cases = [Case(label, dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d))
+             for label, hq, hkv, d in (("Qwen3-8B: 32 Q heads, 8 KV heads, head_dim 128", 32, 8, 128),
+                                       ("MHA: 4 and 4 heads of 64", 4, 4, 64),
+                                       ("MQA: 8 Q heads, 1 KV head of 256", 8, 1, 256))]
+    rng = np.random.default_rng(8)
+    for i in range(3):
+        hkv = int(rng.choice([1, 2, 4, 8]))
+        cases.append(Case(f"random {i}", dict(num_q_heads=hkv * int(rng.choice([1, 4, 8])),
+                                              num_kv_heads=hkv,
+                                              head_dim=int(rng.choice([64, 96, 128]))),
+                          random=True))
+    return cases
+
+
+register(Exercise(
+    name="04.unfused_bytes", notebook=NOTEBOOK, section="5 Measure",
+    signature="unfused_bytes(num_q_heads, num_kv_heads, head_dim) -> (read, written)",
+    hint="four kernels: rope_q and rope_k each read their heads + a cos and a sin row (float32) "
+         "and write the heads; slot_mapping reads and writes one int32; cache_write reads K, V "
+         "and the slot and writes K, V.",
+    solution=unfused_bytes_solution,
+    reference=unfused_bytes_reference,
+    cases=_unfused_bytes_cases,
+))

@@ -1,0 +1,161 @@
+"""Which thread touched which element: an access tracer for kernels run in Numba's CUDA simulator.
+
+The simulator runs a kernel's Python source with one Python thread per CUDA thread, and it passes
+any argument that is not a NumPy array straight through to the kernel. So wrapping each array in a
+:class:`TracedArray` (same indexing, same ``shape``/``dtype``) lets every read and write be
+recorded with the block and thread that made it::
+
+    log = AccessLog()
+    k_pool = TracedArray(k_pool_np, "k_pool", log)
+    kernel[grid, block](k, v, k_pool, v_pool, slots)       # the simulator runs it
+    log.accesses("k_pool", "write")                         # [(block, thread, element), ...]
+
+A wrong index then shows up as a wrong *picture* (:func:`kvlab.plot.plot_accesses`), not only as
+a wrong number. Only the simulator can do this: a real GPU never runs Python, so there
+``launch_traced`` runs the kernel untraced and returns no log.
+
+Element positions are recorded as flat indices into the whole array (row-major), so a view such as
+``k_pool[block, slot]`` still reports the elements of the pool it touched.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+READ, WRITE = "read", "write"
+
+
+@dataclass
+class AccessLog:
+    """Every recorded access: ``(array name, kind, block index, thread index, flat element)``."""
+
+    records: list[tuple[str, str, tuple[int, ...], tuple[int, ...], int]] = field(
+        default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    grid_dim: tuple[int, ...] = (1, 1, 1)    # set by launch_traced, for numbering threads
+    block_dim: tuple[int, ...] = (1, 1, 1)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, kind: str, elements: np.ndarray) -> None:
+        block, thread = _current_thread_ids()
+        with self._lock:
+            self.records.extend((name, kind, block, thread, int(e)) for e in elements.ravel())
+
+    def accesses(self, name: str, kind: str | None = None
+                 ) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """``(block, thread, element index)`` of each access to ``name`` (of ``kind`` if given),
+        sorted, with element indices unravelled to the array's shape."""
+        shape = self.shapes[name]
+        out = [(b, t, tuple(int(i) for i in np.unravel_index(e, shape)))
+               for n, k, b, t, e in self.records if n == name and (kind is None or k == kind)]
+        return sorted(out)
+
+    def owner_map(self, name: str, kind: str) -> np.ndarray:
+        """int64 ``array shape``: the global id of the thread that made a ``kind`` access to each
+        element, -1 where none did, -2 where two different threads did (for writes: a race).
+
+        Global thread id = block's linear index × threads per block + thread's linear index,
+        x fastest, as CUDA numbers them.
+        """
+        per_block = int(np.prod(self.block_dim))
+        owners = np.full(int(np.prod(self.shapes[name])), -1, dtype=np.int64)
+        for n, k, block, thread, element in self.records:
+            if n == name and k == kind:
+                tid = _linear(block, self.grid_dim) * per_block + _linear(thread, self.block_dim)
+                owners[element] = tid if owners[element] in (-1, tid) else -2
+        return owners.reshape(self.shapes[name])
+
+
+def _linear(index: tuple[int, ...], dims: tuple[int, ...]) -> int:
+    """CUDA's linear index of ``index`` (x, y, z) in ``dims``, x fastest."""
+    dims = tuple(dims) + (1,) * (3 - len(dims))
+    x, y, z = tuple(index) + (0,) * (3 - len(index))
+    return x + dims[0] * (y + dims[1] * z)
+
+
+def _dim3(dims: Any) -> tuple[int, int, int]:
+    """A launch dimension (int or tuple) as CUDA's (x, y, z)."""
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    return tuple(int(d) for d in dims + (1,) * (3 - len(dims)))
+
+
+def _current_thread_ids() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The simulated CUDA block and thread running now ((0,0,0) twice outside a kernel)."""
+    thread = threading.current_thread()
+    block_idx = getattr(thread, "blockIdx", None)
+    thread_idx = getattr(thread, "threadIdx", None)
+    if block_idx is None or thread_idx is None:
+        return (0, 0, 0), (0, 0, 0)
+    return ((block_idx.x, block_idx.y, block_idx.z), (thread_idx.x, thread_idx.y, thread_idx.z))
+
+
+class TracedArray:
+    """A NumPy array that records each element read or written, with the thread that did it.
+
+    Indexing returns a plain scalar for one element (recorded as a read) or a ``TracedArray`` view
+    for several (recorded when its elements are read or written). Assignment records writes.
+    """
+
+    def __init__(self, data: np.ndarray, name: str, log: AccessLog,
+                 _flat_ids: np.ndarray | None = None):
+        self._data = data
+        self._ids = np.arange(data.size).reshape(data.shape) if _flat_ids is None else _flat_ids
+        self.name, self._log = name, log
+        if _flat_ids is None:
+            log.shapes[name] = data.shape
+
+    shape = property(lambda self: self._data.shape)
+    dtype = property(lambda self: self._data.dtype)
+    ndim = property(lambda self: self._data.ndim)
+    size = property(lambda self: self._data.size)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, index: Any) -> Any:
+        value, ids = self._data[index], self._ids[index]
+        if isinstance(value, np.ndarray) and value.ndim > 0:
+            return TracedArray(value, self.name, self._log, ids)
+        self._log.add(self.name, READ, np.asarray(ids))
+        return value
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._log.add(self.name, WRITE, np.asarray(self._ids[index]))
+        self._data[index] = value.to_numpy() if isinstance(value, TracedArray) else value
+
+    def to_numpy(self) -> np.ndarray:
+        """The array's values (recording nothing)."""
+        return self._data
+
+
+def launch_traced(kernel: Callable, grid: Any, block: Any, **arrays: Any
+                  ) -> tuple[dict[str, Any], AccessLog | None]:
+    """Run ``kernel[grid, block](*arrays.values())`` with every NumPy array argument traced;
+    return ``(arrays after the run, by name, as NumPy; the AccessLog)``.
+
+    Arguments are passed in the order given; scalars pass through untraced. The caller's arrays
+    are copied first, so they are left as they were. When the kernel raises (an index out of
+    range, say), the exception carries the accesses made until then as ``error.access_log``.
+    On a real GPU nothing can be traced (the
+    kernel runs compiled code, not Python): the kernel runs on copies and the log is None.
+    """
+    from kvlab.backends import cuda_mode
+
+    copies = {name: np.array(value) if isinstance(value, np.ndarray) else value
+              for name, value in arrays.items()}
+    if cuda_mode() == "gpu":
+        kernel[grid, block](*copies.values())  # numba copies host arrays in and back out
+        return copies, None
+    log = AccessLog(grid_dim=_dim3(grid), block_dim=_dim3(block))
+    args = {name: TracedArray(value, name, log) if isinstance(value, np.ndarray) else value
+            for name, value in copies.items()}
+    try:
+        kernel[grid, block](*args.values())
+    except Exception as error:  # keep what was recorded up to the fault: it shows where it went
+        error.access_log = log
+        raise
+    return {name: a.to_numpy() if isinstance(a, TracedArray) else a
+            for name, a in args.items()}, log

@@ -1,0 +1,140 @@
+"""The exercise registry and its checkers (kvlab.exercises): every solution passes its own
+checker, every stub and every recorded wrong answer fails with a message naming the failing case.
+
+The wrong answers live beside each stage's exercises in ``tests/test_exercises_<stage>.py`` as
+``WRONG_ANSWERS = {name: [function, ...]}``; this module gathers them, so each stage's file is
+owned by one notebook and the rules are written once.
+"""
+import importlib
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvlab.exercises import EXERCISES, SOLUTIONS_ENV, Case, Exercise, check, compare, get, solution
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_TEST_MODULES = sorted(p.stem for p in Path(__file__).parent.glob("test_exercises_*.py"))
+
+
+def _wrong_answers() -> list[tuple[str, object]]:
+    pairs = []
+    for module in STAGE_TEST_MODULES:
+        for name, wrongs in importlib.import_module(module).WRONG_ANSWERS.items():
+            pairs += [(name, fn) for fn in wrongs]
+    return pairs
+
+
+WRONG = _wrong_answers()
+
+
+@pytest.fixture(autouse=True)
+def _learner_view(monkeypatch):
+    """Check the function given, not the swapped-in solution (conftest sets the swap for nbval)."""
+    monkeypatch.delenv(SOLUTIONS_ENV, raising=False)
+
+
+def test_at_least_fourteen_exercises_two_to_four_per_notebook():
+    per_notebook = Counter(ex.notebook for ex in EXERCISES.values())
+    assert len(EXERCISES) >= 14, sorted(EXERCISES)
+    for number in ("01", "02", "03", "04", "05", "06"):
+        count = sum(n for nb, n in per_notebook.items() if nb.startswith(number))
+        assert 2 <= count <= 4, f"notebook {number} has {count} exercises"
+
+
+@pytest.mark.parametrize("name", sorted(EXERCISES))
+def test_names_and_notebooks_agree(name):
+    exercise = EXERCISES[name]
+    assert re.fullmatch(r"\d\d\.\w+", name)
+    assert exercise.notebook.startswith(name[:2])
+    assert (ROOT / "notebooks" / f"{exercise.notebook}.ipynb").exists()
+
+
+@pytest.mark.parametrize("name", sorted(EXERCISES))
+def test_the_solution_passes(name, capsys):
+    assert EXERCISES[name].check(EXERCISES[name].solution) is True
+    assert capsys.readouterr().out.startswith(f"✓ {name}")
+
+
+@pytest.mark.parametrize("name", sorted(EXERCISES))
+def test_a_stub_fails_saying_not_implemented(name, capsys):
+    def stub(*args, **kwargs):
+        raise NotImplementedError
+
+    if EXERCISES[name].kernel:
+        from numba import cuda
+
+        def kernel_stub(*args):
+            raise NotImplementedError
+
+        stub = cuda.jit(kernel_stub)
+    assert EXERCISES[name].check(stub) is False
+    out = capsys.readouterr().out
+    assert out.startswith(f"✗ {name}: not implemented yet") and "Hint:" in out
+
+
+@pytest.mark.parametrize("name", sorted(EXERCISES))
+def test_every_exercise_has_a_recorded_wrong_answer(name):
+    assert any(n == name for n, _ in WRONG), f"no wrong answer recorded for {name}"
+
+
+# Some wrong answers overflow on purpose (e.g. a softmax without its max subtracted).
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("name, wrong", WRONG, ids=[f"{n}-{getattr(f, '__name__', 'kernel')}"
+                                                    for n, f in WRONG])
+def test_a_wrong_answer_fails_naming_its_case(name, wrong, capsys):
+    assert get(name).check(wrong) is False
+    out = capsys.readouterr().out
+    assert re.search(rf"✗ {re.escape(name)}: fails on case '[^']+'", out), out
+    assert "Hint:" in out
+
+
+def test_the_swap_checks_the_solution_in_place_of_the_stub(monkeypatch, capsys):
+    monkeypatch.setenv(SOLUTIONS_ENV, "1")
+    name = sorted(EXERCISES)[0]
+    assert EXERCISES[name].check(lambda *a, **k: None) is True
+    assert "reference solution swapped in" in capsys.readouterr().out
+
+
+def test_a_learner_exception_is_reported_not_raised(capsys):
+    name = "01.slot_mapping"
+    assert check(name, lambda block_table, positions, block_size: 1 / 0) is None
+    assert "your function raised ZeroDivisionError" in capsys.readouterr().out
+
+
+def test_a_kernel_puzzle_asks_for_a_kernel(capsys):
+    kernels = [ex for ex in EXERCISES.values() if ex.kernel]
+    assert kernels, "no kernel puzzle registered"
+    assert kernels[0].check(lambda *args: None) is False
+    assert "expected a @cuda.jit kernel" in capsys.readouterr().out
+
+
+def test_solution_prints_the_source_and_returns_the_function(capsys):
+    fn = solution("01.slot_mapping")
+    assert fn is EXERCISES["01.slot_mapping"].solution
+    assert "def slot_mapping_solution" in capsys.readouterr().out
+
+
+def test_unknown_names_list_the_real_ones():
+    with pytest.raises(KeyError, match="01.slot_mapping"):
+        get("01.no_such_exercise")
+
+
+def test_compare_names_the_first_difference():
+    assert compare(np.array([1, 2, 3]), np.array([1, 2, 3])) is None
+    assert "shape (2,)" in compare(np.array([1, 2]), np.array([1, 2, 3]))
+    assert "result[1] is" in compare(np.array([1, 5, 3]), np.array([1, 2, 3]))
+    assert "1 of 3 elements differ" in compare(np.array([1, 5, 3]), np.array([1, 2, 3]))
+    assert compare(np.array([np.nan, 1.0]), np.array([np.nan, 1.0 + 1e-9])) is None
+    assert "result[1]" in compare((np.zeros(2), np.ones(2)), (np.zeros(2), np.zeros(2)))
+    assert compare(3, 4) == "result is 3, expected 4"
+
+
+def test_a_registered_name_cannot_be_registered_twice():
+    from kvlab.exercises.core import register
+
+    existing = EXERCISES["01.slot_mapping"]
+    with pytest.raises(ValueError, match="registered twice"):
+        register(Exercise(**{**existing.__dict__}))

@@ -1,0 +1,113 @@
+"""Wrong answers the 04 (fused write) checkers must reject (gathered by tests/test_exercises.py)."""
+import numpy as np
+
+
+def _split(qkv, hq, hkv, d):
+    heads = qkv.reshape(len(qkv), hq + 2 * hkv, d)
+    return heads[:, :hq], heads[:, hq:hq + hkv], heads[:, hq + hkv:]
+
+
+# --- 04.split_and_norm ---
+
+def norm_over_the_whole_row(qkv, q_norm_w, k_norm_w, num_q_heads, num_kv_heads, head_dim, eps):
+    """One RMS for the token's whole packed row instead of one per head."""
+    rms = np.sqrt((qkv * qkv).mean(axis=-1) + eps)[:, None, None]
+    q, k, v = _split(qkv, num_q_heads, num_kv_heads, head_dim)
+    return q_norm_w * q / rms, k_norm_w * k / rms, v
+
+
+def eps_outside_the_root(qkv, q_norm_w, k_norm_w, num_q_heads, num_kv_heads, head_dim, eps):
+    """x / (sqrt(mean(x*x)) + eps): fine for tiny eps and big x, not in general."""
+    q, k, v = _split(qkv, num_q_heads, num_kv_heads, head_dim)
+    norm = lambda x, w: w * x / (np.sqrt((x * x).mean(-1, keepdims=True)) + eps)  # noqa: E731
+    return norm(q, q_norm_w), norm(k, k_norm_w), v
+
+
+def v_heads_before_k_heads(qkv, q_norm_w, k_norm_w, num_q_heads, num_kv_heads, head_dim,
+                                   eps):
+    """Reads the row as V heads before K heads (the order is Q, K, V)."""
+    heads = qkv.reshape(len(qkv), num_q_heads + 2 * num_kv_heads, head_dim)
+    q = heads[:, :num_q_heads]
+    v = heads[:, num_q_heads:num_q_heads + num_kv_heads]
+    k = heads[:, num_q_heads + num_kv_heads:]
+    norm = lambda x, w: w * x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)  # noqa: E731
+    return norm(q, q_norm_w), norm(k, k_norm_w), v
+
+
+# --- 04.fused_write_loop ---
+
+def _loop(qkv, cos, sin, k_pool, v_pool, block_table, pos_offset, hq, hkv, d, *,
+          position=lambda pos_offset, t: pos_offset + t, interleaved=False, rotate_v=False,
+          slot_is_position=False):
+    block_size = k_pool.shape[1]
+    q_out = np.empty((len(qkv), hq, d), qkv.dtype)
+    for t, row in enumerate(qkv):
+        heads = row.reshape(hq + 2 * hkv, d).copy()
+        pos = position(pos_offset, t)
+        c, s = cos[pos], sin[pos]
+        last = hq + 2 * hkv if rotate_v else hq + hkv
+        if interleaved:
+            a, b = heads[:last, 0::2].copy(), heads[:last, 1::2].copy()
+            heads[:last, 0::2], heads[:last, 1::2] = a * c - b * s, b * c + a * s
+        else:
+            a, b = heads[:last, :d // 2].copy(), heads[:last, d // 2:].copy()
+            heads[:last] = np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+        if slot_is_position:
+            block, offset = pos // block_size, pos % block_size
+        else:
+            block, offset = block_table[pos // block_size], pos % block_size
+        q_out[t] = heads[:hq]
+        k_pool[block, offset] = heads[hq:hq + hkv]
+        v_pool[block, offset] = heads[hq + hkv:]
+    return q_out
+
+
+def forgets_pos_offset(qkv, cos, sin, k_pool, v_pool, block_table, pos_offset, num_q_heads,
+                       num_kv_heads, head_dim):
+    """Token t at position t: as if the cache were empty."""
+    return _loop(qkv, cos, sin, k_pool, v_pool, block_table, pos_offset, num_q_heads,
+                 num_kv_heads, head_dim, position=lambda pos_offset, t: t)
+
+
+def slot_is_position(qkv, cos, sin, k_pool, v_pool, block_table, pos_offset, num_q_heads,
+                     num_kv_heads, head_dim):
+    """Stores at block pos // block_size of the pool, not the block the table names."""
+    return _loop(qkv, cos, sin, k_pool, v_pool, block_table, pos_offset, num_q_heads,
+                 num_kv_heads, head_dim, slot_is_position=True)
+
+
+def rotates_v_too(qkv, cos, sin, k_pool, v_pool, block_table, pos_offset, num_q_heads,
+                  num_kv_heads, head_dim):
+    """Turns V as well: V carries content, not position, and is never rotated."""
+    return _loop(qkv, cos, sin, k_pool, v_pool, block_table, pos_offset, num_q_heads,
+                 num_kv_heads, head_dim, rotate_v=True)
+
+
+def interleaved_pairs(qkv, cos, sin, k_pool, v_pool, block_table, pos_offset, num_q_heads,
+                      num_kv_heads, head_dim):
+    """GPT-J's pairs (2i, 2i + 1) where qk_mode 2 means rotate-half (i, i + D/2)."""
+    return _loop(qkv, cos, sin, k_pool, v_pool, block_table, pos_offset, num_q_heads,
+                 num_kv_heads, head_dim, interleaved=True)
+
+
+# --- 04.unfused_bytes ---
+
+def forgets_the_angle_tables(num_q_heads, num_kv_heads, head_dim):
+    """Counts the heads and indices but not the cos/sin rows RoPE reads."""
+    q, kv = num_q_heads * head_dim * 2, num_kv_heads * head_dim * 2
+    return q + kv + 4 + 2 * kv + 4, q + kv + 4 + 2 * kv
+
+
+def counts_elements_not_bytes(num_q_heads, num_kv_heads, head_dim):
+    """Numbers of values, not bytes (fp16 is 2 bytes, float32 and int32 are 4)."""
+    q, kv = num_q_heads * head_dim, num_kv_heads * head_dim
+    return q + head_dim + kv + head_dim + 1 + 2 * kv + 1, q + kv + 1 + 2 * kv
+
+
+WRONG_ANSWERS = {
+    "04.split_and_norm": [norm_over_the_whole_row, eps_outside_the_root,
+                          v_heads_before_k_heads],
+    "04.fused_write_loop": [forgets_pos_offset, slot_is_position, rotates_v_too,
+                            interleaved_pairs],
+    "04.unfused_bytes": [forgets_the_angle_tables, counts_elements_not_bytes],
+}

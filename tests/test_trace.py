@@ -1,0 +1,67 @@
+"""The access tracer (kvlab.trace) records exactly the accesses of a hand-worked tiny kernel."""
+import numpy as np
+import pytest
+from numba import cuda
+
+from kvlab.trace import AccessLog, TracedArray, launch_traced
+
+
+@cuda.jit
+def double_rows(src, dst):
+    """Thread i (global) copies row i of src, doubled, into dst; spare threads do nothing."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i < src.shape[0]:
+        for j in range(src.shape[1]):
+            dst[i, j] = src[i, j] * 2
+
+
+def test_records_every_access_with_its_block_and_thread():
+    src = np.arange(6, dtype=np.float32).reshape(3, 2)
+    dst = np.zeros_like(src)
+    after, log = launch_traced(double_rows, 2, 2, src=src, dst=dst)
+    np.testing.assert_array_equal(after["dst"], src * 2)
+    assert not dst.any(), "the caller's array is left as it was"
+    # By hand: blocks of 2 threads; global threads 0, 1, 2 own rows 0, 1, 2; thread 3 is spare.
+    expected = [((0, 0, 0), (0, 0, 0), (0, 0)), ((0, 0, 0), (0, 0, 0), (0, 1)),
+                ((0, 0, 0), (1, 0, 0), (1, 0)), ((0, 0, 0), (1, 0, 0), (1, 1)),
+                ((1, 0, 0), (0, 0, 0), (2, 0)), ((1, 0, 0), (0, 0, 0), (2, 1))]
+    assert log.accesses("dst", "write") == expected
+    assert log.accesses("src", "read") == expected
+    assert log.accesses("src", "write") == [] and log.accesses("dst", "read") == []
+    np.testing.assert_array_equal(log.owner_map("dst", "write"), [[0, 0], [1, 1], [2, 2]])
+
+
+@cuda.jit
+def everyone_writes_element_zero(out):
+    out[0] = cuda.threadIdx.x
+
+
+def test_two_threads_writing_one_element_show_as_a_race():
+    _, log = launch_traced(everyone_writes_element_zero, 1, 2, out=np.zeros(3, np.int32))
+    np.testing.assert_array_equal(log.owner_map("out", "write"), [-2, -1, -1])
+
+
+def test_views_report_elements_of_the_whole_array():
+    log = AccessLog()
+    pool = TracedArray(np.arange(24).reshape(2, 3, 4), "pool", log)
+    row = pool[1, 2]            # a view: nothing read yet
+    assert log.records == []
+    assert row[3] == 23
+    row[0] = -1
+    assert log.accesses("pool") == [((0, 0, 0), (0, 0, 0), (1, 2, 0)),
+                                    ((0, 0, 0), (0, 0, 0), (1, 2, 3))]
+    assert pool.to_numpy()[1, 2, 0] == -1
+
+
+def test_plot_marks_races_and_differences():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    from kvlab.plot.trace import plot_access_comparison, plot_accesses
+
+    ax = plot_accesses(np.array([[0, 1], [-1, -2]]))
+    assert [t.get_text() for t in ax.texts] == ["0", "1", "race"]
+    fig = plot_access_comparison(np.array([[0, 1]]), np.array([[0, 0]]))
+    assert len(fig.axes[0].patches) == 1  # the one differing cell is outlined
+    with pytest.raises(ValueError, match="integer"):
+        plot_accesses(np.zeros((2, 2)))
