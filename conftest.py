@@ -17,6 +17,10 @@ def pytest_configure(config):
     # Every exercise checker in the notebooks checks its reference solution instead of the stub
     # (the notebooks' kernels inherit this process's environment): see kvlab.exercises.core.
     os.environ.setdefault("KVLAB_SOLUTIONS", "1")
+    # The allocator setting kvlab.kernels.mps makes when it is the first to import torch, made
+    # here before any test module imports torch, so every test process runs the way the torch
+    # backend asks for, whichever module imports torch first.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
