@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,6 +25,16 @@ MODE = cuda_mode()  # must run before the first `import numba`
 from numba import cuda  # noqa: E402  (after the simulator decision, on purpose)
 
 DESCRIPTION = "Numba CUDA simulator" if MODE == "simulator" else "Numba CUDA on a GPU"
+
+# The simulator runs each CUDA thread as a Python thread, and its block manager waits for a
+# barrier by polling those threads in a loop that never blocks. A thread that wakes from a barrier
+# must wait for the manager to hand over the GIL, which Python forces only every
+# ``sys.getswitchinterval()`` (5 ms by default): a kernel with thousands of barriers then spends
+# minutes waiting, how long depending on the operating system's whims (the same launch took 0.2 s
+# or 60 s). At 20 us the hand-over costs little and is steady. Only ever lowered, never raised.
+SIMULATOR_SWITCH_INTERVAL_S = 20e-6
+if MODE == "simulator" and sys.getswitchinterval() > SIMULATOR_SWITCH_INTERVAL_S:
+    sys.setswitchinterval(SIMULATOR_SWITCH_INTERVAL_S)
 
 
 @dataclass(frozen=True)
