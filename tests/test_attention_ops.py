@@ -279,6 +279,26 @@ def test_cuda_v8_ragged_batch_with_empty_splits(pool, hq, hkv):
     assert_close(run_version(8, args, 3), reference(args))
 
 
+def test_cuda_v8_fp8_by_bits_where_a_card_has_no_fp8_cvt(monkeypatch):
+    """Cards before sm_89 have no fp8 cvt: v8 then decodes fp8 by bits (the simulator otherwise
+    runs the NumPy stand-in of the hardware conversion)."""
+    from kvlab.kernels.cuda import attention_v8
+
+    monkeypatch.setattr(attention_v8, "has_fp8_cvt", lambda: False)
+    monkeypatch.setattr(attention_v8, "_KERNELS", {})
+    args = paged_batch([9, 3], [1, 2], 2, 2, 32, seed=23, kv_dtype="fp8_e4m3")
+    assert _v8_runs(args)
+    assert_close(run_version(8, args, 2), reference(args))
+    assert attention_v8._KERNELS  # built here, with the bit path
+
+
+def test_has_fp8_cvt_from_the_compute_capability():
+    from kvlab.kernels.cuda._warp import has_fp8_cvt
+
+    assert not has_fp8_cvt((8, 0)) and not has_fp8_cvt((8, 6))
+    assert has_fp8_cvt((8, 9)) and has_fp8_cvt((9, 0)) and has_fp8_cvt((10, 0))
+
+
 def test_cuda_v8_window_fp16_q_and_several_steps():
     """A sliding window that starts mid-block, an fp16 q (v8 reads it without a widening
     launch), 8-token blocks of two steps each, and one split: each warp streams several
@@ -370,6 +390,33 @@ def test_int8s_trick_every_code():
 
 
 @pytest.mark.gpu
+def test_gpu_fp8s_every_code_in_every_byte():
+    """_warp.fp8s (two cvt.rn.f16x2.e4m3x2) against the NumPy decode for all 256 codes in each
+    byte position, on a card that has the instruction."""
+    from numba import cuda
+
+    from kvlab.kernels.cuda._warp import fp8s, has_fp8_cvt
+    from kvlab.ref.quant import fp8_e4m3_decode
+
+    if not has_fp8_cvt():
+        pytest.skip("this card has no fp8 cvt (sm_89+); v8 decodes fp8 by bits there")
+
+    @cuda.jit
+    def convert(words, quads):
+        i = cuda.grid(1)
+        if i < words.size:
+            quads[i, 0], quads[i, 1], quads[i, 2], quads[i, 3] = fp8s(words[i])
+
+    codes = np.arange(256, dtype=np.uint32)
+    words = np.concatenate([codes << np.uint32(8 * b) for b in range(4)]
+                           + [codes * np.uint32(0x01010101)])
+    quads = cuda.device_array((words.size, 4), np.float32)
+    convert[-(-words.size // 256), 256](cuda.to_device(words), quads)
+    want = fp8_e4m3_decode(words.view(np.uint8)).reshape(-1, 4)
+    np.testing.assert_array_equal(quads.copy_to_host(), want)  # NaN where want has NaN
+
+
+@pytest.mark.gpu
 def test_gpu_warp_conversions_every_code():
     """_warp's inline-assembly conversions on a GPU: int8s for all 256 codes in every byte
     position, halves for all 65,536 fp16 patterns, pack_halves rounding as NumPy does."""
@@ -448,6 +495,21 @@ def test_auto_num_splits_fills_the_gpu_without_short_partitions():
         auto_num_splits(8, 1024, num_sms=0, resident_blocks=3)
     with pytest.raises(ValueError, match="resident_blocks must be >= 1"):
         auto_num_splits(8, 1024, num_sms=132, resident_blocks=0)
+
+
+def test_one_wave_splits_for_v8():
+    from kvlab.kernels.cuda.attention import MIN_KEYS_PER_SPLIT, one_wave_splits
+    from kvlab.kernels.cuda.attention_v8 import RESIDENT_BLOCKS_BY_ELEM
+
+    h200 = dict(num_sms=132, resident_blocks=RESIDENT_BLOCKS_BY_ELEM[2])
+    assert one_wave_splits(64, 32768, **h200) == 6          # 384 CTAs of 396: 0.97 waves
+    assert 64 * 6 <= 132 * 3 < 64 * 7                      # the most that fit in one wave
+    assert one_wave_splits(64, 32768, num_sms=132, resident_blocks=2) == 4  # int8: 2 resident
+    assert one_wave_splits(400, 32768, **h200) == 1         # the batch fills the GPU alone
+    assert one_wave_splits(8, 1024, **h200) == 1024 // MIN_KEYS_PER_SPLIT  # no short partition
+    assert one_wave_splits(8, 100, **h200) == 1
+    with pytest.raises(ValueError, match="resident_blocks must be >= 1"):
+        one_wave_splits(8, 1024, num_sms=132, resident_blocks=0)
 
 
 @pytest.mark.parametrize("path, version", [("bench/h100_2026-11-27.json", 2),

@@ -37,6 +37,41 @@ if MODE == "simulator" and sys.getswitchinterval() > SIMULATOR_SWITCH_INTERVAL_S
     sys.setswitchinterval(SIMULATOR_SWITCH_INTERVAL_S)
 
 
+def _simulated_shared_array(self: Any, shape: Any, dtype: Any, alignment: Any = None) -> Any:
+    """``cuda.shared.array`` in the simulator: one array per thread block and source line, made by
+    the first thread to get there — under a lock.
+
+    numba-cuda's own version looks the line up and, if nothing is there yet, creates the array and
+    stores it, with no lock: two threads arriving together can each create one, and then each
+    writes into an array the other never reads (a kernel that is correct on a GPU gives wrong
+    answers now and then; seen in a test run once the switch interval above made threads
+    interleave finely). It also finds the line with ``traceback.extract_stack``, which reads
+    source files; the caller's frame says the same for much less.
+    """
+    if shape == 0 or alignment is not None:  # dynamic shared memory, or the simulator's refusal
+        return _NUMBA_SHARED_ARRAY(self, shape, dtype, alignment)
+    caller = sys._getframe(1)
+    where = (caller.f_code.co_filename, caller.f_lineno)
+    with _SHARED_LOCK:
+        array = self._allocations.get(where)
+        if array is None:
+            array = self._allocations[where] = np.empty(shape, numpy_support.as_dtype(dtype)
+                                                        if isinstance(dtype, types.Type) else dtype)
+    return array
+
+
+if MODE == "simulator":
+    import threading
+
+    from numba.cuda import types  # noqa: E402  (the simulator's own, as kernelapi uses them)
+    from numba.cuda.np import numpy_support  # noqa: E402
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared  # noqa: E402
+
+    _SHARED_LOCK = threading.Lock()
+    _NUMBA_SHARED_ARRAY = FakeCUDAShared.array
+    FakeCUDAShared.array = _simulated_shared_array
+
+
 @dataclass(frozen=True)
 class RegisteredKernel:
     """A kernel's Python source function, the signatures the PTX-compile test builds, the

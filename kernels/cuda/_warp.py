@@ -31,6 +31,10 @@ with two bodies, chosen once by ``kvlab.kernels.cuda.MODE``:
   in ~2 instructions each: flip the sign bits of all four at once (``b ^ 0x80`` = b + 128), place
   each byte under the exponent of 2^23 with one ``prmt`` (the float 2^23 + b + 128, exactly) and
   subtract 2^23 + 128 — where a byte-by-byte sign extension and ``cvt`` take ~4.
+- **fp8 quads** — ``fp8s(word)``: the four E4M3FN bytes of a uint32 (lowest first) as float32:
+  two ``cvt.rn.f16x2.e4m3x2`` (two bytes to two fp16 each, the low byte to the low half) and
+  four ``cvt.f32.f16``, ~1.5 instructions a byte where the bit path takes ~6. The hardware has
+  it from sm_89 (Ada, Hopper) on: :func:`has_fp8_cvt` says whether a kernel may use it.
 - **arrays as words** — :func:`as_words`: a device array seen as one flat uint32 array (a view),
   or None when 16-byte accesses would fault.
 """
@@ -50,6 +54,16 @@ SCRATCH_SLOTS = 128                      # values one lane can offer in one simu
 def scratch_shape(threads: int) -> tuple[int, int]:
     """The shape of the ``scratch`` shared array a kernel of ``threads`` threads passes around."""
     return (threads, SCRATCH_SLOTS) if MODE != "gpu" else (1, 1)
+
+
+def has_fp8_cvt(cc: tuple[int, int] | None = None) -> bool:
+    """Whether compute capability ``cc`` (None: this process's GPU) converts fp8 in hardware
+    (``cvt.rn.f16x2.e4m3x2``: sm_89 and newer). The simulator's ``fp8s`` is NumPy: always."""
+    if cc is None:
+        if MODE != "gpu":
+            return True
+        cc = cuda.get_current_device().compute_capability
+    return tuple(cc) >= (8, 9)
 
 
 def as_words(array: Any) -> Any:
@@ -167,6 +181,26 @@ if MODE == "gpu":
         return result(word), codegen
 
     @intrinsic
+    def fp8s(typingctx, word):
+        """The four E4M3FN bytes in a uint32 (lowest first) as float32 (sm_89+)."""
+        if word != types.uint32:
+            return None
+        result = types.UniTuple(types.float32, 4)
+        body = ("{.reg .b16 lo, hi, h0, h1, h2, h3; .reg .b32 a, b; mov.b32 {lo, hi}, $4; "
+                "cvt.rn.f16x2.e4m3x2 a, lo; cvt.rn.f16x2.e4m3x2 b, hi; "
+                "mov.b32 {h0, h1}, a; mov.b32 {h2, h3}, b; cvt.f32.f16 $0, h0; "
+                "cvt.f32.f16 $1, h1; cvt.f32.f16 $2, h2; cvt.f32.f16 $3, h3;}")
+
+        def codegen(context, builder, sig, args):
+            f32 = ir.FloatType()
+            asm_type = ir.FunctionType(ir.LiteralStructType([f32] * 4), [ir.IntType(32)])
+            quad = builder.call(ir.InlineAsm(asm_type, body, "=f,=f,=f,=f,r"), [args[0]])
+            return context.make_tuple(builder, result,
+                                      [builder.extract_value(quad, k) for k in range(4)])
+
+        return result(word), codegen
+
+    @intrinsic
     def halves(typingctx, word):
         """The two fp16 numbers in a uint32 (low 16 bits first) as float32."""
         if word != types.uint32:
@@ -185,6 +219,8 @@ if MODE == "gpu":
         return result(word), codegen
 
 else:
+    from kvlab.ref.quant import fp8_e4m3_decode
+
     @cuda.jit(device=True, inline="always")
     def publish(values, n, scratch):
         tid = cuda.threadIdx.x
@@ -221,6 +257,11 @@ else:
     @cuda.jit(device=True, inline="always")
     def int8s(word):
         quad = np.array([word], np.uint32).view(np.int8).astype(np.float32)
+        return quad[0], quad[1], quad[2], quad[3]
+
+    @cuda.jit(device=True, inline="always")
+    def fp8s(word):
+        quad = fp8_e4m3_decode(np.array([word], np.uint32).view(np.uint8))
         return quad[0], quad[1], quad[2], quad[3]
 
     @cuda.jit(device=True, inline="always")

@@ -127,7 +127,8 @@ MIN_KEYS_PER_SPLIT = 256  # a partition's fixed cost (its setup, partial row, sh
 # registers x 128 threads and 20.6 KB shared -> 5; v2-v5 148-168 registers -> 3; v6 and v7 as
 # their launch bounds promise. Another compiler may allocate differently; the rule only needs the
 # order of magnitude.
-# v8: from ptxas's registers (attention_v8.RESIDENT_BLOCKS), not yet from a GPU run.
+# v8: from ptxas's registers (fp16; attention_v8.RESIDENT_BLOCKS_BY_ELEM per pool), not yet from
+# a GPU run; its own split rule is one_wave_splits.
 RESIDENT_BLOCKS = {1: 5, 2: 3, 3: 3, 4: 3, 5: 3, 6: BLOCKS_PER_SM, 7: CHUNK_BLOCKS_PER_SM,
                    8: V8_RESIDENT_BLOCKS}
 WAVES = 1.5  # blocks asked for, in units of what the GPU holds at once (see auto_num_splits)
@@ -162,6 +163,28 @@ def auto_num_splits(base_blocks: int, longest_context: int, num_sms: int,
     return splits
 
 
+def one_wave_splits(base_blocks: int, longest_context: int, num_sms: int,
+                    resident_blocks: int) -> int:
+    """v8's split-K partitions per sequence when the caller leaves ``num_splits=None``: as many
+    as fill **one wave** — ``S = floor(num_sms * resident_blocks / base_blocks)``, at least 1, no
+    partition shorter than ``MIN_KEYS_PER_SPLIT`` keys — and not rounded to a power of two.
+
+    v2-v7 scan their partition key by key, so a block that ends early leaves its SM's slot idle
+    and more, smaller blocks (``auto_num_splits``: ~2 waves) balance better. A v8 CTA streams
+    whole cache blocks with its warps independent, every CTA of a decode step gets the same share
+    of blocks, so one wave has no tail: each SM runs its resident CTAs once, and every extra
+    partition only adds a partial row to merge. Bench shape (8 sequences x 8 kv heads = 64 CTAs per
+    split, 132 SMs, 3 resident): S = 6, 384 CTAs = 0.97 waves. The rule is from the design, not
+    yet from a GPU sweep (the bench sweeps v8's splits).
+    """
+    for name, value in (("base_blocks", base_blocks), ("num_sms", num_sms),
+                        ("resident_blocks", resident_blocks)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    most = max(1, longest_context // MIN_KEYS_PER_SPLIT)
+    return max(1, min(most, num_sms * resident_blocks // base_blocks))
+
+
 def _head_blocks(num_q_heads: int, num_kv_heads: int, version: int) -> int:
     """The grid's second axis: kv heads x the head tiles of one GQA group."""
     tile = {1: GROUP_TILE, 8: attention_v8.heads_per_cta(num_q_heads // num_kv_heads)}.get(
@@ -170,14 +193,18 @@ def _head_blocks(num_q_heads: int, num_kv_heads: int, version: int) -> int:
 
 
 def device_num_splits(num_rows: int, num_q_heads: int, num_kv_heads: int, longest_context: int,
-                      version: int = DEFAULT_VERSION) -> int:
-    """:func:`auto_num_splits` for a launch of ``version`` on this process's device. The simulator
-    gets 1: it has no SMs to fill, and every partition costs it real time."""
+                      version: int = DEFAULT_VERSION, elem_bytes: int = 2) -> int:
+    """:func:`auto_num_splits` (v8: :func:`one_wave_splits`) for a launch of ``version`` on this
+    process's device, over a pool of ``elem_bytes`` per element. The simulator gets 1: it has no
+    SMs to fill, and every partition costs it real time."""
     if MODE != "gpu" or num_rows == 0:
         return 1
-    return auto_num_splits(num_rows * _head_blocks(num_q_heads, num_kv_heads, version),
-                           longest_context, cuda.get_current_device().MULTIPROCESSOR_COUNT,
-                           RESIDENT_BLOCKS[version])
+    base = num_rows * _head_blocks(num_q_heads, num_kv_heads, version)
+    num_sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
+    if version == 8:
+        return one_wave_splits(base, longest_context, num_sms,
+                               attention_v8.RESIDENT_BLOCKS_BY_ELEM[elem_bytes])
+    return auto_num_splits(base, longest_context, num_sms, RESIDENT_BLOCKS[version])
 
 
 def _as_words(pool: Any) -> Any:
@@ -279,6 +306,7 @@ def paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables: Any,
         q, k_pool, v_pool, block_tables, context_lens, query_start, scale, sliding_window,
         k_scales, v_scales, num_splits)
     if splits is None:
-        splits = device_num_splits(q.shape[0], q.shape[1], k_pool.shape[2], int(lens.max(initial=0)))
+        splits = device_num_splits(q.shape[0], q.shape[1], k_pool.shape[2],
+                                   int(lens.max(initial=0)), elem_bytes=k_pool.dtype.itemsize)
     return launch(q, k_pool, v_pool, k_scales, v_scales, kv_dtype, block_tables, context_lens,
                   query_start, scale, window, True, splits)

@@ -29,9 +29,11 @@ softmax repeated by every lane of a key — around 32 FMAs of real work. v8 chan
   re-read a row it may see (in bounds, finite) and weigh 0.
 
 Quantized pools use the same skeleton: four int8 codes convert in ~2 instructions each
-(:func:`kvlab.kernels.cuda._warp.int8s`: a byte under the exponent of 2^23, minus 2^23), an fp8
-code with :func:`kvlab.kernels.cuda.quant._fp8_e4m3_decode`'s bit path, and the per-(token,
-head) scales fold into the score (K) and into the probability (V). In the simulator the lane
+(:func:`kvlab.kernels.cuda._warp.int8s`: a byte under the exponent of 2^23, minus 2^23), four fp8
+codes by the hardware's ``cvt.rn.f16x2.e4m3x2`` where the card has it (sm_89+:
+:func:`kvlab.kernels.cuda._warp.fp8s`; the main loop then costs what int8's does, 1,346 PTX
+instructions against 2,466 by bits), else with :func:`kvlab.kernels.cuda.quant._fp8_e4m3_decode`'s
+bit path, and the per-(token, head) scales fold into the score (K) and into the probability (V). In the simulator the lane
 exchanges run as shared memory + barriers (:mod:`kvlab.kernels.cuda._warp`), so the tests
 execute this kernel's own lane logic against NumPy.
 
@@ -50,8 +52,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kvlab.kernels.cuda import MODE, cuda, float_from_bits, kernel
-from kvlab.kernels.cuda._warp import (WARP_LANES, as_words, done, fetch, halves, int8s,
-                                      load16, publish, scratch_shape)
+from kvlab.kernels.cuda._warp import (WARP_LANES, as_words, done, fetch, fp8s, halves,
+                                      has_fp8_cvt, int8s, load16, publish, scratch_shape)
 from kvlab.kernels.cuda.attention_tiles import (KIND_FLOAT, KIND_FP8, KIND_INT8, LN2, LOG2E,
                                                 NEG_INF, ONE, ZERO, _row_setup)
 from kvlab.kernels.cuda.quant import _fp8_e4m3_decode
@@ -61,9 +63,11 @@ THREADS = WARPS * WARP_LANES
 LOADS_PER_STEP = 4                 # 16-byte K loads a lane issues per step (and as many of V)
 MAX_HEADS = 8                      # q heads per CTA; a larger GQA group takes several CTAs
 LOAD_BYTES = 16
-# CTAs one SM holds, for the split-K rule: ptxas (13.5, sm_90) gives the fp16 kernel 168 registers
-# x 128 threads -> 3 of 65,536 (int8/fp8: 249 -> 2). Not yet from a GPU's driver.
-RESIDENT_BLOCKS = 3
+# CTAs one SM holds, for the split-K rule, by the pool's element bytes: ptxas (13.5, sm_90) gives
+# the kernels 162 (fp32), 168 (fp16) and 249-250 (int8, fp8) registers x 128 threads, so 3, 3 and 2
+# CTAs fit in 65,536 registers (8.3 KB of shared memory each is no limit). Not yet from a GPU.
+RESIDENT_BLOCKS_BY_ELEM = {4: 3, 2: 3, 1: 2}
+RESIDENT_BLOCKS = RESIDENT_BLOCKS_BY_ELEM[2]
 # The simulator's lane exchanges are barriers of the whole block, so there every warp takes the
 # same number of steps (a warp past its last block reads a real one and weighs it 0); on a GPU
 # each warp stops after its own blocks.
@@ -105,15 +109,18 @@ def heads_per_cta(group: int) -> int:
 # --- device functions -----------------------------------------------------------------------
 
 @cuda.jit(device=True, inline="always")
-def _unpack16(kind, elem_bytes, words, at, out):
+def _unpack16(kind, elem_bytes, fp8_cvt, words, at, out):
     """The numbers in ``words[at:at + 4]`` (16 bytes of a row) -> float32 ``out``, before scales.
-    ``kind`` and ``elem_bytes`` are compile-time constants: one decode is compiled in."""
+    ``kind``, ``elem_bytes`` and ``fp8_cvt`` (fp8 by the hardware's cvt) are compile-time
+    constants: one decode is compiled in."""
     for w in range(4):
         word = words[at + w]
         if elem_bytes == 4:
             out[w] = float_from_bits(word)
         elif elem_bytes == 2:
             out[2 * w], out[2 * w + 1] = halves(word)
+        elif kind == KIND_FP8 and fp8_cvt:
+            out[4 * w], out[4 * w + 1], out[4 * w + 2], out[4 * w + 3] = fp8s(word)
         elif kind == KIND_FP8:
             for b in range(4):
                 out[4 * w + b] = _fp8_e4m3_decode(np.uint8((word >> np.uint32(8 * b)) & 0xFF))
@@ -139,10 +146,11 @@ def _log2(n: int) -> int:
 
 
 def _build(kind: int, elem_bytes: int, head_dim: int, block_size: int, heads: int,
-           warp_lanes: int = WARP_LANES) -> Any:
+           warp_lanes: int = WARP_LANES, fp8_cvt: bool = True) -> Any:
     """The v8 kernel's Python function for one (pool kind, element size, head_dim, block_size,
     HEADS); every name below in capitals is a compile-time constant of it. ``warp_lanes``: the
-    warp it is laid out for (32 for the PTX compile, which is always for a GPU)."""
+    warp it is laid out for (32 for the PTX compile, which is always for a GPU); ``fp8_cvt``:
+    decode fp8 with the hardware's cvt (sm_89+), else by bits."""
     shape = layout(elem_bytes, head_dim, block_size, warp_lanes)
     if shape is None:
         raise ValueError(f"v8 cannot read head_dim {head_dim} x {elem_bytes} bytes in blocks of "
@@ -161,6 +169,7 @@ def _build(kind: int, elem_bytes: int, head_dim: int, block_size: int, heads: in
     WARP_ALL = _log2(WARP)         # the whole warp: WARP/2 .. 1
     GROUPS = _log2(RPI)            # the warp's row groups (same dims, other rows): 16 .. R
     QUANT = kind != KIND_FLOAT
+    FP8_CVT = fp8_cvt
     SCRATCH = scratch_shape(WARPS * WARP)  # the simulator's lane exchanges (GPU: a dummy)
     ACC, SEND, WORDS = HEADS * DPL, max(1, P // 2), LOADS * 4  # (local array sizes: constants)
 
@@ -232,7 +241,7 @@ def _build(kind: int, elem_bytes: int, head_dim: int, block_size: int, heads: in
                         v_words, block_word + slot * row_words)
                 # 2. partial dots: each K element used for all HEADS q heads
                 for i in range(LOADS):
-                    _unpack16(kind, elem_bytes, k_w, 4 * i, x)
+                    _unpack16(kind, elem_bytes, FP8_CVT, k_w, 4 * i, x)
                     for g in range(HEADS):
                         dot = ZERO
                         for e in range(DPL):
@@ -303,7 +312,7 @@ def _build(kind: int, elem_bytes: int, head_dim: int, block_size: int, heads: in
                 done(scratch)
                 # 8. acc += p V, each V element used for all HEADS q heads
                 for i in range(LOADS):
-                    _unpack16(kind, elem_bytes, v_w, 4 * i, x)
+                    _unpack16(kind, elem_bytes, FP8_CVT, v_w, 4 * i, x)
                     for g in range(HEADS):
                         pv = p_all[i * HEADS + g]
                         for e in range(DPL):
@@ -352,22 +361,26 @@ _SIGNATURE = ("void({q}[:, :, ::1], uint32[::1], uint32[::1], float16[:, :, ::1]
               "int32, float32[:, :, :, ::1], float32[:, :, ::1])")
 KINDS = ((KIND_FLOAT, 2), (KIND_FLOAT, 4), (KIND_INT8, 1), (KIND_FP8, 1))
 # The specialisations compiled to PTX by the test suite: the bench's shape (head_dim 128, blocks
-# of 16 tokens, GQA 4) for each pool, laid out for a GPU's 32-lane warp. Others are built on first
-# use and not registered (the registry is the same in every process: the PTX test compares).
+# of 16 tokens, GQA 4) for each pool, laid out for a GPU's 32-lane warp, for sm_90 (fp8 by the
+# hardware's cvt). Others are built on first use and not registered (the registry is the same in
+# every process: the PTX test compares).
 REGISTERED_SHAPE = (128, 16, 4)
+_REGISTERED = {(_kind, _elem, *REGISTERED_SHAPE): kernel(
+    _SIGNATURE.format(q="float16"), _SIGNATURE.format(q="float32"))(
+        _build(_kind, _elem, *REGISTERED_SHAPE, warp_lanes=32)) for _kind, _elem in KINDS}
 _KERNELS: dict[tuple[int, int, int, int, int], Any] = {}
-for _kind, _elem in KINDS:
-    _registered = kernel(_SIGNATURE.format(q="float16"), _SIGNATURE.format(q="float32"))(
-        _build(_kind, _elem, *REGISTERED_SHAPE, warp_lanes=32))
-    if MODE == "gpu":  # the simulator's stand-in warp is narrower: it builds its own
-        _KERNELS[(_kind, _elem, *REGISTERED_SHAPE)] = _registered
 
 
 def get_kernel(kind: int, elem_bytes: int, head_dim: int, block_size: int, heads: int) -> Any:
-    """The v8 kernel for this specialisation (``cuda.jit`` on first use, then cached)."""
+    """The v8 kernel for this specialisation (``cuda.jit`` on first use, then cached). On a GPU
+    the registered ones are reused, unless the card has no fp8 cvt and the pool is fp8."""
     key = (kind, elem_bytes, head_dim, block_size, heads)
     if key not in _KERNELS:
-        _KERNELS[key] = cuda.jit(_build(*key))
+        fp8_cvt = has_fp8_cvt()
+        if MODE == "gpu" and key in _REGISTERED and (kind != KIND_FP8 or fp8_cvt):
+            _KERNELS[key] = _REGISTERED[key]  # the simulator's narrower warp builds its own
+        else:
+            _KERNELS[key] = cuda.jit(_build(*key, fp8_cvt=fp8_cvt))
     return _KERNELS[key]
 
 

@@ -231,7 +231,7 @@ SMS, CLOCK_HZ, ISSUE_PER_CYCLE = 132, 1.98e9, 2.4
 
 def _decode_kernels() -> list[tuple[str, int, Any, str, int]]:
     """``(label, version, entry, signature, kv_bytes_per_trip)`` of the decode kernels v2-v8
-    with fp16 and 8-bit pools; per trip: one key's K and V slices per lane (v7: a chunk of
+    with fp16 and 8-bit pools (v8: int8 and fp8 apart); per trip: one key's K and V slices per lane (v7: a chunk of
     keys), v8: one step of the bench's shape (its loop over a block's steps, a nested loop
     when there are several, is counted once)."""
     from kvlab.kernels.cuda import attention, attention_v8
@@ -239,7 +239,7 @@ def _decode_kernels() -> list[tuple[str, int, Any, str, int]]:
     out = []
     for entry in _registry():
         name = entry.name.rsplit(".", 1)[1]
-        found = re.fullmatch(r"(?:warp_)?attention_v(\d)_(?:(\d)byte_|(fp16|int8)_.*_)?kernel",
+        found = re.fullmatch(r"(?:warp_)?attention_v(\d)_(?:(\d)byte_|(fp16|int8|fp8)_.*_)?kernel",
                              name)
         if not found:
             continue
@@ -247,7 +247,7 @@ def _decode_kernels() -> list[tuple[str, int, Any, str, int]]:
         if version == 8:
             if found.group(3) is None:
                 continue
-            elem = 2 if found.group(3) == "fp16" else 1
+            elem = 2 if found.group(3) == "fp16" else 1  # int8 and fp8: one byte
             head_dim, block_size, _ = attention_v8.REGISTERED_SHAPE
             shape = attention_v8.layout(elem, head_dim, block_size, warp_lanes=32)
             per_trip = shape.loads * 2 * attention_v8.LOAD_BYTES
