@@ -791,10 +791,10 @@ class KvCacheManager:
             # write_kv_quant refuses values its dtype cannot store (NaN, inf, too large), but
             # only for the layer it writes: check every layer before the first one is written.
             # Each backend's quant stage tests them on its own device (one flag read back).
-            dt = get_dtype(pool.kv_dtype)
+            quant = pool.backend.quant
             for layer in range(pool.num_layers):
-                pool.backend.quant._check_values(f"k_per_layer[{layer}]", k_per_layer[layer], dt)
-                pool.backend.quant._check_values(f"v_per_layer[{layer}]", v_per_layer[layer], dt)
+                quant.check_values(k_per_layer[layer], pool.kv_dtype, f"k_per_layer[{layer}]")
+                quant.check_values(v_per_layer[layer], pool.kv_dtype, f"v_per_layer[{layer}]")
 
 
 # --- helpers ----------------------------------------------------------------------------------

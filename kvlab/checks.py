@@ -196,9 +196,11 @@ def table_shape(block_table: Any) -> tuple[int, int]:
     return num_seqs, max_blocks
 
 
-def check_slot_mapping(block_table: Any, positions: Any, block_size: Any,
-                       seq_ids: Any = None) -> None:
-    """Checks for ``slot_mapping(block_table, positions, block_size, seq_ids=None)``.
+def check_slot_mapping(block_table: Any, positions: Any, block_size: Any, seq_ids: Any = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checks for ``slot_mapping(block_table, positions, block_size, seq_ids=None)``; returns the
+    host copies it checked, int64: the table ``[num_seqs, max_blocks]`` (one row for a 1-D
+    table), the positions ``[T]`` and each token's table row ``[T]`` (zeros for a 1-D table).
 
     A negative position is padding (its slot is -1) and its seq_id is not read. Every other token
     needs a table row (``0 <= seq_id < num_seqs``), a column (``pos // block_size < max_blocks``)
@@ -242,6 +244,7 @@ def check_slot_mapping(block_table: Any, positions: Any, block_size: Any,
     if too_big.any():
         raise ValueError(f"block_table entries {_name_values(np.unique(entries[too_big]))} times "
                          f"block_size {block_size} overflow an int32 slot (max {MAX_SLOT})")
+    return table, pos, rows
 
 
 def check_slots(slots: Any, num_tokens: int, num_blocks: int, block_size: int) -> None:

@@ -26,6 +26,15 @@ def codes_from_the_fp16_scale(x):
     return np.rint(np.clip(y, -127, 127)).astype(np.int8), scale16
 
 
+def drops_the_floor(x):
+    """scale = amax / 127 with no 1e-8 floor: a vector under the floor gets codes up to 127 (and an
+    all-zero one divides 0 by 0); both store an fp16 scale of 0, so only the codes tell."""
+    scale = np.abs(x).max(-1) / np.float32(127)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        y = np.nan_to_num(x / scale[..., None])
+    return np.rint(np.clip(y, -127, 127)).astype(np.int8), scale.astype(np.float16)
+
+
 def keeps_float32_scales(x):
     """Returns the float32 scales: the cache stores them as fp16."""
     scale = np.maximum(np.abs(x).max(-1), np.float32(1e-8)) / np.float32(127)
@@ -77,7 +86,7 @@ def fp8_uses_the_fnuz_bias(value):
 
 WRONG_ANSWERS = {
     "02.quantize_int8": [one_scale_per_tensor, rounds_half_away_from_zero,
-                         codes_from_the_fp16_scale, keeps_float32_scales],
+                         codes_from_the_fp16_scale, keeps_float32_scales, drops_the_floor],
     "02.dequantize_int8": [dequantizes_in_fp16, forgets_to_broadcast],
     "02.fp8_e4m3_encode": [fp8_flushes_subnormals, fp8_rounds_half_up, fp8_does_not_saturate,
                            fp8_uses_the_fnuz_bias],

@@ -334,6 +334,18 @@ def test_quantize_dequantize_bad_inputs(backend, call, error, message):
         call(Moved())
 
 
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+def test_check_values_on_every_backend(backend, kv_dtype):
+    backend.quant.check_values(on(backend, kv_with_outliers(3)), kv_dtype)  # storable: silent
+    with pytest.raises(ValueError, match=rf"k_per_layer\[2\] holds 1 value\(s\) that {kv_dtype} "
+                       r"cannot store .* \[1, 1, 7\]: nan"):
+        backend.quant.check_values(on(backend, poisoned(np.nan)), kv_dtype, "k_per_layer[2]")
+    with pytest.raises(ValueError, match=r"\|x\| > .* where the fp16 scale overflows"):
+        backend.quant.check_values(on(backend, poisoned(1e9, np.float32)), kv_dtype)
+    with pytest.raises(TypeError, match="x must have dtype float16 or float32"):
+        backend.quant.check_values(on(backend, np.ones((1, 1, 8), np.int8)), kv_dtype)
+
+
 def test_fp32_huge_values_under_the_limit_are_stored_not_nan():
     x = np.zeros((1, 1, 64), np.float32)
     x[0, 0, 0] = 8e6  # under 127 * 65504: the fp16 scale is finite

@@ -199,6 +199,13 @@ def _check_values(name: str, x: Any, dt) -> None:
         raise_for_values(name, x.copy_to_host(), dt)
 
 
+def check_values(x: Any, kv_dtype: str, name: str = "x") -> None:
+    """ValueError unless ``kv_dtype`` can store every value of ``x`` (float16/float32
+    ``[T, Hkv, D]``): no NaN, no inf, no ``|x|`` past the dtype's limit (``qmax * 65504``, where
+    the fp16 scale overflows). The message calls the array ``name`` and gives its first bad
+    element. What quantize and write_kv_quant run first; a cache that writes several layers calls
+    it on every layer before it writes any. On the device, one flag read back."""
+    _check_values(name, x, check_quantize(x, kv_dtype))
 
 
 def write_kv_quant(k: Any, v: Any, k_pool: Any, v_pool: Any, k_scales: Any, v_scales: Any,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from kvlab.checks import (
@@ -18,9 +19,11 @@ from kvlab.checks import (
     check_gather_kv,
     check_slot_mapping,
     check_write_kv,
+    host_ints,
     table_shape,
 )
 from kvlab.kernels.mps import require_tensors
+from kvlab.ref.paging import gathered_slots, table_slots
 
 
 def _rows_of_slots(pool: torch.Tensor) -> torch.Tensor:
@@ -44,31 +47,19 @@ def as_words(rows: torch.Tensor) -> torch.Tensor:
 
 def slot_mapping(block_table: torch.Tensor, positions: torch.Tensor, block_size: int,
                  seq_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The pool slot of each token: int32 ``[T]``, -1 for padding.
+    """The pool slot of each token: int32 ``[T]`` on the table's device, -1 for padding.
 
     Parameters as :func:`kvlab.ref.paging.slot_mapping` (int32 tensors).
+
+    Computed on the host, from the copies the checks have just read there, then copied to the
+    device once: a few bytes of index arithmetic per token, where a dozen tiny device ops would
+    cost more than the work (~100 us on a CPU; on a GPU, a launch each). vLLM's GPU model runner
+    prepares its slot mapping the same way (NumPy on the host, one copy up).
     """
     require_tensors(block_table=block_table, positions=positions, seq_ids=seq_ids)
-    check_slot_mapping(block_table, positions, block_size, seq_ids)
-    table = block_table.reshape(table_shape(block_table))  # one sequence = a table of one row
-    rows = torch.zeros_like(positions) if seq_ids is None else seq_ids
-    return _slots(table, positions, block_size, rows)
-
-
-def _slots(table: torch.Tensor, positions: torch.Tensor, block_size: int,
-           rows: torch.Tensor) -> torch.Tensor:
-    """``slot_mapping`` without the checks: table ``[num_seqs, max_blocks]``, rows ``[T]``.
-
-    Whole-tensor ``where`` instead of boolean indexing: a boolean index costs a read-back of the
-    count (a synchronisation on a GPU) and, on the CPU, a slow gather.
-    """
-    if table.numel() == 0:  # then every token is padding (the checks saw to it)
-        return torch.full_like(positions, -1, dtype=torch.int32)
-    real = positions >= 0
-    pos = positions.clamp_min(0).long()
-    row = torch.where(real, rows, 0).long()  # a padding token's row is never read: any value
-    slots = table[row, pos // block_size].long() * block_size + pos % block_size
-    return torch.where(real, slots, -1).to(torch.int32)  # padding keeps -1
+    table, host_positions, rows = check_slot_mapping(block_table, positions, block_size, seq_ids)
+    slots = table_slots(table, host_positions, block_size, rows)
+    return torch.from_numpy(slots).to(block_table.device)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -104,17 +95,21 @@ def gather_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Ten
     require_tensors(k_pool=k_pool, v_pool=v_pool, block_table=block_table,
                     context_len=context_len)
     context_lens = check_gather_kv(k_pool, v_pool, block_table, context_len)
-    device = k_pool.device
-    total = int(context_lens.sum())
-    lens = torch.as_tensor(context_lens, device=device)
-    # Output row r belongs to sequence rows[r], at position r - (rows before that sequence).
-    rows = torch.repeat_interleave(torch.arange(len(lens), device=device), lens, output_size=total)
-    first_row = torch.cumsum(lens, 0) - lens
-    positions = torch.arange(total, device=device) - first_row[rows]
-    table = block_table.reshape(table_shape(block_table))
-    slots = _slots(table, positions, k_pool.shape[1], rows).long()
+    slots = slots_to_read(block_table, context_lens, k_pool.shape[1], k_pool.device)
     return (_rows_of_slots(k_pool).index_select(0, slots),
             _rows_of_slots(v_pool).index_select(0, slots))
+
+
+def slots_to_read(block_table: torch.Tensor, context_lens: np.ndarray, block_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """The slots a gather reads (:func:`kvlab.ref.paging.gathered_slots`), int64 on ``device``.
+
+    Index arithmetic on the host, as in :func:`slot_mapping` (the checks have read the table
+    already); the bytes then move on the device, in one ``index_select`` per pool.
+    """
+    table = host_ints(block_table).reshape(table_shape(block_table))
+    slots = gathered_slots(table, context_lens, block_size)
+    return torch.from_numpy(slots.astype(np.int64)).to(device)
 
 
 def copy_blocks(k_pool: torch.Tensor, v_pool: torch.Tensor, src: torch.Tensor,

@@ -27,11 +27,10 @@ from kvlab.checks import (
     check_quantize,
     check_write_kv_quant,
     raise_for_values,
-    table_shape,
 )
 from kvlab.dtypes import KvDtype
 from kvlab.kernels.mps import require_tensors
-from kvlab.kernels.mps.paging import as_words, without_padding
+from kvlab.kernels.mps.paging import as_words, slots_to_read, without_padding
 
 AMAX_FLOOR = 1e-8
 QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "int4": 7.0}
@@ -80,6 +79,16 @@ def _check_values(name: str, x: torch.Tensor, dt) -> None:
     """ValueError (nothing written) if x holds NaN, inf or |x| > dt.max_input; reads back 1 bool."""
     if not bool((x.float().abs() <= dt.max_input).all()):
         raise_for_values(name, x.detach().cpu().numpy(), dt)
+
+
+def check_values(x: torch.Tensor, kv_dtype: str, name: str = "x") -> None:
+    """ValueError unless ``kv_dtype`` can store every value of ``x`` (float16/float32
+    ``[T, Hkv, D]``): no NaN, no inf, no ``|x|`` past the dtype's limit (``qmax * 65504``, where
+    the fp16 scale overflows). The message calls the array ``name`` and gives its first bad
+    element. What quantize and write_kv_quant run first; a cache that writes several layers calls
+    it on every layer before it writes any. On x's device, one bool read back."""
+    require_tensors(x=x)
+    _check_values(name, x, check_quantize(x, kv_dtype))
 
 
 def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -163,13 +172,7 @@ def gather_kv_quant(k_pool: torch.Tensor, v_pool: torch.Tensor, k_scales: torch.
                     block_table=block_table, context_len=context_len)
     context_lens = check_gather_kv_quant(k_pool, v_pool, k_scales, v_scales, block_table,
                                          context_len, kv_dtype)
-    device, block_size = k_pool.device, k_pool.shape[1]
-    total = int(context_lens.sum())
-    lens = torch.as_tensor(context_lens, device=device)
-    seq = torch.repeat_interleave(torch.arange(len(lens), device=device), lens, output_size=total)
-    positions = torch.arange(total, device=device) - (torch.cumsum(lens, 0) - lens)[seq]
-    table = block_table.reshape(table_shape(block_table)).long()
-    slots = table[seq, positions // block_size] * block_size + positions % block_size
+    slots = slots_to_read(block_table, context_lens, k_pool.shape[1], k_pool.device)
     return tuple(dequantize(_rows(pool).index_select(0, slots),
                             _rows(scales).index_select(0, slots), kv_dtype)
                  for pool, scales in ((k_pool, k_scales), (v_pool, v_scales)))

@@ -1,7 +1,7 @@
 """Exercises of notebook 02 (quantization): the INT8 cache's scale rule, and one FP8 byte by hand.
 
 Each exercise is checked against :mod:`kvlab.ref.quant`, on edge cases (an all-zero vector, whose
-scale is the 1e-8 floor) and on cases picked so that the usual slips fail: exact ties (round half to
+scale is the 1e-8 floor, and a vector under the floor, whose codes stay small) and on cases picked so that the usual slips fail: exact ties (round half to
 even), vectors of very different size (one scale per (token, KV head), not per tensor), codes from
 the fp16 scale instead of the float32 one, fp16 arithmetic where float32 is meant, and FP8 values in
 the subnormal range, on a mantissa tie, and past 448 (saturation).
@@ -48,6 +48,8 @@ def _quantize_cases() -> list[Case]:
              dict(x=np.array([[[127, 0.5, 1.5, 2.5, -2.5, -0.5]]], f32))),
         Case("an all-zero vector (its scale is the 1e-8 floor / 127)",
              dict(x=np.zeros((1, 1, 4), f32))),
+        Case("a vector under the floor (amax 1e-9): codes 13, -6, 0, 3, not 127, -64, 0, 32",
+             dict(x=np.array([[[1e-9, -5e-10, 0.0, 2.5e-10]]], f32))),
         Case("two heads of very different size: one scale each",
              dict(x=np.array([[[1000.0, -3.0, 7.0, 0.25]], [[0.001, -0.0004, 0.0002, 0.0]]],
                              f32).reshape(1, 2, 4))),

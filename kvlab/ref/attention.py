@@ -163,15 +163,19 @@ def _attend_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, 
     mask = visibility_mask(length, num_tokens, causal, sliding_window)       # [T, L]
     lse_parts, out_parts = [], []
     for start, stop in split_bounds(length, num_splits):
-        # scores [Hkv, G, T, n]: each K row serves the `group` query heads that share it
-        s = np.einsum("tkgd,nkd->kgtn", qg, k[start:stop]) * np.float32(scale)
+        # scores [Hkv, G, T, n]: each K row serves the `group` query heads that share it.
+        # optimize=True lets einsum hand the contraction to BLAS (a batched matmul): ~5x faster
+        # than its own loops at 4k keys; the sums run in another order, so results may differ
+        # in the last float32 bits.
+        s = np.einsum("tkgd,nkd->kgtn", qg, k[start:stop], optimize=True) * np.float32(scale)
         s = np.where(mask[:, start:stop], s, NEG_INF)
         m = s.max(axis=-1, keepdims=True, initial=NEG_INF)
         safe_m = np.where(np.isfinite(m), m, np.float32(0))  # a query that sees nothing here
         e = np.exp(s - safe_m)
         total = e.sum(axis=-1, keepdims=True)
         lse_parts.append(np.where(total > 0, safe_m + np.log(np.maximum(total, 1e-30)), NEG_INF))
-        o = np.einsum("kgtn,nkd->kgtd", e, v[start:stop]) / np.where(total > 0, total, 1)
+        o = np.einsum("kgtn,nkd->kgtd", e, v[start:stop], optimize=True) / np.where(total > 0,
+                                                                                 total, 1)
         out_parts.append(o)
     lse = np.stack(lse_parts)[..., 0]                                         # [S, Hkv, G, T]
     w = np.exp(lse - lse.max(axis=0))

@@ -40,21 +40,30 @@ def slot_mapping(block_table: np.ndarray, positions: np.ndarray, block_size: int
 
     Raises ValueError when a position lies beyond the table or in an entry that is -1.
     """
-    check_slot_mapping(block_table, positions, block_size, seq_ids)
-    table = block_table.reshape(table_shape(block_table))  # one sequence = a table of one row
-    rows = np.zeros_like(positions) if seq_ids is None else seq_ids
-    return _slots(table, positions, block_size, rows)
+    table, positions, rows = check_slot_mapping(block_table, positions, block_size, seq_ids)
+    return table_slots(table, positions, block_size, rows)
 
 
-def _slots(table: np.ndarray, positions: np.ndarray, block_size: int,
-           rows: np.ndarray) -> np.ndarray:
-    """``slot_mapping`` without the checks: table ``[num_seqs, max_blocks]``, rows ``[T]``."""
+def table_slots(table: np.ndarray, positions: np.ndarray, block_size: int,
+                rows: np.ndarray) -> np.ndarray:
+    """``slot_mapping`` of checked arguments: table ``[num_seqs, max_blocks]``, positions and
+    each token's table row ``rows`` ``[T]`` (any integer dtype) -> int32 slots ``[T]``."""
     slots = np.full(positions.shape, -1, dtype=np.int32)  # padding (position < 0) keeps -1
     real = positions >= 0
     pos = positions[real]
     blocks = table[rows[real], pos // block_size]
     slots[real] = blocks * block_size + pos % block_size
     return slots
+
+
+def gathered_slots(table: np.ndarray, context_lens: np.ndarray, block_size: int) -> np.ndarray:
+    """The slots ``gather_kv`` reads, in output order: sequence 0's positions ``0 ..
+    context_lens[0]-1``, then sequence 1's, ... (table ``[num_seqs, max_blocks]``, checked)."""
+    # Output row r belongs to sequence rows[r], at position r - (rows before that sequence).
+    rows = np.repeat(np.arange(len(context_lens)), context_lens)
+    first_row = np.cumsum(context_lens) - context_lens
+    positions = np.arange(context_lens.sum()) - first_row[rows]
+    return table_slots(table, positions, block_size, rows)
 
 
 def write_kv(k: np.ndarray, v: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray,
@@ -90,12 +99,7 @@ def gather_kv(k_pool: np.ndarray, v_pool: np.ndarray, block_table: np.ndarray,
     """
     context_lens = check_gather_kv(k_pool, v_pool, block_table, context_len)
     block_size = k_pool.shape[1]
-    table = block_table.reshape(table_shape(block_table))
-    # Output row r belongs to sequence rows[r], at position r - (rows before that sequence).
-    rows = np.repeat(np.arange(len(context_lens)), context_lens)
-    first_row = np.cumsum(context_lens) - context_lens
-    positions = np.arange(context_lens.sum()) - first_row[rows]
-    slots = _slots(table, positions, block_size, rows)
+    slots = gathered_slots(block_table.reshape(table_shape(block_table)), context_lens, block_size)
     blocks, offsets = np.divmod(slots, block_size)
     return k_pool[blocks, offsets], v_pool[blocks, offsets]  # fancy indexing copies
 

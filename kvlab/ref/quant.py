@@ -43,7 +43,7 @@ from kvlab.checks import (
     raise_for_values,
     table_shape,
 )
-from kvlab.ref.paging import _slots
+from kvlab.ref.paging import gathered_slots
 
 AMAX_FLOOR = np.float32(1e-8)  # ferrum's floor: an all-zero vector still gets a finite scale
 FP8_MAX = 448.0                # the largest finite E4M3FN value, S.1111.110 = 1.75 * 2**8
@@ -151,6 +151,15 @@ def _check_values(name: str, x: np.ndarray, dt) -> None:
         raise_for_values(name, x, dt)
 
 
+def check_values(x: np.ndarray, kv_dtype: str, name: str = "x") -> None:
+    """ValueError unless ``kv_dtype`` can store every value of ``x`` (float16/float32
+    ``[T, Hkv, D]``): no NaN, no inf, no ``|x|`` past the dtype's limit (``qmax * 65504``, where
+    the fp16 scale overflows). The message calls the array ``name`` and gives its first bad
+    element. What quantize and write_kv_quant run first; a cache that writes several layers calls
+    it on every layer before it writes any."""
+    _check_values(name, x, check_quantize(x, kv_dtype))
+
+
 # --- the ops ------------------------------------------------------------------------------------
 
 def quantize(x: np.ndarray, kv_dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -212,11 +221,9 @@ def gather_kv_quant(k_pool: np.ndarray, v_pool: np.ndarray, k_scales: np.ndarray
     order: ``kvlab.ref.paging.gather_kv`` over a quantized pool (same table/length arguments)."""
     context_lens = check_gather_kv_quant(k_pool, v_pool, k_scales, v_scales, block_table,
                                          context_len, kv_dtype)
-    table = block_table.reshape(table_shape(block_table))
-    rows = np.repeat(np.arange(len(context_lens)), context_lens)
-    first_row = np.cumsum(context_lens) - context_lens
-    positions = np.arange(context_lens.sum()) - first_row[rows]
-    blocks, offsets = np.divmod(_slots(table, positions, k_pool.shape[1], rows), k_pool.shape[1])
+    block_size = k_pool.shape[1]
+    slots = gathered_slots(block_table.reshape(table_shape(block_table)), context_lens, block_size)
+    blocks, offsets = np.divmod(slots, block_size)
     return (dequantize(k_pool[blocks, offsets], k_scales[blocks, offsets], kv_dtype),
             dequantize(v_pool[blocks, offsets], v_scales[blocks, offsets], kv_dtype))
 
