@@ -10,6 +10,7 @@ plotting function, drawn at its default size with small valid data:
   ``MIN_FONT_PT`` once scaled to the shown width;
 - a legend inside an axes covers no data: no point of a line, bar, image or filled area lies
   under it;
+- tick labels along one axis do not overlap;
 - a heat map (an image) has a colour bar and sits on integer ticks;
 - within one figure, two legend entries that mean different things do not share a colour (grey,
   ``COLOR_REFERENCE``, marks reference lines; those differ by line style instead).
@@ -130,10 +131,11 @@ CASES = {
             4096, 32, 8, 128, qk_mode=1)),
     "plot_scores_over_table": lambda: kplot.plot_scores_over_table(
         _rng().dirichlet(np.ones(40), size=2), [3, 0, 5], 16),
+    # notebook 05's explorer at its slider's end: 12 partitions of 40 keys, the last 2 empty
     "plot_split_k": lambda: kplot.plot_split_k(
-        [(0, 16), (16, 32), (32, 40)],
-        [np.full(16, 1 / 16), np.full(16, 1 / 16), np.full(8, 1 / 8)],
-        [0.5, 0.3, 0.2]),
+        [(min(4 * j, 40), min(4 * j + 4, 40)) for j in range(12)],
+        [np.full(4, 0.25) if j < 10 else np.zeros(0) for j in range(12)],
+        [0.1] * 10 + [0.0, 0.0]),
     "plot_roofline": lambda: kplot.plot_roofline(
         [{"name": "decode, fp16 KV", "flops": 4e9, "bytes": 4e9},
          {"name": "decode, int8 KV", "flops": 4e9, "bytes": 2e9},
@@ -298,6 +300,28 @@ def repeated_colours(fig) -> list[str]:
     return problems
 
 
+def overlapping_ticks(fig) -> list[str]:
+    """Pairs of neighbouring tick labels, along one axis of one axes, that overlap: upright
+    labels whose boxes meet; labels turned by an angle a (parallel lines of text) closer than
+    one line height, measured across the lines (tick spacing x sin a)."""
+    renderer = fig.canvas.get_renderer()
+    found = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t for t in axis.get_ticklabels() if t.get_visible() and t.get_text()]
+            for a, b in zip(labels, labels[1:]):
+                box_a, box_b = a.get_window_extent(renderer), b.get_window_extent(renderer)
+                angle = np.radians(a.get_rotation() % 180)
+                if np.sin(angle) < 1e-3:
+                    clash = box_a.overlaps(box_b)
+                else:
+                    step = abs(box_b.x1 - box_a.x1) if axis is ax.xaxis else abs(box_b.y1 - box_a.y1)
+                    clash = step * np.sin(angle) < a.get_fontsize() * fig.dpi / 72
+                if clash:
+                    found.append(f"{a.get_text()!r}/{b.get_text()!r}")
+    return found
+
+
 def _handle_style(handle) -> tuple:
     style = []
     for getter in ("get_hatch", "get_linestyle", "get_marker"):
@@ -339,6 +363,9 @@ def test_figure_is_readable_in_jupyterlab(name, dpi):
                 covered = covered_by_legend(ax)
                 if covered:
                     problems.append(f"legend of {ax.get_title()!r} covers {covered[:4]}")
+            overlapping = overlapping_ticks(fig)
+            if overlapping:
+                problems.append(f"tick labels overlap: {overlapping[:4]}")
             problems += heat_map_problems(fig)
             problems += repeated_colours(fig)
             assert not problems, f"{name}: " + "; ".join(problems)
@@ -354,6 +381,7 @@ def test_the_checks_catch_what_they_look_for(dpi):
         ax.plot([0, 1], [1, 0], color="C0", label="b")
         ax.text(0.5, 0.5, "tiny", fontsize=5)
         ax.legend(loc="center")
+        ax.set_xticks(np.linspace(0, 1, 40), [f"partition {j}" for j in range(40)])
         fig2, ax2 = plt.subplots()
         ax2.imshow(np.arange(6).reshape(2, 3) / 5.0)
         ax2.set_xticks([0, 0.5, 1])
@@ -362,6 +390,8 @@ def test_the_checks_catch_what_they_look_for(dpi):
             assert any(t.get_fontsize() < MIN_FONT_PT for t in visible_texts(fig))
             assert covered_by_legend(ax)
             assert repeated_colours(fig)
+            fig.canvas.draw()
+            assert overlapping_ticks(fig)
             problems = heat_map_problems(fig2)
             assert any("colour bar" in p for p in problems)
             assert any("non-integer" in p for p in problems)

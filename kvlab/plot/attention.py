@@ -69,9 +69,14 @@ def plot_split_k(partition_bounds: Sequence[tuple[int, int]], local_weights: Seq
     left.set_ylabel("weight")
     left.set_title("each partition's own softmax (colour) and its share of the final one (black)",
                    fontsize=9)
-    labels = [f"{j}" + (" (empty)" if b[1] <= b[0] else "") for j, b in enumerate(partition_bounds)]
-    right.bar(labels, merge_weights, color=[SEQ_COLORS[j % len(SEQ_COLORS)]
-                                            for j in range(len(labels))])
+    parts = np.arange(len(partition_bounds))
+    right.bar(parts, merge_weights, color=[SEQ_COLORS[j % len(SEQ_COLORS)] for j in parts])
+    empty = [j for j, (start, stop) in enumerate(partition_bounds) if stop <= start]
+    if empty:  # a cross on the axis, not a word under it: a dozen labels would overlap
+        right.plot(empty, [0.0] * len(empty), "x", color=COLOR_REFERENCE, clip_on=False,
+                   label="empty: weight 0")
+        right.legend(loc="upper right", fontsize=8, frameon=False)
+    right.set_xticks(parts, [str(j) for j in parts], fontsize=8 if len(parts) > 8 else None)
     right.set_ylim(0, 1)
     right.set_title("merge weights exp(lse_j - LSE)", fontsize=9)
     right.set_xlabel("partition")
