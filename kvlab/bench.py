@@ -777,6 +777,8 @@ def _attention_kernel_rows(ctx: Ctx, arrays: Callable[..., list[Any]], shape: st
 
     rows: list[Row] = []
     for version, sweep in SPLIT_SWEEP[ctx.preset].items():
+        if version == 8:  # and the split count v8's own rule picks for this GPU (one wave)
+            sweep = tuple(sorted({*sweep, attention.device_num_splits(b, hq, h, n, version=8)}))
         for num_splits in sweep:
             try:
                 row = ctx.run("attention", f"kernel v{version} fp16 splits={num_splits}", ctx.impl,

@@ -125,3 +125,19 @@ def test_instruction_budget_of_the_decode_kernels(compiled):
     # costs about what int8's byte tricks do, where the bit path took ~6 instructions a byte
     fp8 = budgets["attention_v8_fp8_d128_b16_h4_kernel[0]"]
     assert fp8["instructions"] <= 1.15 * int8["instructions"], (fp8, int8)
+
+
+def test_stored_instruction_budget_is_this_trees(compiled):
+    """data/bench/ptx_budget_sm90.json (which notebook 07 reads) is what the kernels in this tree
+    compile to: regenerate it with ``python -m kvlab.kernels.cuda.ptx --budget --cc 9.0`` after
+    changing a decode kernel."""
+    from kvlab.data import load_json
+
+    stored = load_json("bench/ptx_budget_sm90.json")
+    fresh = {}
+    for name, info in compiled.items():
+        if "budget" in info:
+            kernel = name.split(".")[-1].split("[")[0]
+            fresh[info["budget"]["pool"], kernel] = info["budget"]["instructions"]
+    assert {(key.split()[1], key.split()[2]): budget["instructions"]
+            for key, budget in stored.items()} == fresh
