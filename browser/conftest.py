@@ -11,17 +11,12 @@ removed, so kvlab picks its CUDA mode itself and the exercise stubs stay stubs.
 """
 import json
 import os
-import secrets
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from kvlab.headless_lab import Lab, running_lab
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -43,32 +38,6 @@ def pytest_generate_tests(metafunc):
         folder = Path(metafunc.config.getoption("--notebook-dir"))
         names = sorted(p.name for p in folder.glob("*.ipynb"))
         metafunc.parametrize("notebook_name", names)
-
-
-@dataclass
-class Lab:
-    """A running JupyterLab: its address, token and the folder it serves."""
-
-    url: str
-    token: str
-    root: Path
-
-    def api(self, method: str, path: str) -> bytes:
-        request = urllib.request.Request(f"{self.url}{path}", method=method,
-                                         headers={"Authorization": f"token {self.token}"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.read()
-
-    def shut_down_kernels(self) -> None:
-        """Ends every kernel, so the next notebook starts on a quiet machine."""
-        for session in json.loads(self.api("GET", "/api/sessions")):
-            self.api("DELETE", f"/api/sessions/{session['id']}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_json(path: Path, content: dict) -> None:
@@ -100,42 +69,19 @@ def lab(pytestconfig, tmp_path_factory) -> Lab:
     _write_json(home / "settings" / "@jupyterlab" / "apputils-extension"
                 / "notification.jupyterlab-settings",
                 {"fetchNews": "false", "checkForUpdates": False})
-    port, token = _free_port(), secrets.token_hex(16)
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1",
-           f"--port={port}", f"--IdentityProvider.token={token}", f"--notebook-dir={root}",
-           # window.jupyterapp: the test asks the app (not the pixels) whether a notebook is dirty,
-           # which cells ran, and runs the same command as the Run menu's "Run All Cells".
-           "--LabApp.expose_app_in_browser=True"]
-    if os.geteuid() == 0:
-        cmd.append("--allow-root")
+    # window.jupyterapp: the test asks the app (not the pixels) whether a notebook is dirty,
+    # which cells ran, and runs the same command as the Run menu's "Run All Cells".
     env = {k: v for k, v in os.environ.items() if k not in TEST_ONLY_VARIABLES}
     env |= {"JUPYTER_CONFIG_DIR": str(home / "config"),
             "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
             "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
             "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces")}
-    log = (home / "server.log").open("wb")
-    server = subprocess.Popen(cmd, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
-    running = Lab(f"http://127.0.0.1:{port}", token, root)
     try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            try:
-                running.api("GET", "/api/status")
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("JupyterLab did not start:\n"
-                                + (home / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
-        yield running
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+        with running_lab(root, env, home / "server.log", SERVER_START_S,
+                         extra_args=["--LabApp.expose_app_in_browser=True"]) as running:
+            yield running
+    except RuntimeError as error:  # it did not start: the log says why
+        pytest.fail(str(error))
 
 
 @pytest.fixture
