@@ -141,3 +141,19 @@ def test_stored_instruction_budget_is_this_trees(compiled):
             fresh[info["budget"]["pool"], kernel] = info["budget"]["instructions"]
     assert {(key.split()[1], key.split()[2]): budget["instructions"]
             for key, budget in stored.items()} == fresh
+
+
+def test_kernels_that_need_a_newer_gpu_are_left_out_for_an_older_one():
+    """v8 with fp8 pools uses cvt.rn.f16x2.e4m3x2 (sm_89+): compiled for sm_90, left out for
+    sm_80 (ptxas would refuse it), where the int8 one still compiles."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    names = {}
+    for cc in ("8.0", "9.0"):
+        out = subprocess.run([sys.executable, "-m", "kvlab.kernels.cuda.ptx", "--cc", cc,
+                              "--resources", "attention_v8_fp8,attention_v8_int8"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        names[cc] = {name.split()[0].rsplit(".", 1)[1] for name in json.loads(out.stdout)}
+    assert names["9.0"] == {"attention_v8_fp8_d128_b16_h4_kernel",
+                            "attention_v8_int8_d128_b16_h4_kernel"}
+    assert names["8.0"] == {"attention_v8_int8_d128_b16_h4_kernel"}

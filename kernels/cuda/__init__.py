@@ -75,26 +75,31 @@ if MODE == "simulator":
 @dataclass(frozen=True)
 class RegisteredKernel:
     """A kernel's Python source function, the signatures the PTX-compile test builds, the
-    launch bounds it is compiled with (None: the compiler's choice) and its ``cuda.jit``
-    dispatcher (some kernels live in a dict, not under their name in a module)."""
+    launch bounds it is compiled with (None: the compiler's choice), its ``cuda.jit``
+    dispatcher (some kernels live in a dict, not under their name in a module) and the oldest
+    compute capability whose instructions it uses (None: any)."""
 
     name: str
     py_func: Callable
     signatures: tuple[str, ...]
     launch_bounds: tuple[int, int] | None
     dispatcher: Any
+    min_cc: tuple[int, int] | None = None
 
 
 REGISTRY: list[RegisteredKernel] = []
 
 
-def kernel(*signatures: str, launch_bounds: tuple[int, int] | None = None) -> Callable:
+def kernel(*signatures: str, launch_bounds: tuple[int, int] | None = None,
+           min_cc: tuple[int, int] | None = None) -> Callable:
     """Decorator: ``cuda.jit`` the function (lazily, any types) and register ``signatures``.
 
     Signatures are Numba type strings such as ``"void(float16[:, :, :, ::1], int32[::1])"``;
     give one per dtype combination the launch wrapper can pass. ``launch_bounds`` =
     ``(threads per block, blocks per SM)`` promises the compiler those launches (CUDA's
     ``__launch_bounds__``), so it fits the registers to that many blocks; the simulator ignores it.
+    ``min_cc``: the kernel uses instructions older GPUs lack (``kvlab.kernels.cuda.ptx`` compiles
+    it only for that compute capability and newer).
     """
     if not signatures:
         raise ValueError("kernel() needs at least one signature for the PTX-compile test")
@@ -105,7 +110,7 @@ def kernel(*signatures: str, launch_bounds: tuple[int, int] | None = None) -> Ca
         else:
             dispatcher = cuda.jit(func)
         REGISTRY.append(RegisteredKernel(f"{func.__module__}.{func.__name__}", func, signatures,
-                                         launch_bounds, dispatcher))
+                                         launch_bounds, dispatcher, min_cc))
         return dispatcher
 
     return register

@@ -366,7 +366,8 @@ KINDS = ((KIND_FLOAT, 2), (KIND_FLOAT, 4), (KIND_INT8, 1), (KIND_FP8, 1))
 # every process: the PTX test compares).
 REGISTERED_SHAPE = (128, 16, 4)
 _REGISTERED = {(_kind, _elem, *REGISTERED_SHAPE): kernel(
-    _SIGNATURE.format(q="float16"), _SIGNATURE.format(q="float32"))(
+    _SIGNATURE.format(q="float16"), _SIGNATURE.format(q="float32"),
+    min_cc=(8, 9) if _kind == KIND_FP8 else None)(  # fp8 by cvt.rn.f16x2.e4m3x2
         _build(_kind, _elem, *REGISTERED_SHAPE, warp_lanes=32)) for _kind, _elem in KINDS}
 _KERNELS: dict[tuple[int, int, int, int, int], Any] = {}
 

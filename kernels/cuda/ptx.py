@@ -149,13 +149,15 @@ def _compile(entry: Any, signature: str, cc: tuple[int, int]) -> str:
     return ptx
 
 
-def _registry() -> list[Any]:
+def _registry(cc: tuple[int, int]) -> list[Any]:
+    """The registered kernels that compile for ``sm_<cc>`` (a kernel with a newer ``min_cc``
+    uses instructions that GPU lacks: v8 with fp8 by the hardware's cvt)."""
     from kvlab.kernels import cuda as kcuda
 
     if kcuda.MODE != "gpu":
         raise RuntimeError("PTX compilation needs NUMBA_ENABLE_CUDASIM=0 (no GPU is needed)")
     kcuda.load_all_stages()
-    return kcuda.REGISTRY
+    return [entry for entry in kcuda.REGISTRY if entry.min_cc is None or tuple(cc) >= entry.min_cc]
 
 
 def kernel_params(ptx: str) -> int:
@@ -180,9 +182,9 @@ def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, dict[str, Any]]:
     ``shared_bytes`` (:func:`ptxas_resources`), and for the decode kernels v2-v8 the ``budget``
     of their main loop (:func:`decode_budgets`)."""
     per_trip = {(entry.name, signature): (label, trip)
-                for label, _, entry, signature, trip in _decode_kernels()}
+                for label, _, entry, signature, trip in _decode_kernels(cc)}
     report = {}
-    for entry in _registry():
+    for entry in _registry(cc):
         for i, signature in enumerate(entry.signatures):
             ptx = _compile(entry, signature, cc)
             info = {"bytes": len(ptx), "fma_f32": ptx.count("fma.rn.f32"),
@@ -206,7 +208,7 @@ def resource_usage(name_filter: str = "", cc: tuple[int, int] = (9, 0)) -> dict[
 
     on_gpu = kcuda.cuda.is_available()
     usage = {}
-    for entry in _registry():
+    for entry in _registry(cc):
         if not any(part in entry.name for part in name_filter.split(",")):
             continue
         signature = entry.signatures[0]
@@ -229,7 +231,7 @@ def resource_usage(name_filter: str = "", cc: tuple[int, int] = (9, 0)) -> dict[
 SMS, CLOCK_HZ, ISSUE_PER_CYCLE = 132, 1.98e9, 2.4
 
 
-def _decode_kernels() -> list[tuple[str, int, Any, str, int]]:
+def _decode_kernels(cc: tuple[int, int]) -> list[tuple[str, int, Any, str, int]]:
     """``(label, version, entry, signature, kv_bytes_per_trip)`` of the decode kernels v2-v8
     with fp16 and 8-bit pools (v8: int8 and fp8 apart); per trip: one key's K and V slices per lane (v7: a chunk of
     keys), v8: one step of the bench's shape (its loop over a block's steps, a nested loop
@@ -237,7 +239,7 @@ def _decode_kernels() -> list[tuple[str, int, Any, str, int]]:
     from kvlab.kernels.cuda import attention, attention_v8
 
     out = []
-    for entry in _registry():
+    for entry in _registry(cc):
         name = entry.name.rsplit(".", 1)[1]
         found = re.fullmatch(r"(?:warp_)?attention_v(\d)_(?:(\d)byte_|(fp16|int8|fp8)_.*_)?kernel",
                              name)
@@ -282,7 +284,7 @@ def decode_budgets(cc: tuple[int, int] = (9, 0)) -> dict[str, dict[str, Any]]:
     over head_dim at run time, so a static count of its body says little."""
     return {f"v{version} {label} {entry.name.rsplit('.', 1)[1]}":
             _budget(_compile(entry, signature, cc), trip)
-            for label, version, entry, signature, trip in _decode_kernels()}
+            for label, version, entry, signature, trip in _decode_kernels(cc)}
 
 
 def main(argv: list[str] | None = None) -> int:
