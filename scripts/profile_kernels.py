@@ -7,8 +7,9 @@
 
 Every kernel is compiled and run once first (outside the profiled range: Numba compiles on the
 first launch), then ``cuda.profile_start()`` opens the range and each kernel runs exactly once:
-paged decode attention v2, v5, v6, v7 and v8 at 16 splits (8 x 32k cached tokens, 8 kv heads,
-GQA 4, head_dim 128, fp16, the bench's ``--size real``) and the fused write at 1 and 16 tokens per
+paged decode attention v2, v5, v6, v7 and v8 at 16 splits, v8 also at the split count of its
+one-wave rule (8 x 32k cached tokens, 8 kv heads, GQA 4, head_dim 128, fp16, the bench's
+``--size real``) and the fused write at 1 and 16 tokens per
 block, at 16 with heads in registers (v3, what the public op launches) and v4, a warp per token,
 on a 4k-token prefill (qk_mode 2). What the profiler reports —
 achieved occupancy, memory throughput, why warps stall — is what notebooks 04 and 05 need to say
@@ -196,9 +197,19 @@ def main() -> None:
             print(f"{us:10.1f}  {name}")
         return
 
+    from kvlab.kernels.cuda.attention import device_num_splits
+
     rng = np.random.default_rng(0)
     shape = PRESETS["real"]
-    launches = attention_launches(be, rng, shape) + fused_write_launches(be, rng, shape)
+    arrays = attention_arrays(be, rng, shape)
+    launches = attention_launches(be, rng, shape, arrays=arrays)
+    # v8 also at the split count its own rule picks for this GPU (one wave of resident blocks)
+    one_wave = device_num_splits(shape["num_seqs"], shape["num_kv_heads"] * shape["group"],
+                                 shape["num_kv_heads"], shape["context_len"], version=8)
+    if one_wave != SPLITS:
+        launches.append(attention_launches(be, rng, shape, one_wave, arrays)[
+            ATTENTION_VERSIONS.index(8)])
+    launches += fused_write_launches(be, rng, shape)
     for run in launches:  # compile and warm up, outside the profiled range
         run()
     cuda.synchronize()
@@ -207,8 +218,9 @@ def main() -> None:
         run()
     cuda.synchronize()
     cuda.profile_stop()
-    print(f"profiled attention v{ATTENTION_VERSIONS} at {SPLITS} splits and the fused write at "
-          f"(tokens per block, in registers, version) {FUSED_SETTINGS}, shape {shape}")
+    print(f"profiled attention v{ATTENTION_VERSIONS} at {SPLITS} splits (v8 also at "
+          f"{one_wave}: one wave) and the fused write at (tokens per block, in registers, "
+          f"version) {FUSED_SETTINGS}, shape {shape}")
 
 
 if __name__ == "__main__":
