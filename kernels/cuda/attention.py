@@ -288,9 +288,10 @@ def decode_attention(q: Any, k: Any, v: Any, scale: float | None = None, causal:
         return cuda.device_array(q.shape, np.float32)
     k_pool = k.reshape(1, length, num_kv_heads, head_dim)
     v_pool = v.reshape(1, length, num_kv_heads, head_dim)
-    table = cuda.to_device(np.zeros((1, 1), np.int32))
-    lens = cuda.to_device(np.array([length], np.int32))
-    starts = cuda.to_device(np.array([0, q.shape[0]], np.int32))
+    # the one-entry table [[0]], the length and query_start [0, T]: one host-to-device copy
+    # (each small copy is a synchronous allocation and transfer), three views of it
+    packed = cuda.to_device(np.array([0, length, 0, q.shape[0]], np.int32))
+    table, lens, starts = packed[:1].reshape(1, 1), packed[1:2], packed[2:]
     return launch(q, k_pool, v_pool, None, None, None, table, lens, starts, scale, window,
                   bool(causal), 1)
 
