@@ -19,7 +19,9 @@ device-to-device copy, bytes read + written) and each row reports the fraction o
 What is timed is the **public op** as a user calls it: argument checks (kvlab reads index arrays
 back to the host to check them, docs/ops.md), output allocation and launches. On the cuda backend
 the kernels are also timed **alone** (arguments checked once, outside the timing): every numbered
-attention kernel version over a split-K sweep (SPLIT_SWEEP), the fused-write kernel over
+attention kernel version over a split-K sweep (SPLIT_SWEEP; on a GPU five launches back to back
+per run, :class:`BackToBackTimer`, so Numba's host launch path is not counted as kernel time), the
+fused-write kernel over
 TOKENS_SWEEP against the unfused sequence's four kernels alone. Those come after the baselines, and
 a stage that raises (on a GPU: a faulting kernel leaves the context unusable) ends with a note
 while the rows measured so far are kept.
@@ -243,6 +245,31 @@ class NumbaCudaTimer:
         return start.elapsed_time(end) / 1e3  # ms -> s
 
 
+class BackToBackTimer:
+    """``calls`` runs of ``fn`` inside one run of ``timer`` (one pair of CUDA events), per run.
+
+    Events bracket the GPU's timeline, and Numba spends ~0.1-0.4 ms on the host launching a kernel
+    (H200, ``data/bench/h200_2026-11-27_host_overhead.txt``): timed alone, a kernel's time then
+    includes the wait for its own launch. Launched back to back, the later launches queue while
+    the earlier kernels run, so a kernel longer than its launch is timed as the GPU runs it. For
+    the decode kernels alone, whose K/V (a GiB at ``--size real``) dwarfs the L2 cache that one
+    flush per run empties; a kernel whose data fits in L2 would read it warm from the second call.
+    """
+
+    def __init__(self, timer: Any, calls: int):
+        self.timer, self.calls = timer, calls
+        self.label = f"{timer.label}; kernels alone: {calls} launches back to back per run"
+
+    def run(self, fn: Callable[[], Any]) -> float:
+        def calls() -> None:
+            for _ in range(self.calls):
+                fn()
+        return self.timer.run(calls) / self.calls
+
+
+KERNEL_CALLS_PER_RUN = 5  # BackToBackTimer's calls for the attention kernels alone, on a GPU
+
+
 def measure(timer: Any, fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
     """Seconds per run of ``fn`` after ``warmup`` untimed calls; fewer than ``repeats`` runs (at
     least MIN_REPEATS) when one run is so slow that they would take over SECONDS_PER_MEASUREMENT."""
@@ -300,6 +327,7 @@ class Ctx:
     notes: list[str] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
     _data: dict[str, Any] = field(default_factory=dict)
+    kernel_timer: Any = None      # the attention kernels alone (None: ``timer``)
 
     def run(self, stage: str, op: str, impl: str, timer: Any, fn: Callable[[], Any], shape: str,
             nbytes: int, baseline: Row | None = None, note: str = "") -> Row:
@@ -776,13 +804,14 @@ def _attention_kernel_rows(ctx: Ctx, arrays: Callable[..., list[Any]], shape: st
                                         window, True, splits, version=version)
 
     rows: list[Row] = []
+    kernel_timer = ctx.kernel_timer or ctx.timer
     for version, sweep in SPLIT_SWEEP[ctx.preset].items():
         if version == 8:  # and the split count v8's own rule picks for this GPU (one wave)
             sweep = tuple(sorted({*sweep, attention.device_num_splits(b, hq, h, n, version=8)}))
         for num_splits in sweep:
             try:
                 row = ctx.run("attention", f"kernel v{version} fp16 splits={num_splits}", ctx.impl,
-                              ctx.timer, launch(version, None, num_splits), shape + " fp16",
+                              kernel_timer, launch(version, None, num_splits), shape + " fp16",
                               bytes_paged_decode(b, n, bs, hq, h, d),
                               note=attention.VERSIONS[version].split(":")[0])
             except Exception as exc:  # noqa: BLE001  (one failing version must not end a GPU run)
@@ -801,7 +830,7 @@ def _attention_kernel_rows(ctx: Ctx, arrays: Callable[..., list[Any]], shape: st
         for kv_dtype in ("int8", "fp8_e4m3"):
             try:
                 ctx.run("attention", f"kernel v{version} {kv_dtype} splits={num_splits}", ctx.impl,
-                        ctx.timer, launch(version, kv_dtype, num_splits), shape + f" {kv_dtype}",
+                        kernel_timer, launch(version, kv_dtype, num_splits), shape + f" {kv_dtype}",
                         bytes_paged_decode(b, n, bs, hq, h, d, kv_dtype=kv_dtype), baseline=best)
             except Exception as exc:  # noqa: BLE001
                 ctx.notes.append(f"attention kernel v{version} {kv_dtype} failed: "
@@ -1020,6 +1049,8 @@ def run_bench(backend_name: str = "numpy", stages: list[str] | None = None,
     ctx = Ctx(backend, impl, timer, other, other_impl, other_timer,
               torch if torch_device else None, torch_device, torch_timer, size, PRESETS[size],
               warmup, repeats, copy_bw, progress, notes)
+    if on_gpu:
+        ctx.kernel_timer = BackToBackTimer(timer, KERNEL_CALLS_PER_RUN)
     skipped = []
     try:
         for stage in stages:
@@ -1042,6 +1073,7 @@ def run_bench(backend_name: str = "numpy", stages: list[str] | None = None,
         "device": device, "backend": backend_name, "backend_description": backend.describe(),
         "cuda_mode": cuda_mode() if backend_name == "cuda" else None,
         "timer": timer.label, "baseline_timer": getattr(torch_timer, "label", None),
+        "kernel_timer": getattr(ctx.kernel_timer, "label", None),
         "l2_flush_bytes": L2_FLUSH_BYTES if gpu_timing else None,
         "copy_bandwidth_gb_per_s": copy_bw, "copy_bandwidth_by": copy_how,
         "fp32_matmul_tflops": fp32_tflops,

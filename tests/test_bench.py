@@ -247,3 +247,23 @@ def test_gpu_timers_flush_then_time_between_events():
     assert timer.run(lambda: log.append("fn")) == pytest.approx(2.5e-3)
     assert log == [f"empty {n} uint8 cuda", "zero_", "record start", "fn", "record end",
                    "sync end", "elapsed start->end"]
+
+
+def test_back_to_back_timer_runs_the_calls_inside_one_timing():
+    """The kernels-alone timer: one flush and one pair of events around ``calls`` launches,
+    reported per launch."""
+    log = []
+
+    class FakeTimer:
+        label = "events"
+
+        def run(self, fn):
+            log.append("start")
+            fn()
+            log.append("end")
+            return 1.0
+
+    timer = bench.BackToBackTimer(FakeTimer(), 4)
+    assert timer.run(lambda: log.append("launch")) == pytest.approx(0.25)
+    assert log == ["start"] + ["launch"] * 4 + ["end"]
+    assert "4 launches back to back" in timer.label
