@@ -19,9 +19,9 @@ device-to-device copy, bytes read + written) and each row reports the fraction o
 What is timed is the **public op** as a user calls it: argument checks (kvlab reads index arrays
 back to the host to check them, docs/ops.md), output allocation and launches. On the cuda backend
 the kernels are also timed **alone** (arguments checked once, outside the timing): every numbered
-attention kernel version over a split-K sweep (SPLIT_SWEEP; on a GPU five launches back to back
-per run, :class:`BackToBackTimer`, so Numba's host launch path is not counted as kernel time), the
-fused-write kernel over
+attention kernel version over a split-K sweep (SPLIT_SWEEP; on a GPU, where one call reads over
+256 MiB, five launches back to back per run, :class:`BackToBackTimer`, so Numba's host launch path
+is not counted as kernel time), the fused-write kernel over
 TOKENS_SWEEP against the unfused sequence's four kernels alone. Those come after the baselines, and
 a stage that raises (on a GPU: a faulting kernel leaves the context unusable) ends with a note
 while the rows measured so far are kept.
@@ -251,32 +251,39 @@ class BackToBackTimer:
     Events bracket the GPU's timeline, and Numba spends ~0.1-0.4 ms on the host launching a kernel
     (H200, ``data/bench/h200_2026-11-27_host_overhead.txt``): timed alone, a kernel's time then
     includes the wait for its own launch. Launched back to back, the later launches queue while
-    the earlier kernels run, so a kernel longer than its launch is timed as the GPU runs it. For
-    the decode kernels alone, whose K/V (a GiB at ``--size real``) dwarfs the L2 cache that one
-    flush per run empties; a kernel whose data fits in L2 would read it warm from the second call.
+    the earlier kernels run, so a kernel longer than its launch is timed as the GPU runs it. Used
+    for the decode kernels alone where one call reads at least BACK_TO_BACK_MIN_BYTES (K/V is a
+    GiB at ``--size real``), which dwarfs the L2 cache that one flush per run empties; a kernel
+    whose data fits in L2 would read it warm from the second call.
     """
 
     def __init__(self, timer: Any, calls: int):
-        self.timer, self.calls = timer, calls
-        self.label = f"{timer.label}; kernels alone: {calls} launches back to back per run"
+        self.timer, self.calls_per_run = timer, calls
+        self.label = (f"{timer.label}; kernels alone over {_bytes(BACK_TO_BACK_MIN_BYTES)}: "
+                      f"{calls} launches back to back per run")
 
     def run(self, fn: Callable[[], Any]) -> float:
         def calls() -> None:
-            for _ in range(self.calls):
+            for _ in range(self.calls_per_run):
                 fn()
-        return self.timer.run(calls) / self.calls
+        return self.timer.run(calls) / self.calls_per_run
 
 
 KERNEL_CALLS_PER_RUN = 5  # BackToBackTimer's calls for the attention kernels alone, on a GPU
+# Back to back only where one call's bytes are this many (the flush buffer's size, five times the
+# L2 of an H100 or H200): a smaller K/V would be read from L2 by the second launch, not from DRAM.
+BACK_TO_BACK_MIN_BYTES = L2_FLUSH_BYTES
 
 
 def measure(timer: Any, fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    """Seconds per run of ``fn`` after ``warmup`` untimed calls; fewer than ``repeats`` runs (at
-    least MIN_REPEATS) when one run is so slow that they would take over SECONDS_PER_MEASUREMENT."""
+    """Seconds per call of ``fn`` after ``warmup`` untimed calls; fewer than ``repeats`` runs (at
+    least MIN_REPEATS) when one run is so slow that they would take over SECONDS_PER_MEASUREMENT.
+    A timer that calls ``fn`` several times a run says how many in ``calls_per_run``."""
     for _ in range(warmup):
         fn()
     times = [timer.run(fn)]
-    target = max(MIN_REPEATS, min(repeats, int(SECONDS_PER_MEASUREMENT / max(times[0], 1e-9))))
+    seconds_per_run = times[0] * getattr(timer, "calls_per_run", 1)
+    target = max(MIN_REPEATS, min(repeats, int(SECONDS_PER_MEASUREMENT / max(seconds_per_run, 1e-9))))
     while len(times) < min(repeats, target):
         times.append(timer.run(fn))
     return times
@@ -804,22 +811,26 @@ def _attention_kernel_rows(ctx: Ctx, arrays: Callable[..., list[Any]], shape: st
                                         window, True, splits, version=version)
 
     rows: list[Row] = []
-    kernel_timer = ctx.kernel_timer or ctx.timer
+
+    def timer_for(nbytes: int) -> Any:
+        big = ctx.kernel_timer is not None and nbytes >= BACK_TO_BACK_MIN_BYTES
+        return ctx.kernel_timer if big else ctx.timer
     for version, sweep in SPLIT_SWEEP[ctx.preset].items():
         if version == 8:  # and the split count v8's own rule picks for this GPU (one wave)
             sweep = tuple(sorted({*sweep, attention.device_num_splits(b, hq, h, n, version=8)}))
         for num_splits in sweep:
+            nbytes = bytes_paged_decode(b, n, bs, hq, h, d)
             try:
                 row = ctx.run("attention", f"kernel v{version} fp16 splits={num_splits}", ctx.impl,
-                              kernel_timer, launch(version, None, num_splits), shape + " fp16",
-                              bytes_paged_decode(b, n, bs, hq, h, d),
-                              note=attention.VERSIONS[version].split(":")[0])
+                              timer_for(nbytes), launch(version, None, num_splits), shape + " fp16",
+                              nbytes, note=attention.VERSIONS[version].split(":")[0])
             except Exception as exc:  # noqa: BLE001  (one failing version must not end a GPU run)
                 ctx.notes.append(f"attention kernel v{version} splits={num_splits} failed: "
                                  f"{type(exc).__name__}: {exc}")
                 continue
             if num_splits in public and version == attention.DEFAULT_VERSION:
-                ctx.compare(public[num_splits], row)  # < 1: what the op's checks cost on top
+                # < 1: what the op's checks, host copies and launches cost on top of the kernel
+                ctx.compare(public[num_splits], row)
             rows.append(row)
     for version in sorted(set(attention.VERSIONS) - {1}):  # int8 / fp8 at each one's best split
         best = min((r for r in rows if r.op.startswith(f"kernel v{version} ")),
@@ -828,10 +839,11 @@ def _attention_kernel_rows(ctx: Ctx, arrays: Callable[..., list[Any]], shape: st
             continue
         num_splits = int(best.op.rsplit("=", 1)[1])
         for kv_dtype in ("int8", "fp8_e4m3"):
+            nbytes = bytes_paged_decode(b, n, bs, hq, h, d, kv_dtype=kv_dtype)
             try:
                 ctx.run("attention", f"kernel v{version} {kv_dtype} splits={num_splits}", ctx.impl,
-                        kernel_timer, launch(version, kv_dtype, num_splits), shape + f" {kv_dtype}",
-                        bytes_paged_decode(b, n, bs, hq, h, d, kv_dtype=kv_dtype), baseline=best)
+                        timer_for(nbytes), launch(version, kv_dtype, num_splits),
+                        shape + f" {kv_dtype}", nbytes, baseline=best)
             except Exception as exc:  # noqa: BLE001
                 ctx.notes.append(f"attention kernel v{version} {kv_dtype} failed: "
                                  f"{type(exc).__name__}: {exc}")

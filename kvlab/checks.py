@@ -274,9 +274,10 @@ def check_write_kv(k: Any, v: Any, k_pool: Any, v_pool: Any, slots: Any) -> None
     check_slots(slots, shape_of(k)[0], num_blocks, block_size)
 
 
-def check_gather_kv(k_pool: Any, v_pool: Any, block_table: Any, context_len: Any) -> np.ndarray:
-    """Checks for ``gather_kv(k_pool, v_pool, block_table, context_len)``; returns the context
-    lengths on the host as int64 ``[num_seqs]`` (``[context_len]`` for one sequence).
+def check_gather_kv(k_pool: Any, v_pool: Any, block_table: Any,
+                    context_len: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Checks for ``gather_kv(k_pool, v_pool, block_table, context_len)``; returns the table and
+    the context lengths as the checks read them to the host (:func:`check_table_and_lens`).
 
     One sequence: block_table int32 ``[max_blocks]`` and an int context_len. A batch: block_table
     int32 ``[num_seqs, max_blocks]`` and context_len int32 ``[num_seqs]``. Every block a sequence
@@ -288,9 +289,12 @@ def check_gather_kv(k_pool: Any, v_pool: Any, block_table: Any, context_len: Any
 
 
 def check_table_and_lens(block_table: Any, context_len: Any, num_blocks: int,
-                         block_size: int) -> np.ndarray:
+                         block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The block table and context lengths of a read (gather, attention) from a pool of
-    ``num_blocks`` blocks of ``block_size``; returns the lengths on the host, ``[num_seqs]``."""
+    ``num_blocks`` blocks of ``block_size``. Returns both as read to the host to check them: the
+    table int64 ``[num_seqs, max_blocks]`` (one row for a 1-D table) and the lengths int64
+    ``[num_seqs]`` (``[context_len]`` for one sequence), so a backend that needs them on the host
+    does not read them back again."""
     check_block_table(block_table)
     if len(block_table.shape) == 1:
         context_lens = np.array([check_int("context_len", context_len, minimum=0)])
@@ -311,7 +315,7 @@ def check_table_and_lens(block_table: Any, context_len: Any, num_blocks: int,
         blocks_read = -(-length // block_size)  # ceil: a partly filled last block is read too
         _check_in_range(f"block_table entries read by {where}={length}",
                         table[seq, :blocks_read], num_blocks, "blocks of the pool")
-    return context_lens
+    return table, context_lens
 
 
 def check_copy_blocks(k_pool: Any, v_pool: Any, src: Any, dst: Any) -> None:
@@ -432,16 +436,16 @@ def code_dims(kv_dtype: Any, head_dim: int) -> tuple[int, int]:
     return head_dim * kv_dtype.bits // 8, kv_dtype.scales_per_vector(head_dim)
 
 
-def check_quantize(x: Any, kv_dtype: Any) -> Any:
+def check_quantize(x: Any, kv_dtype: Any, name: str = "x") -> Any:
     """Checks for ``quantize(x, kv_dtype)``: x float16/float32 ``[T, num_kv_heads, head_dim]``
-    (int4: head_dim a multiple of its group, 32). Returns the KvDtype. The *values* of x (finite,
-    small enough for an fp16 scale) are checked by each backend on its device: see
-    :func:`raise_for_values`."""
+    (int4: head_dim a multiple of its group, 32), called ``name`` in the messages. Returns the
+    KvDtype. The *values* of x (finite, small enough for an fp16 scale) are checked by each backend
+    on its device: see :func:`raise_for_values`."""
     dt = check_kv_dtype(kv_dtype)
-    check_array("x", x, TOKEN_DIMS, dtypes=QUANT_INPUT_DTYPES)
+    check_array(name, x, TOKEN_DIMS, dtypes=QUANT_INPUT_DTYPES)
     head_dim = shape_of(x)[2]
     if dt.group_size and head_dim % dt.group_size:
-        raise ValueError(f"x: head_dim {head_dim} must be a multiple of {dt.name}'s group of "
+        raise ValueError(f"{name}: head_dim {head_dim} must be a multiple of {dt.name}'s group of "
                          f"{dt.group_size} elements")
     return dt
 
@@ -503,9 +507,10 @@ def check_write_kv_quant(k: Any, v: Any, k_pool: Any, v_pool: Any, k_scales: Any
 
 
 def check_gather_kv_quant(k_pool: Any, v_pool: Any, k_scales: Any, v_scales: Any,
-                          block_table: Any, context_len: Any, kv_dtype: Any) -> np.ndarray:
+                          block_table: Any, context_len: Any,
+                          kv_dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     """Checks for ``gather_kv_quant``: a quantized pool, then the table and lengths exactly as
-    :func:`check_gather_kv`. Returns the context lengths on the host, int64 ``[num_seqs]``."""
+    :func:`check_gather_kv`, whose host copies it returns."""
     _, (num_blocks, block_size, _, _) = check_quant_pools(k_pool, v_pool, k_scales, v_scales,
                                                           kv_dtype)
     return check_table_and_lens(block_table, context_len, num_blocks, block_size)
@@ -635,7 +640,7 @@ def check_paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables:
         raise ValueError(f"block_tables must be 2-D int32 [num_seqs, max_blocks] (one row per "
                          f"sequence), got "
                          f"{shape_of(block_tables) if hasattr(block_tables, 'shape') else type(block_tables).__name__}")
-    lens = check_table_and_lens(block_tables, context_lens, num_blocks, block_size)
+    _, lens = check_table_and_lens(block_tables, context_lens, num_blocks, block_size)
     num_seqs = len(lens)
     check_array("query_start", query_start, ("num_seqs + 1",), shape=[num_seqs + 1],
                 dtypes=[INDEX_DTYPE], matching="block_tables")

@@ -59,7 +59,9 @@ def running_lab(root: Path, env: Mapping[str, str], log_path: Path, start_s: flo
     port, token = _free_port(), secrets.token_hex(16)
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1",
            f"--port={port}", f"--IdentityProvider.token={token}", f"--notebook-dir={root}",
-           *extra_args]
+           # the port we picked, or fail: a server that moved on to another port would never
+           # answer where we ask, and the wait would end only at start_s
+           "--ServerApp.port_retries=0", *extra_args]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     with open(log_path, "wb") as log:
@@ -75,7 +77,7 @@ def running_lab(root: Path, env: Mapping[str, str], log_path: Path, start_s: flo
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("JupyterLab did not start:\n"
-                                       + Path(log_path).read_text()[-3000:]) from None
+                                       + Path(log_path).read_text(errors="replace")[-3000:]) from None
                 time.sleep(0.5)
         yield lab
     finally:

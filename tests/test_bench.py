@@ -267,3 +267,29 @@ def test_back_to_back_timer_runs_the_calls_inside_one_timing():
     assert timer.run(lambda: log.append("launch")) == pytest.approx(0.25)
     assert log == ["start"] + ["launch"] * 4 + ["end"]
     assert "4 launches back to back" in timer.label
+
+
+def test_measure_plans_repeats_from_a_whole_run(monkeypatch):
+    """A back-to-back run takes ``calls_per_run`` calls' time: repeats are planned from that."""
+    class FiveCallsOfOneSecond:
+        calls_per_run = 5
+
+        def run(self, fn):
+            return 1.0  # seconds per call
+
+    monkeypatch.setattr(bench, "SECONDS_PER_MEASUREMENT", 20.0)
+    assert len(bench.measure(FiveCallsOfOneSecond(), lambda: None, warmup=0, repeats=50)) == 4
+    monkeypatch.setattr(bench, "SECONDS_PER_MEASUREMENT", 0.0)
+    assert len(bench.measure(FiveCallsOfOneSecond(), lambda: None, 0, 50)) == bench.MIN_REPEATS
+
+
+@pytest.mark.parametrize("size, back_to_back", [("smoke", False), ("medium", False), ("real", True)])
+def test_kernels_run_back_to_back_only_past_l2(size, back_to_back):
+    """Every decode pool of ``--size real`` (fp16, int8, fp8) is read from DRAM by each of the
+    back-to-back launches; the smaller presets' pools would come from L2 after the first."""
+    s = bench.PRESETS[size]
+    hq = s["num_kv_heads"] * s["group"]
+    for kv_dtype in (None, "int8", "fp8_e4m3"):
+        nbytes = bench.bytes_paged_decode(s["num_seqs"], s["context_len"], s["block_size"], hq,
+                                          s["num_kv_heads"], s["head_dim"], kv_dtype=kv_dtype)
+        assert (nbytes >= bench.BACK_TO_BACK_MIN_BYTES) == back_to_back

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvlab.exercises import EXERCISES, SOLUTIONS_ENV, Case, Exercise, check, compare, get, solution
+from kvlab.exercises import EXERCISES, SOLUTIONS_ENV, Exercise, check, compare, get, solution
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_TEST_MODULES = sorted(p.stem for p in Path(__file__).parent.glob("test_exercises_*.py"))
@@ -60,16 +60,18 @@ def test_the_solution_passes(name, capsys):
 
 @pytest.mark.parametrize("name", sorted(EXERCISES))
 def test_a_stub_fails_saying_not_implemented(name, capsys):
-    def stub(*args, **kwargs):
+    def function_stub(*args, **kwargs):
+        raise NotImplementedError
+
+    def kernel_stub(*args):
         raise NotImplementedError
 
     if EXERCISES[name].kernel:
         from numba import cuda
 
-        def kernel_stub(*args):
-            raise NotImplementedError
-
         stub = cuda.jit(kernel_stub)
+    else:
+        stub = function_stub
     assert EXERCISES[name].check(stub) is False
     out = capsys.readouterr().out
     assert out.startswith(f"✗ {name}: not implemented yet") and "Hint:" in out

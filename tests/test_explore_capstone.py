@@ -1,6 +1,5 @@
 """Notebook 06's explorer: the pool at each step of continuous batching, by block id."""
 import matplotlib
-import numpy as np
 import pytest
 
 from kvlab.explore.capstone import draw_step, pool_at_step, serving_explorer

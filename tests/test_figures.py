@@ -301,22 +301,25 @@ def repeated_colours(fig) -> list[str]:
 
 
 def overlapping_ticks(fig) -> list[str]:
-    """Pairs of neighbouring tick labels, along one axis of one axes, that overlap: upright
-    labels whose boxes meet; labels turned by an angle a (parallel lines of text) closer than
-    one line height, measured across the lines (tick spacing x sin a)."""
+    """Pairs of neighbouring tick labels, along one axis of one axes, that overlap. Upright labels,
+    and labels whose lines run along their axis (turned 90 degrees on y), overlap when their boxes
+    meet; labels turned by another angle are parallel lines of text, which overlap when closer than
+    one line height measured across the lines: the ticks' spacing times sin(angle) on the x axis,
+    times cos(angle) on the y axis."""
     renderer = fig.canvas.get_renderer()
     found = []
     for ax in fig.axes:
-        for axis in (ax.xaxis, ax.yaxis):
+        for axis, along, across in ((ax.xaxis, 0, np.sin), (ax.yaxis, 1, np.cos)):
             labels = [t for t in axis.get_ticklabels() if t.get_visible() and t.get_text()]
             for a, b in zip(labels, labels[1:]):
-                box_a, box_b = a.get_window_extent(renderer), b.get_window_extent(renderer)
-                angle = np.radians(a.get_rotation() % 180)
-                if np.sin(angle) < 1e-3:
-                    clash = box_a.overlaps(box_b)
+                factor = abs(across(np.radians(a.get_rotation())))
+                if factor < 1e-3 or a.get_rotation() % 180 == 0:
+                    clash = a.get_window_extent(renderer).overlaps(b.get_window_extent(renderer))
                 else:
-                    step = abs(box_b.x1 - box_a.x1) if axis is ax.xaxis else abs(box_b.y1 - box_a.y1)
-                    clash = step * np.sin(angle) < a.get_fontsize() * fig.dpi / 72
+                    anchor_a, anchor_b = (t.get_transform().transform(t.get_position())
+                                          for t in (a, b))
+                    step = abs(anchor_b[along] - anchor_a[along])
+                    clash = step * factor < a.get_fontsize() * fig.dpi / 72
                 if clash:
                     found.append(f"{a.get_text()!r}/{b.get_text()!r}")
     return found
@@ -398,3 +401,20 @@ def test_the_checks_catch_what_they_look_for(dpi):
         finally:
             plt.close(fig)
             plt.close(fig2)
+
+
+@pytest.mark.parametrize("axis, rotation, ticks, overlap", [
+    ("x", 45, 40, True), ("x", 45, 5, False), ("x", 90, 60, True), ("x", 90, 8, False),
+    ("y", 30, 40, True), ("y", 30, 5, False), ("y", 0, 40, True), ("y", 0, 5, False),
+])
+def test_turned_tick_labels_are_measured_across_their_lines(dpi, axis, rotation, ticks, overlap):
+    """Turned labels on either axis: crowded ones are caught, spaced ones are not."""
+    with plt.rc_context({"figure.dpi": dpi}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        set_ticks = ax.set_xticks if axis == "x" else ax.set_yticks
+        set_ticks(np.linspace(0, 1, ticks), [f"label {j}" for j in range(ticks)], rotation=rotation)
+        try:
+            fig.canvas.draw()
+            assert bool(overlapping_ticks(fig)) == overlap
+        finally:
+            plt.close(fig)

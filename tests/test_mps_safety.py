@@ -283,6 +283,12 @@ def test_other_ops_read_back_the_same_for_any_size(op):
     assert read_backs(_sized_calls(1)[op]) == read_backs(_sized_calls(9)[op])
 
 
+@pytest.mark.parametrize("op", ["gather_kv", "gather_kv_quant"])
+def test_a_gather_reads_its_table_and_lengths_back_once(op):
+    """The checks' host copies of block_table and context_len serve the slot arithmetic too."""
+    assert read_backs(_sized_calls(3)[op]) == ["Tensor.cpu", "Tensor.numpy"] * 2
+
+
 # --- three MPS bugs found by reading the code -----------------------------------------------------
 
 def test_model_tables_follow_the_backend_not_the_default_device(monkeypatch):

@@ -157,3 +157,35 @@ def test_kernels_that_need_a_newer_gpu_are_left_out_for_an_older_one():
     assert names["9.0"] == {"attention_v8_fp8_d128_b16_h4_kernel",
                             "attention_v8_int8_d128_b16_h4_kernel"}
     assert names["8.0"] == {"attention_v8_int8_d128_b16_h4_kernel"}
+
+
+def test_on_an_older_gpu_the_driver_is_not_asked_for_a_kernel_it_cannot_run():
+    """On a GPU, ``--resources`` adds the driver's figures, which compile for the GPU itself: an
+    sm_80 card gets them for the int8 v8 kernel and ptxas's alone for the fp8 one (sm_89+). The
+    GPU is faked (this machine may have none); ptxas runs for real."""
+    script = """
+import json
+from types import SimpleNamespace
+from kvlab.kernels import cuda as kcuda
+from kvlab.kernels.cuda import ptx
+kcuda.cuda.is_available = lambda: True
+kcuda.cuda.get_current_device = lambda: SimpleNamespace(compute_capability=(8, 0))
+kcuda.load_all_stages()
+asked = []
+for entry in kcuda.REGISTRY:
+    if entry.name.endswith(("attention_v8_fp8_d128_b16_h4_kernel", "attention_v8_int8_d128_b16_h4_kernel")):
+        entry.dispatcher.compile = lambda sig, name=entry.name: asked.append(name) or SimpleNamespace(
+            regs_per_thread=1, shared_mem_per_block=0, local_mem_per_thread=0, max_threads_per_block=1)
+usage = ptx.resource_usage("attention_v8_fp8,attention_v8_int8", (9, 0))
+print(json.dumps({"asked": [a.rsplit(".", 1)[1] for a in asked],
+                  "driver": sorted(k.split()[0].rsplit(".", 1)[1] for k, v in usage.items()
+                                   if "driver_registers" in v),
+                  "all": len(usage)}))
+"""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"asked": ["attention_v8_int8_d128_b16_h4_kernel"],
+                   "driver": ["attention_v8_int8_d128_b16_h4_kernel"], "all": 2}

@@ -344,6 +344,19 @@ def test_check_values_on_every_backend(backend, kv_dtype):
         backend.quant.check_values(on(backend, poisoned(1e9, np.float32)), kv_dtype)
     with pytest.raises(TypeError, match="x must have dtype float16 or float32"):
         backend.quant.check_values(on(backend, np.ones((1, 1, 8), np.int8)), kv_dtype)
+    with pytest.raises(ValueError, match=r"v_per_layer\[0\] must be 3-D"):  # the shape, by name
+        backend.quant.check_values(on(backend, np.ones((1, 8), np.float16)), kv_dtype,
+                                   "v_per_layer[0]")
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+def test_cuda_check_values_of_a_host_array(kv_dtype):
+    """The CUDA backend launches on a NumPy array too (Numba copies it in): a bad value is still
+    reported as a ValueError with its index, not an AttributeError."""
+    from kvlab.kernels.cuda import quant
+
+    with pytest.raises(ValueError, match=r"x holds 1 value\(s\) .* \[1, 1, 7\]: inf"):
+        quant.check_values(poisoned(np.inf), kv_dtype)
 
 
 def test_fp32_huge_values_under_the_limit_are_stored_not_nan():

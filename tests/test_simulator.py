@@ -28,17 +28,49 @@ def _allocate_together(array_method, threads=32, rounds=40):
 
             def thread():
                 start.wait()
-                got.append(id(array_method(block, (64,), np.float32)))  # one line, all threads
+                got.append(array_method(block, (64,), np.float32))  # one line, all threads
 
-            workers = [threading.Thread(target=thread) for _ in range(threads)]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            split_rounds += len(set(got)) > 1
+            _run_all(thread, threads)
+            split_rounds += any(array is not got[0] for array in got)
     finally:
         sys.setswitchinterval(interval)
     return split_rounds
+
+
+def _run_all(target, threads):
+    workers = [threading.Thread(target=target) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+class _MeetAfterLookUp(dict):
+    """A block's table of shared arrays whose look-up waits (up to ``timeout`` s) until a second
+    thread has looked up too: the interleaving that splits an unlocked allocator, every time."""
+
+    def __init__(self, timeout):
+        super().__init__()
+        self.meet = threading.Barrier(2, timeout=timeout)
+
+    def get(self, key, default=None):
+        value = super().get(key, default)
+        try:
+            self.meet.wait()
+        except threading.BrokenBarrierError:  # the other thread is held elsewhere (by a lock)
+            pass
+        return value
+
+
+def _two_threads_look_up_together(array_method):
+    """The arrays two threads get when both look the line up before either stores its array."""
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    block = FakeCUDAShared(0)
+    block._allocations = _MeetAfterLookUp(timeout=0.3)
+    got = []
+    _run_all(lambda: got.append(array_method(block, (64,), np.float32)), 2)
+    return got
 
 
 def test_a_shared_array_is_made_once_per_block():
@@ -46,6 +78,8 @@ def test_a_shared_array_is_made_once_per_block():
     from numba.cuda.simulator.kernelapi import FakeCUDAShared
 
     assert FakeCUDAShared.array is kc._simulated_shared_array
+    first, second = _two_threads_look_up_together(FakeCUDAShared.array)
+    assert first is second
     assert _allocate_together(FakeCUDAShared.array) == 0
 
 
@@ -53,7 +87,8 @@ def test_numbas_own_shared_array_can_hand_out_two():
     """What the repair is for: the unlocked original splits a block's array between threads."""
     import kvlab.kernels.cuda as kc
 
-    assert _allocate_together(kc._NUMBA_SHARED_ARRAY, rounds=200) > 0
+    first, second = _two_threads_look_up_together(kc._NUMBA_SHARED_ARRAY)
+    assert first is not second
 
 
 def test_shared_arrays_of_different_lines_and_blocks_are_separate():

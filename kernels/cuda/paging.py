@@ -165,7 +165,7 @@ def gather_kv(k_pool: Any, v_pool: Any, block_table: Any, context_len: Any) -> t
     Parameters as :func:`kvlab.ref.paging.gather_kv`: a 1-D table and an int, or a 2-D table and
     an int32 device array of lengths.
     """
-    context_lens = check_gather_kv(k_pool, v_pool, block_table, context_len)
+    _, context_lens = check_gather_kv(k_pool, v_pool, block_table, context_len)
     if len(block_table.shape) == 1:  # one sequence: a table of one row, its length on the device
         block_table = block_table.reshape(*table_shape(block_table))
         context_len = cuda.to_device(np.array([context_len], dtype=np.int32))

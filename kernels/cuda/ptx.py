@@ -206,7 +206,9 @@ def resource_usage(name_filter: str = "", cc: tuple[int, int] = (9, 0)) -> dict[
     substrings of the kernels' names ("" for all)."""
     from kvlab.kernels import cuda as kcuda
 
-    on_gpu = kcuda.cuda.is_available()
+    # The driver's figures are for the GPU's own architecture, which may lack a kernel's
+    # instructions (``min_cc``): such a kernel gets ptxas's figures only.
+    device_cc = kcuda.cuda.get_current_device().compute_capability if kcuda.cuda.is_available() else None
     usage = {}
     for entry in _registry(cc):
         if not any(part in entry.name for part in name_filter.split(",")):
@@ -216,7 +218,7 @@ def resource_usage(name_filter: str = "", cc: tuple[int, int] = (9, 0)) -> dict[
         info = {"registers": ptxas["registers"], "shared_bytes": ptxas["shared_bytes"],
                 "local_bytes": ptxas["stack_bytes"], "spill_bytes": ptxas["spill_bytes"],
                 "source": f"ptxas sm_{cc[0]}{cc[1]} (nvJitLink)"}
-        if on_gpu:
+        if device_cc is not None and (entry.min_cc is None or device_cc >= entry.min_cc):
             compiled = entry.dispatcher.compile(signature)
             info.update(driver_registers=compiled.regs_per_thread,
                         driver_shared_bytes=compiled.shared_mem_per_block,

@@ -195,8 +195,8 @@ def _check_values(name: str, x: Any, dt) -> None:
     """ValueError (nothing written) if x holds NaN, inf or |x| > dt.max_input; reads back 4 bytes."""
     flag = cuda.to_device(np.zeros(1, dtype=np.int32))
     _launch(out_of_range_kernel, (x.shape[0],), x, np.float32(dt.max_input), flag)
-    if flag.copy_to_host()[0]:
-        raise_for_values(name, x.copy_to_host(), dt)
+    if flag.copy_to_host()[0]:  # x may be a host array (Numba copied it in for the launch)
+        raise_for_values(name, x if isinstance(x, np.ndarray) else x.copy_to_host(), dt)
 
 
 def check_values(x: Any, kv_dtype: str, name: str = "x") -> None:
@@ -205,7 +205,7 @@ def check_values(x: Any, kv_dtype: str, name: str = "x") -> None:
     the fp16 scale overflows). The message calls the array ``name`` and gives its first bad
     element. What quantize and write_kv_quant run first; a cache that writes several layers calls
     it on every layer before it writes any. On the device, one flag read back."""
-    _check_values(name, x, check_quantize(x, kv_dtype))
+    _check_values(name, x, check_quantize(x, kv_dtype, name))
 
 
 def write_kv_quant(k: Any, v: Any, k_pool: Any, v_pool: Any, k_scales: Any, v_scales: Any,
@@ -344,8 +344,8 @@ def gather_kv_quant(k_pool: Any, v_pool: Any, k_scales: Any, v_scales: Any, bloc
 
     Parameters as :func:`kvlab.ref.quant.gather_kv_quant`.
     """
-    context_lens = check_gather_kv_quant(k_pool, v_pool, k_scales, v_scales, block_table,
-                                         context_len, kv_dtype)
+    _, context_lens = check_gather_kv_quant(k_pool, v_pool, k_scales, v_scales, block_table,
+                                            context_len, kv_dtype)
     if len(block_table.shape) == 1:
         block_table = block_table.reshape(*table_shape(block_table))
         context_len = cuda.to_device(np.array([context_len], dtype=np.int32))

@@ -19,8 +19,6 @@ from kvlab.checks import (
     check_gather_kv,
     check_slot_mapping,
     check_write_kv,
-    host_ints,
-    table_shape,
 )
 from kvlab.kernels.mps import require_tensors
 from kvlab.ref.paging import gathered_slots, table_slots
@@ -94,20 +92,20 @@ def gather_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Ten
     """
     require_tensors(k_pool=k_pool, v_pool=v_pool, block_table=block_table,
                     context_len=context_len)
-    context_lens = check_gather_kv(k_pool, v_pool, block_table, context_len)
-    slots = slots_to_read(block_table, context_lens, k_pool.shape[1], k_pool.device)
+    table, context_lens = check_gather_kv(k_pool, v_pool, block_table, context_len)
+    slots = slots_to_read(table, context_lens, k_pool.shape[1], k_pool.device)
     return (_rows_of_slots(k_pool).index_select(0, slots),
             _rows_of_slots(v_pool).index_select(0, slots))
 
 
-def slots_to_read(block_table: torch.Tensor, context_lens: np.ndarray, block_size: int,
+def slots_to_read(table: np.ndarray, context_lens: np.ndarray, block_size: int,
                   device: torch.device) -> torch.Tensor:
     """The slots a gather reads (:func:`kvlab.ref.paging.gathered_slots`), int64 on ``device``.
 
-    Index arithmetic on the host, as in :func:`slot_mapping` (the checks have read the table
-    already); the bytes then move on the device, in one ``index_select`` per pool.
+    Index arithmetic on the host copies of the table ``[num_seqs, max_blocks]`` and lengths the
+    checks made, as in :func:`slot_mapping`; the bytes then move on the device, in one
+    ``index_select`` per pool.
     """
-    table = host_ints(block_table).reshape(table_shape(block_table))
     slots = gathered_slots(table, context_lens, block_size)
     return torch.from_numpy(slots.astype(np.int64)).to(device)
 

@@ -88,7 +88,7 @@ def check_values(x: torch.Tensor, kv_dtype: str, name: str = "x") -> None:
     element. What quantize and write_kv_quant run first; a cache that writes several layers calls
     it on every layer before it writes any. On x's device, one bool read back."""
     require_tensors(x=x)
-    _check_values(name, x, check_quantize(x, kv_dtype))
+    _check_values(name, x, check_quantize(x, kv_dtype, name))
 
 
 def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -170,9 +170,9 @@ def gather_kv_quant(k_pool: torch.Tensor, v_pool: torch.Tensor, k_scales: torch.
     :func:`kvlab.ref.quant.gather_kv_quant`."""
     require_tensors(k_pool=k_pool, v_pool=v_pool, k_scales=k_scales, v_scales=v_scales,
                     block_table=block_table, context_len=context_len)
-    context_lens = check_gather_kv_quant(k_pool, v_pool, k_scales, v_scales, block_table,
-                                         context_len, kv_dtype)
-    slots = slots_to_read(block_table, context_lens, k_pool.shape[1], k_pool.device)
+    table, context_lens = check_gather_kv_quant(k_pool, v_pool, k_scales, v_scales, block_table,
+                                                context_len, kv_dtype)
+    slots = slots_to_read(table, context_lens, k_pool.shape[1], k_pool.device)
     return tuple(dequantize(_rows(pool).index_select(0, slots),
                             _rows(scales).index_select(0, slots), kv_dtype)
                  for pool, scales in ((k_pool, k_scales), (v_pool, v_scales)))

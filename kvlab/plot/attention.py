@@ -76,7 +76,8 @@ def plot_split_k(partition_bounds: Sequence[tuple[int, int]], local_weights: Seq
         right.plot(empty, [0.0] * len(empty), "x", color=COLOR_REFERENCE, clip_on=False,
                    label="empty: weight 0")
         right.legend(loc="upper right", fontsize=8, frameon=False)
-    right.set_xticks(parts, [str(j) for j in parts], fontsize=8 if len(parts) > 8 else None)
+    small = {"fontsize": 8} if len(parts) > 8 else {}  # else the style's tick size
+    right.set_xticks(parts, [str(j) for j in parts], **small)
     right.set_ylim(0, 1)
     right.set_title("merge weights exp(lse_j - LSE)", fontsize=9)
     right.set_xlabel("partition")

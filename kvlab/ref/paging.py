@@ -25,7 +25,6 @@ from kvlab.checks import (
     check_gather_kv,
     check_slot_mapping,
     check_write_kv,
-    table_shape,
 )
 
 
@@ -97,9 +96,9 @@ def gather_kv(k_pool: np.ndarray, v_pool: np.ndarray, block_table: np.ndarray,
     Returns new arrays k, v ``[sum(context_len), num_kv_heads, head_dim]`` in the pool's dtype:
     sequence 0's positions ``0 .. context_len[0]-1``, then sequence 1's, and so on.
     """
-    context_lens = check_gather_kv(k_pool, v_pool, block_table, context_len)
+    table, context_lens = check_gather_kv(k_pool, v_pool, block_table, context_len)
     block_size = k_pool.shape[1]
-    slots = gathered_slots(block_table.reshape(table_shape(block_table)), context_lens, block_size)
+    slots = gathered_slots(table, context_lens, block_size)
     blocks, offsets = np.divmod(slots, block_size)
     return k_pool[blocks, offsets], v_pool[blocks, offsets]  # fancy indexing copies
 

@@ -41,7 +41,6 @@ from kvlab.checks import (
     check_quantize,
     check_write_kv_quant,
     raise_for_values,
-    table_shape,
 )
 from kvlab.ref.paging import gathered_slots
 
@@ -157,7 +156,7 @@ def check_values(x: np.ndarray, kv_dtype: str, name: str = "x") -> None:
     the fp16 scale overflows). The message calls the array ``name`` and gives its first bad
     element. What quantize and write_kv_quant run first; a cache that writes several layers calls
     it on every layer before it writes any."""
-    _check_values(name, x, check_quantize(x, kv_dtype))
+    _check_values(name, x, check_quantize(x, kv_dtype, name))
 
 
 # --- the ops ------------------------------------------------------------------------------------
@@ -219,10 +218,10 @@ def gather_kv_quant(k_pool: np.ndarray, v_pool: np.ndarray, k_scales: np.ndarray
                     kv_dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Sequences' K and V, dequantized to float32 ``[sum(context_len), Hkv, D]``, in position
     order: ``kvlab.ref.paging.gather_kv`` over a quantized pool (same table/length arguments)."""
-    context_lens = check_gather_kv_quant(k_pool, v_pool, k_scales, v_scales, block_table,
-                                         context_len, kv_dtype)
+    table, context_lens = check_gather_kv_quant(k_pool, v_pool, k_scales, v_scales, block_table,
+                                                context_len, kv_dtype)
     block_size = k_pool.shape[1]
-    slots = gathered_slots(block_table.reshape(table_shape(block_table)), context_lens, block_size)
+    slots = gathered_slots(table, context_lens, block_size)
     blocks, offsets = np.divmod(slots, block_size)
     return (dequantize(k_pool[blocks, offsets], k_scales[blocks, offsets], kv_dtype),
             dequantize(v_pool[blocks, offsets], v_scales[blocks, offsets], kv_dtype))
