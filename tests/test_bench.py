@@ -95,7 +95,7 @@ def test_cuda_simulator_runs_smoke_and_refuses_real():
 
 
 def test_not_built_stage_is_listed(monkeypatch):
-    monkeypatch.setattr(bench, "stage_built", lambda stage, backend: stage != "attention")
+    monkeypatch.setattr(bench.runner, "stage_built", lambda stage, backend: stage != "attention")
     result = bench.run_bench("numpy", ["rope", "attention"], warmup=0, repeats=1)
     assert result["meta"]["not_built"] == ["attention"]
     assert "attention: not built yet" in result["notes"]
@@ -154,7 +154,7 @@ def test_bytes_moved_by_hand():
 def test_measure_cuts_repeats_when_a_run_is_slow(monkeypatch):
     calls = []
     timer = bench.CpuTimer("test")
-    monkeypatch.setattr(bench, "SECONDS_PER_MEASUREMENT", 0.0)
+    monkeypatch.setattr(bench.timers, "SECONDS_PER_MEASUREMENT", 0.0)
     times = bench.measure(timer, lambda: calls.append(1), warmup=2, repeats=50)
     assert len(times) == bench.MIN_REPEATS and len(calls) == 2 + bench.MIN_REPEATS
     assert len(bench.measure(timer, lambda: None, warmup=0, repeats=1)) == 1
@@ -277,9 +277,9 @@ def test_measure_plans_repeats_from_a_whole_run(monkeypatch):
         def run(self, fn):
             return 1.0  # seconds per call
 
-    monkeypatch.setattr(bench, "SECONDS_PER_MEASUREMENT", 20.0)
+    monkeypatch.setattr(bench.timers, "SECONDS_PER_MEASUREMENT", 20.0)
     assert len(bench.measure(FiveCallsOfOneSecond(), lambda: None, warmup=0, repeats=50)) == 4
-    monkeypatch.setattr(bench, "SECONDS_PER_MEASUREMENT", 0.0)
+    monkeypatch.setattr(bench.timers, "SECONDS_PER_MEASUREMENT", 0.0)
     assert len(bench.measure(FiveCallsOfOneSecond(), lambda: None, 0, 50)) == bench.MIN_REPEATS
 
 
