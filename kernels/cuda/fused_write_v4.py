@@ -26,7 +26,7 @@ of them, more than a warp, a rotate-half split inside a lane's 16 bytes, arrays 
 aligned) make :func:`prepare` return None: ``fused_write.launch`` then runs v3. In the simulator
 the exchanges run through shared memory and barriers (:mod:`kvlab.kernels.cuda._warp`), so the
 tests check this kernel's own lane logic bit for bit. It is not what the public ops launch until a
-GPU measures it faster than v3 (``kvlab.bench``'s fused-kernel rows).
+GPU measures it faster than v3 (the fused-kernel rows of ``kvlab.bench.fused_write``).
 """
 from __future__ import annotations
 

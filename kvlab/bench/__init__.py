@@ -37,8 +37,8 @@ On the CPU absolute times describe this machine only: the ratios are what is mea
 CUDA simulator times mean nothing at all (it runs each thread as Python); the simulator only ever
 runs the ``smoke`` shapes, to check the code path.
 
-Adding a stage = one ``bench_<stage>(ctx)`` function returning rows, and an entry in ``STAGES``
-(:mod:`kvlab.bench.runner`).
+Adding a stage = one ``bench_<stage>(ctx)`` function that adds its rows with ``ctx.run``, and an
+entry in ``STAGES`` (:mod:`kvlab.bench.runner`).
 
 Where each part lives:
 
