@@ -307,14 +307,20 @@ def check_table_and_lens(block_table: Any, context_len: Any, num_blocks: int,
         context_lens = host_ints(context_len)
     table = host_ints(block_table).reshape(table_shape(block_table))
     capacity = table.shape[1] * block_size
-    for seq, length in enumerate(context_lens):
+    blocks_read = -(-context_lens // block_size)  # ceil: a partly filled last block is read too
+    # Whole-array tests, so a batch of hundreds of sequences costs what one does; the loop below
+    # runs only to name the first bad sequence.
+    read = np.arange(table.shape[1]) < blocks_read[:, None]          # [num_seqs, max_blocks]
+    bad_len = (context_lens < 0) | (context_lens > capacity)
+    bad_entry = (read & ((table < 0) | (table >= num_blocks))).any(axis=1)
+    for seq in np.flatnonzero(bad_len | bad_entry)[:1]:
+        length = context_lens[seq]
         where = "context_len" if len(block_table.shape) == 1 else f"context_len[{seq}]"
-        if not 0 <= length <= capacity:
+        if bad_len[seq]:
             raise ValueError(f"{where} must be in [0, {capacity}] ({table.shape[1]} blocks of "
                              f"{block_size} in the block table), got {length}")
-        blocks_read = -(-length // block_size)  # ceil: a partly filled last block is read too
         _check_in_range(f"block_table entries read by {where}={length}",
-                        table[seq, :blocks_read], num_blocks, "blocks of the pool")
+                        table[seq, :blocks_read[seq]], num_blocks, "blocks of the pool")
     return table, context_lens
 
 
