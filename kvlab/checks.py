@@ -602,13 +602,47 @@ def check_decode_attention(q: Any, k: Any, v: Any, scale: Any, causal: Any,
     return check_attention_options(scale, sliding_window, head_dim)
 
 
+def check_step_indices(block_tables: Any, context_lens: Any, query_start: Any, num_blocks: int,
+                       block_size: int, num_tokens: int | None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The index arrays of a ragged batch step over a pool of ``num_blocks`` blocks of
+    ``block_size``: block_tables int32 ``[num_seqs, max_blocks]``, context_lens int32
+    ``[num_seqs]`` (every block they read in the pool), query_start int32 ``[num_seqs + 1]`` from 0
+    to ``num_tokens`` (None: to wherever it ends), non-decreasing, no sequence with more new
+    tokens than its context. Returns the three on the host (int64): table, lengths, starts."""
+    if not (hasattr(block_tables, "shape") and len(block_tables.shape) == 2):
+        raise ValueError(f"block_tables must be 2-D int32 [num_seqs, max_blocks] (one row per "
+                         f"sequence), got "
+                         f"{shape_of(block_tables) if hasattr(block_tables, 'shape') else type(block_tables).__name__}")
+    table, lens = check_table_and_lens(block_tables, context_lens, num_blocks, block_size)
+    num_seqs = len(lens)
+    check_array("query_start", query_start, ("num_seqs + 1",), shape=[num_seqs + 1],
+                dtypes=[INDEX_DTYPE], matching="block_tables")
+    starts = host_ints(query_start)
+    if starts[0] != 0 or (num_tokens is not None and starts[-1] != num_tokens):
+        end = "" if num_tokens is None else f" and end at q's {num_tokens} tokens"
+        raise ValueError(f"query_start must begin at 0{end}, got {starts[0]} .. {starts[-1]}")
+    tokens = np.diff(starts)
+    if (tokens < 0).any():
+        raise ValueError(f"query_start must not decrease, got {_name_values(starts)}")
+    over = np.flatnonzero(tokens > lens)
+    if over.size:
+        s = int(over[0])
+        raise ValueError(f"sequence {s} has {tokens[s]} query tokens but context_lens[{s}] = "
+                         f"{lens[s]}: the step's tokens must already be in the cache "
+                         f"(tokens <= context)")
+    return table, lens, starts
+
+
 def check_paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables: Any,
                                  context_lens: Any, query_start: Any, scale: Any,
                                  sliding_window: Any, k_scales: Any, v_scales: Any,
-                                 num_splits: Any) -> tuple[str | None, np.ndarray, np.ndarray,
-                                                           float, int, int | None]:
+                                 num_splits: Any, plan: Any = None
+                                 ) -> tuple[str | None, np.ndarray, np.ndarray, float, int,
+                                            int | None]:
     """Checks for ``paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens,
-    query_start, scale=None, sliding_window=0, k_scales=None, v_scales=None, num_splits=None)``.
+    query_start, scale=None, sliding_window=0, k_scales=None, v_scales=None, num_splits=None,
+    plan=None)``.
 
     q: float16/float32 ``[T, num_q_heads, head_dim]``, every sequence's rows one after another.
     Pools: float16/float32 without scales, or int8 (kv_dtype ``int8``) / uint8 (``fp8_e4m3``) with
@@ -617,6 +651,8 @@ def check_paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables:
     its table, every block read in the pool). query_start: int32 ``[num_seqs + 1]``, 0 first, T
     last, non-decreasing; sequence s's ``query_start[s+1] - query_start[s]`` tokens must be at most
     its context length. num_splits: int >= 1, or None (the backend's choice; returned as None).
+    plan: a :class:`~kvlab.plan.StepPlan` for this pool whose own arrays the three index arguments
+    are; they were checked when it was made, so nothing is read back (:func:`kvlab.plan.check_planned`).
 
     Returns ``(kv_dtype or None, context_lens, query_start, scale, sliding_window, num_splits)``,
     the index arrays on the host (int64).
@@ -642,27 +678,16 @@ def check_paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables:
             k_pool, v_pool, k_scales, v_scales, kv_dtype)
     num_tokens, num_q_heads, q_head_dim = shape_of(q)
     _check_gqa(num_q_heads, num_kv_heads, q_head_dim, head_dim, "k_pool")
-    if not (hasattr(block_tables, "shape") and len(block_tables.shape) == 2):
-        raise ValueError(f"block_tables must be 2-D int32 [num_seqs, max_blocks] (one row per "
-                         f"sequence), got "
-                         f"{shape_of(block_tables) if hasattr(block_tables, 'shape') else type(block_tables).__name__}")
-    _, lens = check_table_and_lens(block_tables, context_lens, num_blocks, block_size)
-    num_seqs = len(lens)
-    check_array("query_start", query_start, ("num_seqs + 1",), shape=[num_seqs + 1],
-                dtypes=[INDEX_DTYPE], matching="block_tables")
-    starts = host_ints(query_start)
-    if starts[0] != 0 or starts[-1] != num_tokens:
-        raise ValueError(f"query_start must begin at 0 and end at q's {num_tokens} tokens, got "
-                         f"{starts[0]} .. {starts[-1]}")
-    tokens = np.diff(starts)
-    if (tokens < 0).any():
-        raise ValueError(f"query_start must not decrease, got {_name_values(starts)}")
-    over = np.flatnonzero(tokens > lens)
-    if over.size:
-        s = int(over[0])
-        raise ValueError(f"sequence {s} has {tokens[s]} query tokens but context_lens[{s}] = "
-                         f"{lens[s]}: the step's tokens must already be in the cache "
-                         f"(tokens <= context)")
+    if plan is None:
+        _, lens, starts = check_step_indices(block_tables, context_lens, query_start, num_blocks,
+                                             block_size, num_tokens)
+    else:
+        from kvlab.plan import check_planned  # (kvlab.plan builds on this module)
+
+        plan = check_planned(plan, num_blocks, block_size, num_tokens, "q",
+                             block_tables=block_tables, context_lens=context_lens,
+                             query_start=query_start)
+        lens, starts = plan.host_lens, plan.host_starts
     scale, window = check_attention_options(scale, sliding_window, head_dim)
     if num_splits is None:  # the backend chooses (the CUDA kernels: from the device's SMs)
         return kv_dtype, lens, starts, scale, window, None
@@ -706,7 +731,7 @@ def check_fused_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any
                       v_pool: Any, block_tables: Any, query_start: Any, pos_offsets: Any,
                       num_q_heads: Any, num_kv_heads: Any, eps: Any, qk_mode: Any,
                       k_scales: Any = None, v_scales: Any = None, kv_dtype: Any = None,
-                      paged: bool = True) -> FusedWriteShape:
+                      paged: bool = True, plan: Any = None) -> FusedWriteShape:
     """Checks for ``paged_write_batched`` (and so for ``paged_write`` / ``contig_write``, which
     call it with a one-row table; ``paged=False``: a contiguous cache ``[capacity, Hkv, D]`` seen
     as ``capacity`` blocks of one slot, block_tables unused).
@@ -719,7 +744,9 @@ def check_fused_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any
     ``[num_seqs + 1]`` from 0 to T, non-decreasing; pos_offsets int32 ``[num_seqs]`` >= 0.
     Every new token's position (``pos_offsets[s] + i``) must have a row in the RoPE tables and a
     block in its sequence's table (an entry in ``[0, num_blocks)``), and no two tokens may land
-    in one slot.
+    in one slot. plan: a :class:`~kvlab.plan.StepPlan` for this pool whose own arrays
+    block_tables, query_start and pos_offsets are; it checked them (the tables and slots) when it
+    was made, so nothing is read back.
     """
     # what kind of op: mode, heads, eps
     if isinstance(qk_mode, bool) or not isinstance(qk_mode, Integral) or qk_mode not in QK_MODES:
@@ -796,51 +823,73 @@ def check_fused_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any
                 raise ValueError(f"{name} must be C-contiguous")
 
     # where the tokens go
-    check_array("query_start", query_start, ("num_seqs + 1",), dtypes=[INDEX_DTYPE])
-    starts = host_ints(query_start)
+    if plan is not None:
+        from kvlab.plan import check_planned  # (kvlab.plan builds on this module)
+
+        if not paged:
+            raise ValueError("a plan is for a paged pool, not a contiguous cache")
+        plan = check_planned(plan, num_blocks, block_size, num_tokens, "qkv",
+                             block_tables=block_tables, query_start=query_start,
+                             pos_offsets=pos_offsets)
+        starts, offsets = plan.host_starts, plan.host_offsets
+    else:
+        check_array("query_start", query_start, ("num_seqs + 1",), dtypes=[INDEX_DTYPE])
+        starts = host_ints(query_start)
+        num_seqs = len(starts) - 1
+        if num_seqs < 1 or starts[0] != 0 or starts[-1] != num_tokens or \
+                (np.diff(starts) < 0).any():
+            raise ValueError(f"query_start must run from 0 to T = {num_tokens} without "
+                             f"decreasing (sequence s owns rows query_start[s]:query_start[s+1]), "
+                             f"got {_name_values(starts, 8)}")
+        check_array("pos_offsets", pos_offsets, ("num_seqs",), shape=[num_seqs],
+                    dtypes=[INDEX_DTYPE], matching="query_start")
+        offsets = host_ints(pos_offsets)
+        if (offsets < 0).any():
+            raise ValueError(f"pos_offsets must be >= 0 (each sequence's cache length before this "
+                             f"step), got {_name_values(offsets)}")
     num_seqs = len(starts) - 1
-    if num_seqs < 1 or starts[0] != 0 or starts[-1] != num_tokens or (np.diff(starts) < 0).any():
-        raise ValueError(f"query_start must run from 0 to T = {num_tokens} without decreasing "
-                         f"(sequence s owns rows query_start[s]:query_start[s+1]), got "
-                         f"{_name_values(starts, 8)}")
-    check_array("pos_offsets", pos_offsets, ("num_seqs",), shape=[num_seqs], dtypes=[INDEX_DTYPE],
-                matching="query_start")
-    offsets = host_ints(pos_offsets)
-    if (offsets < 0).any():
-        raise ValueError(f"pos_offsets must be >= 0 (each sequence's cache length before this "
-                         f"step), got {_name_values(offsets)}")
     seq_of = np.repeat(np.arange(num_seqs), np.diff(starts))
     positions = offsets[seq_of] + np.arange(num_tokens) - starts[seq_of]
     if max_positions is not None and num_tokens and positions.max() >= max_positions:
         raise ValueError(f"positions up to {positions.max()} are outside the RoPE table: cos and "
                          f"sin have {max_positions} rows")
-    if paged:
-        check_block_table(block_tables)
-        if len(block_tables.shape) != 2 or shape_of(block_tables)[0] != num_seqs:
-            raise ValueError(f"block_tables must be 2-D [num_seqs, max_blocks] with num_seqs = "
-                             f"{num_seqs} rows (one per query_start segment), got shape "
-                             f"{shape_of(block_tables)}")
-        table = host_ints(block_tables)
-        columns = positions // block_size
-        short = columns >= table.shape[1]
-        if short.any():
-            raise ValueError(f"the block table is too short: positions "
-                             f"{_name_values(positions[short])} need block column "
-                             f"{int(columns[short].max())}, but a row has {table.shape[1]} "
-                             f"entries ({table.shape[1] * block_size} positions)")
-        entries = table[seq_of, columns]
-        _check_in_range("block table entries", entries, num_blocks,
-                        f"blocks of {cache}; -1 = no block allocated yet")
-        slots = entries * block_size + positions % block_size
-    else:
-        capacity = num_blocks
-        if num_tokens and positions.max() >= capacity:
+    if plan is None:  # (a plan checked every new token's block and slot when it was made)
+        if paged:
+            check_block_table(block_tables)
+            if len(block_tables.shape) != 2 or shape_of(block_tables)[0] != num_seqs:
+                raise ValueError(f"block_tables must be 2-D [num_seqs, max_blocks] with num_seqs "
+                                 f"= {num_seqs} rows (one per query_start segment), got shape "
+                                 f"{shape_of(block_tables)}")
+            check_new_slots(host_ints(block_tables), positions, seq_of, num_blocks, block_size,
+                            cache)
+        elif num_tokens and positions.max() >= num_blocks:
             raise ValueError(f"positions up to {positions.max()} do not fit k_cache's capacity "
-                             f"{capacity}")
-        slots = positions
-    _check_unique("slots", slots, "each slot holds one token")
+                             f"{num_blocks}")
+        else:
+            _check_unique("slots", positions, "each slot holds one token")
     return FusedWriteShape(num_tokens, num_q_heads, num_kv_heads, head_dim, rotary_dim, dt,
                            starts, offsets)
+
+
+def check_new_slots(table: np.ndarray, positions: np.ndarray, seq_of: np.ndarray,
+                    num_blocks: int, block_size: int, cache: str = "k_pool") -> np.ndarray:
+    """The slots of a step's new tokens: token t of sequence ``seq_of[t]`` at ``positions[t]``
+    through the host ``table`` ``[num_seqs, max_blocks]``. ValueError unless every token has a
+    block of the pool (an entry in ``[0, num_blocks)``) and no two share a slot. Returns the
+    slots (int64 ``[T]``)."""
+    columns = positions // block_size
+    short = columns >= table.shape[1]
+    if short.any():
+        raise ValueError(f"the block table is too short: positions "
+                         f"{_name_values(positions[short])} need block column "
+                         f"{int(columns[short].max())}, but a row has {table.shape[1]} "
+                         f"entries ({table.shape[1] * block_size} positions)")
+    entries = table[seq_of, columns]
+    _check_in_range("block table entries", entries, num_blocks,
+                    f"blocks of {cache}; -1 = no block allocated yet")
+    slots = entries * block_size + positions % block_size
+    _check_unique("slots", slots, "each slot holds one token")
+    return slots
 
 
 def _as_slots(cache: Any) -> Any:

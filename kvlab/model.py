@@ -552,9 +552,10 @@ class Qwen3Model:
         """One step of many sequences over a shared :class:`~kvlab.cache.KvPool` (continuous
         batching): sequence s brings ``token_lists[s]`` (a prompt chunk or one decoded token) at
         positions ``pos_offsets[s] ..``; its blocks (``block_tables[s]``, int32, reaching every
-        new position) must already be reserved. Per layer, one ``paged_write_batched`` and one
-        ``paged_decode_attention`` call cover every sequence. Returns each sequence's float32
-        logits ``[T_s, vocab_size]``."""
+        new position) must already be reserved. The step's index arrays are checked and uploaded
+        once (``paging.plan_step``); then per layer one ``paged_write_batched`` and one
+        ``paged_decode_attention`` call cover every sequence, reading nothing back. Returns each
+        sequence's float32 logits ``[T_s, vocab_size]``."""
         c, be = self.config, pool.backend
         if be.name != self.backend.name:
             raise ValueError(f"the pool is on the {be.name} backend, the model on "
@@ -567,8 +568,10 @@ class Qwen3Model:
                              f"{c.max_position_embeddings}")
         query_start = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
         context_lens = (offsets + lens).astype(np.int32)
-        tables, starts_b, offsets_b, lens_b = (be.asarray(np.ascontiguousarray(a)) for a in (
-            np.asarray(block_tables, np.int32), query_start, offsets, context_lens))
+        plan = be.paging.plan_step(pool.k_pools[0], np.ascontiguousarray(block_tables, np.int32),
+                                   query_start, context_lens)
+        tables, starts_b, offsets_b, lens_b = (plan.block_tables, plan.query_start,
+                                               plan.pos_offsets, plan.context_lens)
         qkv_dtype = "float32" if pool.kv_dtype else pool.dtype
         total = int(query_start[-1])
         x = self.embed[np.concatenate(ids)]
@@ -579,10 +582,10 @@ class Qwen3Model:
             q = be.fused_write.paged_write_batched(
                 qkv, qn, kn, self.cos, self.sin, pool.k_pools[i], pool.v_pools[i], tables,
                 starts_b, offsets_b, c.num_attention_heads, c.num_key_value_heads,
-                c.rms_norm_eps, QK_MODE, *scales, pool.kv_dtype)
+                c.rms_norm_eps, QK_MODE, *scales, pool.kv_dtype, plan=plan)
             attn = be.attention.paged_decode_attention(
                 q, pool.k_pools[i], pool.v_pools[i], tables, lens_b, starts_b,
-                k_scales=scales[0], v_scales=scales[1])
+                k_scales=scales[0], v_scales=scales[1], plan=plan)
             x = self._mlp_and_residual(x, be.to_numpy(attn).reshape(total, -1), layer)
         logits = self._logits(x)
         return [logits[query_start[s]:query_start[s + 1]] for s in range(len(ids))]

@@ -283,6 +283,28 @@ def test_other_ops_read_back_the_same_for_any_size(op):
     assert read_backs(_sized_calls(1)[op]) == read_backs(_sized_calls(9)[op])
 
 
+def test_a_planned_step_reads_nothing_back():
+    """With a plan (checked once, from host arrays), neither the fused write nor the attention
+    reads an index array back: the per-layer calls of a model step never synchronise on one."""
+    args = _paged_batch([5, 9], [1, 2], seed=4)
+    q, k_pool, v_pool, tables, lens, starts = args[:6]
+    host = [TORCH.to_numpy(a) for a in (tables, starts, lens)]
+    plan = TORCH.paging.plan_step(k_pool, *host)
+    a = TORCH.asarray
+    hq, hkv, d = q.shape[1], k_pool.shape[2], k_pool.shape[3]
+    qkv = a(np.ones((3, (hq + 2 * hkv) * d), np.float16))
+    cos, sin = (a(t) for t in rope_tables(16, d, 1e4))
+    kp, vp = (a(np.zeros(k_pool.shape, np.float16)) for _ in range(2))
+
+    def step():
+        q_out = TORCH.fused_write.paged_write_batched(
+            qkv, None, None, cos, sin, kp, vp, plan.block_tables, plan.query_start,
+            plan.pos_offsets, hq, hkv, 1e-6, 2, plan=plan)
+        TORCH.attention.paged_decode_attention(q_out, kp, vp, plan.block_tables,
+                                               plan.context_lens, plan.query_start, plan=plan)
+    assert read_backs(step) == []
+
+
 @pytest.mark.parametrize("op", ["gather_kv", "gather_kv_quant"])
 def test_a_gather_reads_its_table_and_lengths_back_once(op):
     """The checks' host copies of block_table and context_len serve the slot arithmetic too."""

@@ -299,13 +299,13 @@ def decode_attention(q: Any, k: Any, v: Any, scale: float | None = None, causal:
 def paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables: Any,
                            context_lens: Any, query_start: Any, scale: float | None = None,
                            sliding_window: int = 0, k_scales: Any = None, v_scales: Any = None,
-                           num_splits: int | None = None) -> Any:
+                           num_splits: int | None = None, plan: Any = None) -> Any:
     """float32 ``[T, Hq, D]`` device array; as :func:`kvlab.ref.attention.paged_decode_attention`
     (device arrays; index arrays int32). ``num_splits=None``: chosen for the device
-    (:func:`device_num_splits`)."""
+    (:func:`device_num_splits`). With a ``plan``, nothing is read back from the device."""
     kv_dtype, lens, _, scale, window, splits = check_paged_decode_attention(
         q, k_pool, v_pool, block_tables, context_lens, query_start, scale, sliding_window,
-        k_scales, v_scales, num_splits)
+        k_scales, v_scales, num_splits, plan)
     if splits is None:
         splits = device_num_splits(q.shape[0], q.shape[1], k_pool.shape[2],
                                    int(lens.max(initial=0)), elem_bytes=k_pool.dtype.itemsize)

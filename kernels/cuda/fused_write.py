@@ -390,12 +390,13 @@ def paged_write_batched(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: A
                         v_pool: Any, block_tables: Any, query_start: Any, pos_offsets: Any,
                         num_q_heads: int, num_kv_heads: int, eps: float, qk_mode: int,
                         k_scales: Any = None, v_scales: Any = None,
-                        kv_dtype: str | None = None) -> Any:
+                        kv_dtype: str | None = None, plan: Any = None) -> Any:
     """Many sequences' new tokens in one launch; as :func:`kvlab.ref.fused_write.paged_write_batched`
-    (device arrays; returns q_out as a new device array)."""
+    (device arrays; returns q_out as a new device array). With a ``plan``, nothing is read back
+    from the device."""
     shape = check_fused_write(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, block_tables,
                               query_start, pos_offsets, num_q_heads, num_kv_heads, eps, qk_mode,
-                              k_scales, v_scales, kv_dtype)
+                              k_scales, v_scales, kv_dtype, plan=plan)
     return launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales,
                    block_tables, query_start, pos_offsets, shape, eps, qk_mode, kv_dtype, True)
 

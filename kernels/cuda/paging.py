@@ -26,6 +26,7 @@ from kvlab.checks import (
     table_shape,
 )
 from kvlab.kernels.cuda import MODE, cuda, kernel
+from kvlab.plan import StepPlan, make_plan
 
 # Threads per block. The simulator runs every thread as a Python thread (a fraction of a
 # millisecond each to start), so it gets a small block: the strided loops below then take several
@@ -209,3 +210,9 @@ def copy_blocks(k_pool: Any, v_pool: Any, src: Any, dst: Any) -> None:
     """
     check_copy_blocks(k_pool, v_pool, src, dst)
     _launch(copy_blocks_kernel, (src.shape[0], k_pool.shape[1]), k_pool, v_pool, src, dst)
+
+
+def plan_step(k_pool: Any, block_tables: Any, query_start: Any, context_lens: Any) -> StepPlan:
+    """As :func:`kvlab.ref.paging.plan_step`: the plan's four index arrays reach the device in one
+    host-to-device copy (views of one buffer); pass host (NumPy) index arrays to read none back."""
+    return make_plan(k_pool, block_tables, query_start, context_lens, upload=cuda.to_device)

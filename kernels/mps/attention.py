@@ -35,7 +35,7 @@ torch's list of MPS kernels).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -199,7 +199,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
                            query_start: torch.Tensor, scale: float | None = None,
                            sliding_window: int = 0, k_scales: torch.Tensor | None = None,
                            v_scales: torch.Tensor | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, plan: Any = None) -> torch.Tensor:
     """float32 ``[T, Hq, D]``; as :func:`kvlab.ref.attention.paged_decode_attention`.
 
     ``num_splits`` is checked and changes nothing else: the tiles are already partitions merged
@@ -211,7 +211,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
                     v_scales=v_scales)
     kv_dtype, lens, starts, scale, window, _ = check_paged_decode_attention(
         q, k_pool, v_pool, block_tables, context_lens, query_start, scale, sliding_window,
-        k_scales, v_scales, num_splits)
+        k_scales, v_scales, num_splits, plan)
     device = q.device
     tokens = np.diff(starts)
     active = np.flatnonzero(tokens > 0)  # a sequence with no query row in this step sits it out

@@ -119,7 +119,8 @@ def paged_write_batched(qkv: torch.Tensor, q_norm_w: Any, k_norm_w: Any, cos: An
                         k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                         query_start: torch.Tensor, pos_offsets: torch.Tensor, num_q_heads: int,
                         num_kv_heads: int, eps: float, qk_mode: int, k_scales: Any = None,
-                        v_scales: Any = None, kv_dtype: str | None = None) -> torch.Tensor:
+                        v_scales: Any = None, kv_dtype: str | None = None,
+                        plan: Any = None) -> torch.Tensor:
     """Many sequences' new tokens; as :func:`kvlab.ref.fused_write.paged_write_batched`
     (tensors on one device; returns q_out)."""
     require_tensors(qkv=qkv, q_norm_w=q_norm_w, k_norm_w=k_norm_w, cos=cos, sin=sin,
@@ -128,7 +129,7 @@ def paged_write_batched(qkv: torch.Tensor, q_norm_w: Any, k_norm_w: Any, cos: An
                     v_scales=v_scales)
     shape = check_fused_write(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, block_tables,
                               query_start, pos_offsets, num_q_heads, num_kv_heads, eps, qk_mode,
-                              k_scales, v_scales, kv_dtype)
+                              k_scales, v_scales, kv_dtype, plan=plan)
     device = qkv.device
     starts = query_start.long()
     counts = starts[1:] - starts[:-1]

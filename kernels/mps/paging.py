@@ -10,6 +10,7 @@ tensors on the pool's device. Unverified on MPS: no machine this project is test
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from kvlab.checks import (
     check_write_kv,
 )
 from kvlab.kernels.mps import require_tensors
+from kvlab.plan import StepPlan, make_plan
 from kvlab.ref.paging import gathered_slots, table_slots
 
 
@@ -121,3 +123,13 @@ def copy_blocks(k_pool: torch.Tensor, v_pool: torch.Tensor, src: torch.Tensor,
     src, dst = src.long(), dst.long()
     for pool in (as_words(k_pool), as_words(v_pool)):
         pool.index_copy_(0, dst, pool.index_select(0, src))
+
+
+def plan_step(k_pool: torch.Tensor, block_tables: Any, query_start: Any,
+              context_lens: Any) -> StepPlan:
+    """As :func:`kvlab.ref.paging.plan_step`: the plan's four index arrays reach k_pool's device
+    in one copy (views of one tensor). The index arrays may be NumPy arrays (the host's, read
+    for free) or tensors."""
+    require_tensors(k_pool=k_pool)
+    return make_plan(k_pool, block_tables, query_start, context_lens,
+                     upload=lambda packed: torch.from_numpy(packed).to(k_pool.device))

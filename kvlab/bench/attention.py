@@ -49,6 +49,17 @@ def bench_attention(ctx: Ctx) -> None:
                 paged("int8", num_splits), shape + " int8",
                 bytes_paged_decode(b, n, bs, hq, h, d, kv_dtype="int8"),
                 baseline=fp16[num_splits])
+    # A model step plans once (paging.plan_step, outside the timing) and every layer's call then
+    # reads no index array back: > 1 against the row above is what those checks cost per call.
+    plan = be.paging.plan_step(arrays(be, "k_pool")[0], dec["tables"], dec["query_start"],
+                               dec["lens"])
+    qq, kp, vp = arrays(be, "q", "k_pool", "v_pool")
+    ctx.run("attention", "paged decode fp16 splits=1, planned", ctx.impl, ctx.timer,
+            lambda: be.attention.paged_decode_attention(
+                qq, kp, vp, plan.block_tables, plan.context_lens, plan.query_start, num_splits=1,
+                plan=plan),
+            shape + " fp16", bytes_paged_decode(b, n, bs, hq, h, d), baseline=fp16[1],
+            note="the step's index arrays checked once by plan_step, outside the timing")
     if be.name == "cuda":  # num_splits=None: the op picks S for the device (the simulator: 1)
         from kvlab.kernels.cuda.attention import device_num_splits
 

@@ -38,6 +38,8 @@ on read with their fp16 scales). Depends on NumPy alone; arguments are checked b
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from kvlab.checks import check_decode_attention, check_paged_decode_attention
@@ -205,7 +207,7 @@ def paged_decode_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray
                            query_start: np.ndarray, scale: float | None = None,
                            sliding_window: int = 0, k_scales: np.ndarray | None = None,
                            v_scales: np.ndarray | None = None,
-                           num_splits: int | None = None) -> np.ndarray:
+                           num_splits: int | None = None, plan: Any = None) -> np.ndarray:
     """Attention of a ragged batch over a paged cache; causal for every sequence.
 
     q: float16/float32 ``[T, num_q_heads, head_dim]``: sequence s owns rows
@@ -218,11 +220,14 @@ def paged_decode_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray
     (:func:`split_bounds`), attended separately and merged (flash-decoding); the result equals
     S = 1 up to float32 rounding. None (the default) lets the backend choose: here one partition;
     the CUDA kernels pick S to fill the GPU's SMs.
+    plan: a :class:`~kvlab.plan.StepPlan` of this step (``paging.plan_step``), whose own arrays
+    block_tables, context_lens and query_start must then be: they were checked when it was made,
+    so the call reads none of them back (one plan serves every layer of a step).
     Returns float32 ``[T, num_q_heads, head_dim]``.
     """
     kv_dtype, lens, starts, scale, window, splits = check_paged_decode_attention(
         q, k_pool, v_pool, block_tables, context_lens, query_start, scale, sliding_window,
-        k_scales, v_scales, num_splits)
+        k_scales, v_scales, num_splits, plan)
     splits = splits or 1
     out = np.zeros(q.shape, np.float32)
     for seq, length in enumerate(lens):

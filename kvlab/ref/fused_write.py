@@ -168,18 +168,21 @@ def paged_write_batched(qkv: np.ndarray, q_norm_w: Any, k_norm_w: Any, cos: Any,
                         k_pool: np.ndarray, v_pool: np.ndarray, block_tables: np.ndarray,
                         query_start: np.ndarray, pos_offsets: np.ndarray, num_q_heads: int,
                         num_kv_heads: int, eps: float, qk_mode: int, k_scales: Any = None,
-                        v_scales: Any = None, kv_dtype: str | None = None) -> np.ndarray:
+                        v_scales: Any = None, kv_dtype: str | None = None,
+                        plan: Any = None) -> np.ndarray:
     """Many sequences' new tokens in one call: returns ``q_out [T, Hq, D]`` (qkv's dtype) and
     writes each token's K and V into its sequence's blocks.
 
     block_tables: int32 ``[num_seqs, max_blocks]``; query_start: int32 ``[num_seqs + 1]``
     (sequence s owns qkv rows ``query_start[s]:query_start[s+1]``); pos_offsets: int32
-    ``[num_seqs]``, each sequence's cache length before this step. Other arguments as
-    :func:`paged_write`.
+    ``[num_seqs]``, each sequence's cache length before this step. plan: a
+    :class:`~kvlab.plan.StepPlan` of this step (``paging.plan_step``), whose own arrays
+    block_tables, query_start and pos_offsets must then be (checked when it was made: nothing is
+    read back). Other arguments as :func:`paged_write`.
     """
     shape = check_fused_write(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, block_tables,
                               query_start, pos_offsets, num_q_heads, num_kv_heads, eps, qk_mode,
-                              k_scales, v_scales, kv_dtype)
+                              k_scales, v_scales, kv_dtype, plan=plan)
     _check_cache_values(qkv, shape)
     seq, positions = token_positions(shape.query_start, shape.pos_offsets)
     block_size = k_pool.shape[1]

@@ -18,6 +18,8 @@ Arguments are checked by :mod:`kvlab.checks` before anything is written.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from kvlab.checks import (
@@ -26,6 +28,7 @@ from kvlab.checks import (
     check_slot_mapping,
     check_write_kv,
 )
+from kvlab.plan import StepPlan, make_plan
 
 
 def slot_mapping(block_table: np.ndarray, positions: np.ndarray, block_size: int,
@@ -114,3 +117,19 @@ def copy_blocks(k_pool: np.ndarray, v_pool: np.ndarray, src: np.ndarray, dst: np
     check_copy_blocks(k_pool, v_pool, src, dst)
     k_pool[dst] = k_pool[src]
     v_pool[dst] = v_pool[src]
+
+
+def plan_step(k_pool: np.ndarray, block_tables: Any, query_start: Any,
+              context_lens: Any) -> StepPlan:
+    """One batch step's index arrays, checked once for every layer's ``paged_write_batched`` and
+    ``paged_decode_attention`` (:mod:`kvlab.plan`, as an engine builds its attention metadata once
+    per step).
+
+    k_pool: any layer's pool (what the tables index: its ``num_blocks`` and ``block_size``).
+    block_tables: int32 ``[num_seqs, max_blocks]``; query_start: int32 ``[num_seqs + 1]``;
+    context_lens: int32 ``[num_seqs]``, each sequence's length after the step (its new tokens
+    included) — on the host (NumPy) or the backend's own arrays (then read back once).
+    Returns a :class:`~kvlab.plan.StepPlan` whose arrays are new copies (here NumPy int32), with
+    ``pos_offsets = context_lens - new tokens``.
+    """
+    return make_plan(k_pool, block_tables, query_start, context_lens, upload=np.asarray)
