@@ -832,6 +832,7 @@ def check_fused_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any
                              block_tables=block_tables, query_start=query_start,
                              pos_offsets=pos_offsets)
         starts, offsets = plan.host_starts, plan.host_offsets
+        num_seqs = len(offsets)
     else:
         check_array("query_start", query_start, ("num_seqs + 1",), dtypes=[INDEX_DTYPE])
         starts = host_ints(query_start)
@@ -847,9 +848,7 @@ def check_fused_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any
         if (offsets < 0).any():
             raise ValueError(f"pos_offsets must be >= 0 (each sequence's cache length before this "
                              f"step), got {_name_values(offsets)}")
-    num_seqs = len(starts) - 1
-    seq_of = np.repeat(np.arange(num_seqs), np.diff(starts))
-    positions = offsets[seq_of] + np.arange(num_tokens) - starts[seq_of]
+    seq_of, positions = new_token_positions(starts, offsets)
     if max_positions is not None and num_tokens and positions.max() >= max_positions:
         raise ValueError(f"positions up to {positions.max()} are outside the RoPE table: cos and "
                          f"sin have {max_positions} rows")
@@ -869,6 +868,14 @@ def check_fused_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any
             _check_unique("slots", positions, "each slot holds one token")
     return FusedWriteShape(num_tokens, num_q_heads, num_kv_heads, head_dim, rotary_dim, dt,
                            starts, offsets)
+
+
+def new_token_positions(starts: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each new token's sequence and position, int64 ``[T]``: token ``starts[s] + i`` of sequence
+    s sits at ``offsets[s] + i`` (host arrays: query starts ``[num_seqs + 1]``, pos_offsets
+    ``[num_seqs]``)."""
+    seq_of = np.repeat(np.arange(len(starts) - 1), np.diff(starts))
+    return seq_of, offsets[seq_of] + np.arange(len(seq_of)) - starts[seq_of]
 
 
 def check_new_slots(table: np.ndarray, positions: np.ndarray, seq_of: np.ndarray,

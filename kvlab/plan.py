@@ -3,8 +3,9 @@
 A model step calls the fused write and the attention once per layer, and every call gets the same
 block tables, lengths and query starts. Each op checks its index arrays before it runs — on a GPU
 that means reading them back to the host, a synchronising copy per array (an H200 spent ~200 us
-of every ``paged_decode_attention`` call and ~260 us of every fused write there,
-``data/bench/h200_2026-11-27_host_overhead.txt``): for a 28-layer model, ~13 ms of checks a step.
+of every ``paged_decode_attention`` call and ~260 us of every fused write in its checks,
+``data/bench/h200_2026-11-27_host_overhead.txt``): up to ~13 ms a step for a 28-layer model, of
+which a plan saves the read-backs and index arithmetic (the shape checks stay per call).
 Engines do this work once per step: vLLM builds its attention metadata once and hands it to every
 layer; FlashInfer's wrappers split ``plan`` (host-side, once) from ``run`` (per layer).
 
@@ -20,6 +21,7 @@ This module imports NumPy alone (like :mod:`kvlab.checks`, whose checks it reuse
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,13 +29,19 @@ import numpy as np
 
 from kvlab.checks import (
     POOL_DIMS,
+    POOL_DTYPES,
+    QUANT_POOL_KV_DTYPES,
     check_array,
     check_new_slots,
     check_step_indices,
+    new_token_positions,
     shape_of,
 )
 
-QUANT_AND_FLOAT_POOLS = ("float16", "float32", "int8", "uint8")
+ANY_POOL_DTYPES = POOL_DTYPES + tuple(QUANT_POOL_KV_DTYPES)  # float pools, int8 / fp8 codes
+# Every plan make_plan has made and that is still alive: an op takes no other (a StepPlan built by
+# hand, or copied with other arrays by dataclasses.replace, was never checked).
+_MADE: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,7 +53,13 @@ class StepPlan:
     (sequence s's new tokens are rows ``query_start[s]:query_start[s+1]``), ``context_lens`` int32
     ``[num_seqs]`` (each sequence's length after the step) and ``pos_offsets`` int32
     ``[num_seqs]`` (its length before: ``context_lens - new tokens``). ``host_*``: the same on the
-    host, int64, as checked. ``num_blocks``, ``block_size``: the pool it was checked against.
+    host, int64, as checked (read-only). ``num_blocks``, ``block_size``: the pool it was checked
+    against.
+
+    The ops trust these arrays, so nothing may write to them: the NumPy ones are read-only, the
+    torch ones carry the version counter they had when made (a write moves it, and the ops then
+    refuse the plan), and a Numba device array has neither — on the cuda backend not writing to a
+    plan is the caller's promise.
     """
 
     block_tables: Any
@@ -58,6 +72,7 @@ class StepPlan:
     host_offsets: np.ndarray
     num_blocks: int
     block_size: int
+    version: int | None = None  # torch: the tensors' version counter when made (None: others)
 
     @property
     def num_tokens(self) -> int:
@@ -77,17 +92,20 @@ def check_step(k_pool: Any, block_tables: Any, query_start: Any,
     float32, or int8 / uint8 codes): its first two axes are what the tables index. The index
     arrays as :func:`kvlab.checks.check_step_indices` (each sequence's new tokens at most its
     context), and the new tokens — positions ``context_lens[s] - tokens_s .. context_lens[s] - 1``
-    — each in a block of the pool and no two in one slot, as the fused write requires. Returns the
-    host copies (int64): table, query starts, context lengths, pos_offsets.
+    — each in a block of the pool and no two in one slot, as the fused write requires. At least
+    one sequence. Returns the host copies (int64): table, query starts, context lengths,
+    pos_offsets.
     """
-    check_array("k_pool", k_pool, POOL_DIMS, dtypes=QUANT_AND_FLOAT_POOLS)
+    check_array("k_pool", k_pool, POOL_DIMS, dtypes=ANY_POOL_DTYPES)
     num_blocks, block_size = shape_of(k_pool)[:2]
     table, lens, starts = check_step_indices(block_tables, context_lens, query_start, num_blocks,
                                              block_size, num_tokens=None)
-    tokens = np.diff(starts)
-    offsets = lens - tokens
-    seq_of = np.repeat(np.arange(len(lens)), tokens)
-    positions = offsets[seq_of] + np.arange(int(starts[-1])) - starts[seq_of]
+    if len(lens) < 1:
+        raise ValueError("a step needs at least one sequence: block_tables has no rows")
+    offsets = lens - np.diff(starts)
+    seq_of, positions = new_token_positions(starts, offsets)
+    # Every new position is below its context length, whose blocks check_step_indices has found
+    # in the pool: what is left to check is the fused write's own rule, one token per slot.
     check_new_slots(table, positions, seq_of, num_blocks, block_size)
     return table, starts, lens, offsets
 
@@ -97,14 +115,18 @@ def make_plan(k_pool: Any, block_tables: Any, query_start: Any, context_lens: An
     """:func:`check_step`, then the four index arrays packed into one int32 buffer that
     ``upload`` puts on the backend (one host-to-device copy), seen as four views. What each
     backend's ``plan_step`` runs, with its own ``upload``."""
-    table, starts, lens, offsets = check_step(k_pool, block_tables, query_start, context_lens)
-    parts = (table.ravel(), starts, lens, offsets)
+    host = check_step(k_pool, block_tables, query_start, context_lens)
+    for array in host:
+        array.setflags(write=False)
+    table = host[0]
+    parts = (table.ravel(), *host[1:])
     packed = upload(np.concatenate(parts).astype(np.int32))
     ends = np.cumsum([len(p) for p in parts])
     views = [packed[stop - len(p):stop] for p, stop in zip(parts, ends)]
-    num_blocks, block_size = shape_of(k_pool)[:2]
-    return StepPlan(views[0].reshape(table.shape), views[1], views[2], views[3],
-                    table, starts, lens, offsets, num_blocks, block_size)
+    plan = StepPlan(views[0].reshape(table.shape), *views[1:], *host, *shape_of(k_pool)[:2],
+                    version=getattr(packed, "_version", None))
+    _MADE.add(plan)
+    return plan
 
 
 def check_planned(plan: Any, num_blocks: int, block_size: int, num_tokens: int, rows_name: str,
@@ -112,10 +134,17 @@ def check_planned(plan: Any, num_blocks: int, block_size: int, num_tokens: int, 
     """What an op given ``plan`` checks instead of reading its index arrays: ``plan`` is a
     :class:`StepPlan`, each of ``index_arrays`` (by parameter name) is the plan's own array of
     that name, the pool has the plan's ``num_blocks`` blocks of ``block_size``, and the op's rows
-    (``rows_name``: q, qkv) are the plan's ``num_tokens``. Returns the plan."""
+    (``rows_name``: q, qkv) are the plan's ``num_tokens``; and the plan is one ``plan_step``
+    made, its arrays unwritten since (where the backend can tell: see :class:`StepPlan`).
+    Returns the plan."""
     if not isinstance(plan, StepPlan):
         raise TypeError(f"plan must be a StepPlan (from the backend's paging.plan_step) or None, "
                         f"got {type(plan).__name__}")
+    if plan not in _MADE:
+        raise ValueError("plan was not made by paging.plan_step (a StepPlan built or copied by "
+                         "hand was never checked)")
+    if plan.version is not None and plan.block_tables._version != plan.version:
+        raise ValueError("the plan's arrays were written after it was made: make a new plan")
     for name, array in index_arrays.items():
         if array is not getattr(plan, name):
             raise ValueError(f"{name} must be plan.{name} when a plan is given (the plan checked "

@@ -1,6 +1,8 @@
 """A step's plan (kvlab.plan, ``paging.plan_step``): the step's index arrays checked once, then the
 fused write and the attention run with it on every backend exactly as without it — and refuse a
 plan that does not fit, before anything is written."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -112,6 +114,8 @@ BAD_STEPS = [  # what plan_step refuses: the op checks' messages, and slots of t
      r"slots must not repeat \(each slot holds one token\), got duplicates \[37\]"),
     ({"tables": np.array([7, 2, 9, -1], np.int32)}, "block_tables must be 2-D"),
     ({"lens": np.array([12, 1, 6], np.int64)}, "context_len must have dtype int32"),
+    ({"tables": np.zeros((0, 4), np.int32), "lens": np.zeros(0, np.int32),
+      "starts": np.zeros(1, np.int32)}, "a step needs at least one sequence"),
 ]
 
 
@@ -123,39 +127,50 @@ def test_plan_step_refuses_what_the_ops_refuse(backend, changes, message):
                                  s["lens"])
 
 
-def _misuse(backend, s, plan, k_pool, v_pool, what):
-    """One wrong use of a plan; returns the call to make."""
-    q = backend.asarray(np.zeros((4, HQ, D), np.float32))
-    tables, lens, starts = plan.block_tables, plan.context_lens, plan.query_start
-    if what == "not the plan's array":
-        tables = backend.asarray(s["tables"])
-    if what == "other rows":
-        q = backend.asarray(np.zeros((3, HQ, D), np.float32))
-    if what == "not a plan":
-        plan = {"block_tables": tables}
-    return lambda: backend.attention.paged_decode_attention(q, k_pool, v_pool, tables, lens,
-                                                            starts, plan=plan)
+def _copy_of(backend, array):
+    """The same values in a new array of the backend (not the plan's own)."""
+    return backend.asarray(backend.to_numpy(array))
+
+
+ATTENTION_INDEX = ("block_tables", "context_lens", "query_start")
+WRITE_INDEX = ("block_tables", "query_start", "pos_offsets")
 
 
 @pytest.mark.parametrize("what, error, message", [
-    ("not the plan's array", ValueError, r"block_tables must be plan.block_tables"),
+    *((name, ValueError, rf"{name} must be plan.{name} when a plan is given")
+      for name in ATTENTION_INDEX),
     ("another pool", ValueError, r"pool has 12 blocks of 4 slots, but the plan was made for 10"),
     ("other rows", ValueError, r"q has 3 rows, but the plan's step has 4 new tokens"),
     ("not a plan", TypeError, r"plan must be a StepPlan .* got dict"),
+    ("a plan with other arrays", ValueError, r"plan was not made by paging.plan_step"),
 ])
 def test_attention_refuses_a_plan_that_does_not_fit(backend, what, error, message):
     s = step()
     k_pool, v_pool = on(backend, *s["pools"])
     plan = backend.paging.plan_step(k_pool, s["tables"], s["starts"], s["lens"])
+    q = backend.asarray(np.zeros((4, HQ, D), np.float32))
+    index = {name: getattr(plan, name) for name in ATTENTION_INDEX}
+    if what in index:
+        index[what] = _copy_of(backend, index[what])
     if what == "another pool":
         k_pool, v_pool = on(backend, *(np.zeros((12, BS, HKV, D), np.float32),) * 2)
+    if what == "other rows":
+        q = backend.asarray(np.zeros((3, HQ, D), np.float32))
+    if what == "not a plan":
+        plan = dict(index)
+    if what == "a plan with other arrays":  # a copy never checked: its table reads block 50
+        bad = s["tables"].copy()
+        bad[0, 0] = 50
+        index["block_tables"] = backend.asarray(bad)
+        plan = dataclasses.replace(plan, block_tables=index["block_tables"])
     with pytest.raises(error, match=message):
-        _misuse(backend, s, plan, k_pool, v_pool, what)()
+        backend.attention.paged_decode_attention(q, k_pool, v_pool, *index.values(), plan=plan)
 
 
 @pytest.mark.parametrize("what, message", [
-    ("pos_offsets", r"pos_offsets must be plan.pos_offsets"),
+    *((name, rf"{name} must be plan.{name}") for name in WRITE_INDEX),
     ("rows", r"qkv has 3 rows, but the plan's step has 4 new tokens"),
+    ("another pool", r"pool has 12 blocks of 4 slots, but the plan was made for 10"),
     ("contiguous", r"a plan is for a paged pool"),
 ])
 def test_a_write_refuses_a_plan_that_does_not_fit_and_writes_nothing(backend, what, message):
@@ -163,11 +178,14 @@ def test_a_write_refuses_a_plan_that_does_not_fit_and_writes_nothing(backend, wh
     k_pool, v_pool = on(backend, *s["pools"])
     plan = backend.paging.plan_step(k_pool, s["tables"], s["starts"], s["lens"])
     qkv, cos, sin, qw, kw = on(backend, s["qkv"], s["cos"], s["sin"], *s["weights"])
-    offsets = plan.pos_offsets
-    if what == "pos_offsets":
-        offsets = backend.asarray(plan.host_offsets.astype(np.int32))
+    index = {name: getattr(plan, name) for name in WRITE_INDEX}
+    if what in index:
+        index[what] = _copy_of(backend, index[what])
     if what == "rows":
         qkv = backend.asarray(s["qkv"][:3])
+    if what == "another pool":
+        k_pool, v_pool = on(backend, *(np.zeros((12, BS, HKV, D), np.float32),) * 2)
+    offsets = index["pos_offsets"]
     before = backend.to_numpy(k_pool).copy()
     if what == "contiguous":  # the checks' contiguous-cache path (what contig_write runs)
         from kvlab.checks import check_fused_write
@@ -177,8 +195,60 @@ def test_a_write_refuses_a_plan_that_does_not_fit_and_writes_nothing(backend, wh
             plan.query_start, offsets, HQ, HKV, 1e-6, 1, paged=False, plan=plan)
     else:
         call = lambda: backend.fused_write.paged_write_batched(  # noqa: E731
-            qkv, qw, kw, cos, sin, k_pool, v_pool, plan.block_tables, plan.query_start, offsets,
-            HQ, HKV, 1e-6, 1, plan=plan)
+            qkv, qw, kw, cos, sin, k_pool, v_pool, *index.values(), HQ, HKV, 1e-6, 1, plan=plan)
     with pytest.raises(ValueError, match=message):
         call()
     assert backend.to_numpy(k_pool).tobytes() == before.tobytes()
+
+
+def test_a_planned_step_reads_no_index_array_back(backend, monkeypatch):
+    """Every index read-back of the checks goes through kvlab.checks.host_ints: with a plan (made
+    from host arrays), the write and the attention never give it a device array, nor the plan's
+    own (the reference's RoPE checks its host positions with it, which costs no copy)."""
+    import kvlab.checks
+
+    s = step()
+    k_pool = backend.asarray(s["pools"][0])
+    plan = backend.paging.plan_step(k_pool, s["tables"], s["starts"], s["lens"])
+    host_ints = kvlab.checks.host_ints
+    planned = (plan.block_tables, plan.query_start, plan.context_lens, plan.pos_offsets)
+
+    def refuse(x):
+        if not isinstance(x, np.ndarray) or any(x is a for a in planned):
+            raise AssertionError(f"an index array was read back: {type(x).__name__}")
+        return host_ints(x)
+    monkeypatch.setattr(kvlab.checks, "host_ints", refuse)
+    monkeypatch.setattr(backend.paging, "plan_step", lambda *a: plan)  # the plan made above
+    run_step(backend, s, planned=True)
+
+
+def test_a_plan_cannot_be_written_where_the_backend_can_tell(backend):
+    """NumPy: the plan's arrays (and every backend's host copies) are read-only. torch: a write
+    moves the tensors' version counter and the ops refuse the plan. Numba device arrays can be
+    neither locked nor versioned: there, not writing to a plan is the caller's promise."""
+    s = step()
+    k_pool, v_pool = on(backend, *s["pools"])
+    plan = backend.paging.plan_step(k_pool, s["tables"], s["starts"], s["lens"])
+    for host in (plan.host_tables, plan.host_starts, plan.host_lens, plan.host_offsets):
+        with pytest.raises(ValueError, match="read-only"):
+            host[0] = 1
+    q = backend.asarray(np.zeros((4, HQ, D), np.float32))
+    call = lambda: backend.attention.paged_decode_attention(  # noqa: E731
+        q, k_pool, v_pool, plan.block_tables, plan.context_lens, plan.query_start, plan=plan)
+    if backend.name == "numpy":
+        with pytest.raises(ValueError, match="read-only"):
+            plan.block_tables[1, 0] = -1
+    elif backend.name == "torch":
+        plan.context_lens[2] = 16  # past what was checked: sequence 2 would read block -1
+        with pytest.raises(ValueError, match="written after it was made"):
+            call()
+    else:
+        pytest.skip("a Numba device array cannot refuse a write")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8_e4m3"])
+def test_gpu_a_planned_step_equals_an_unplanned_one(kv_dtype):
+    """On a real GPU the plan's arrays are views into one device buffer (slices and a reshape):
+    the kernels must read them as they read arrays of their own."""
+    test_a_planned_step_equals_an_unplanned_one(get_backend("cuda"), kv_dtype)

@@ -50,7 +50,7 @@ def bench_attention(ctx: Ctx) -> None:
                 bytes_paged_decode(b, n, bs, hq, h, d, kv_dtype="int8"),
                 baseline=fp16[num_splits])
     # A model step plans once (paging.plan_step, outside the timing) and every layer's call then
-    # reads no index array back: > 1 against the row above is what those checks cost per call.
+    # reads no index array back: > 1 against "paged decode fp16 splits=1" is what that saves.
     plan = be.paging.plan_step(arrays(be, "k_pool")[0], dec["tables"], dec["query_start"],
                                dec["lens"])
     qq, kp, vp = arrays(be, "q", "k_pool", "v_pool")

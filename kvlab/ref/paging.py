@@ -129,7 +129,13 @@ def plan_step(k_pool: np.ndarray, block_tables: Any, query_start: Any,
     block_tables: int32 ``[num_seqs, max_blocks]``; query_start: int32 ``[num_seqs + 1]``;
     context_lens: int32 ``[num_seqs]``, each sequence's length after the step (its new tokens
     included) — on the host (NumPy) or the backend's own arrays (then read back once).
-    Returns a :class:`~kvlab.plan.StepPlan` whose arrays are new copies (here NumPy int32), with
-    ``pos_offsets = context_lens - new tokens``.
+    Returns a :class:`~kvlab.plan.StepPlan` whose arrays are new copies (here read-only NumPy
+    int32), with ``pos_offsets = context_lens - new tokens``.
     """
-    return make_plan(k_pool, block_tables, query_start, context_lens, upload=np.asarray)
+    return make_plan(k_pool, block_tables, query_start, context_lens, upload=_read_only)
+
+
+def _read_only(packed: np.ndarray) -> np.ndarray:
+    """The plan's own buffer, read-only (its views too): the ops trust what it holds."""
+    packed.setflags(write=False)
+    return packed
