@@ -1,4 +1,6 @@
 """Wrong answers the 06 (capstone) checkers must reject (gathered by tests/test_exercises.py)."""
+import numpy as np
+
 from kvlab.dtypes import get_dtype
 
 
@@ -58,7 +60,36 @@ def blocks_matched_anywhere(prompt, earlier_prompts, block_size):
     return best
 
 
+def slots_after_the_context(block_tables, query_start, context_lens, block_size):
+    """Takes context_lens as the length before the step: the new tokens land one block-row on."""
+    slots = []
+    for s in range(len(context_lens)):
+        for i in range(query_start[s + 1] - query_start[s]):
+            pos = context_lens[s] + i
+            slots.append(block_tables[s, pos // block_size] * block_size + pos % block_size)
+    return np.array(slots, np.int32)
+
+
+def slots_from_the_row(block_tables, query_start, context_lens, block_size):
+    """Uses a token's row in qkv as its position in the sequence."""
+    slots = []
+    for s in range(len(context_lens)):
+        for row in range(query_start[s], query_start[s + 1]):
+            slots.append(block_tables[s, row // block_size] * block_size + row % block_size)
+    return np.array(slots, np.int32)
+
+
+def positions_not_slots(block_tables, query_start, context_lens, block_size):
+    """Forgets the block table: returns the positions themselves."""
+    positions = []
+    for s in range(len(context_lens)):
+        new = query_start[s + 1] - query_start[s]
+        positions += range(context_lens[s] - new, context_lens[s])
+    return np.array(positions, np.int32)
+
+
 WRONG_ANSWERS = {
     "06.paged_bytes": [bytes_of_the_tokens_only, bytes_without_scales, bytes_of_k_only],
     "06.prefix_hit": [longest_common_prefix, reuses_the_last_token, blocks_matched_anywhere],
+    "06.step_slots": [slots_after_the_context, slots_from_the_row, positions_not_slots],
 }

@@ -1,8 +1,10 @@
-"""Exercises of notebook 06 (capstone): what a paged cache holds, and what a prefix cache reuses.
+"""Exercises of notebook 06 (capstone): what a paged cache holds, what a prefix cache reuses, and
+where a batch step's new tokens go.
 
-Both are checked against kvlab's own bookkeeping, not a formula: the bytes against a
+Each is checked against kvlab's own bookkeeping, not a formula: the bytes against a
 :class:`~kvlab.cache.KvCacheManager` that really took the blocks, the prefix hit against the
-:class:`~kvlab.paging.BlockAllocator`'s hash-chain lookup that ``serve`` uses.
+:class:`~kvlab.paging.BlockAllocator`'s hash-chain lookup that ``serve`` uses, the slots against
+the step plan (``paging.plan_step``) every layer of ``forward_batch`` writes through.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from kvlab.cache import KvCacheManager, KvPool
 from kvlab.dtypes import get_dtype
 from kvlab.exercises.core import Case, Exercise, register
 from kvlab.paging import BlockAllocator
+from kvlab.checks import new_token_positions
+from kvlab.ref.paging import plan_step
 
 NOTEBOOK = "06_capstone"
 
@@ -142,4 +146,76 @@ register(Exercise(
     solution=prefix_hit_solution,
     reference=prefix_hit_reference,
     cases=_prefix_hit_cases,
+))
+
+
+# --- 06.step_slots -----------------------------------------------------------------------------
+
+def step_slots_solution(block_tables: np.ndarray, query_start: np.ndarray,
+                        context_lens: np.ndarray, block_size: int) -> np.ndarray:
+    """The slot of each new token of a batch step, int32 ``[T]`` in qkv's row order."""
+    slots = []
+    for s in range(len(context_lens)):
+        new = query_start[s + 1] - query_start[s]       # this sequence's rows in this step
+        # context_lens is the length *after* the step: its new tokens are the last ones
+        for pos in range(context_lens[s] - new, context_lens[s]):
+            block = block_tables[s, pos // block_size]
+            slots.append(block * block_size + pos % block_size)
+    return np.array(slots, np.int32)
+
+
+def step_slots_reference(block_tables: np.ndarray, query_start: np.ndarray,
+                         context_lens: np.ndarray, block_size: int) -> np.ndarray:
+    """The step plan's: plan_step checks the step (one token per slot among them), and its host
+    copies give each token's sequence and position."""
+    num_blocks = int(block_tables.max(initial=0)) + 1
+    pool = np.zeros((num_blocks, block_size, 1, 1), np.float16)
+    plan = plan_step(pool, block_tables, query_start, context_lens)
+    seq, pos = new_token_positions(plan.host_starts, plan.host_offsets)
+    return (plan.host_tables[seq, pos // block_size] * block_size
+            + pos % block_size).astype(np.int32)
+
+
+def _step_slots_cases() -> list[Case]:
+    def case(label, tables, starts, lens, block_size=4, random=False):
+        return Case(label, dict(block_tables=np.array(tables, np.int32),
+                                query_start=np.array(starts, np.int32),
+                                context_lens=np.array(lens, np.int32), block_size=block_size),
+                    random=random)
+
+    tables = [[7, 2, 9, -1], [4, -1, -1, -1], [0, 5, -1, -1]]
+    cases = [
+        case("a decode step: one new token each", tables, [0, 1, 2, 3], [12, 1, 6]),
+        case("a prompt of 3 arriving beside two decodes", tables, [0, 1, 4, 5], [11, 3, 6]),
+        case("a sequence sitting this step out (0 rows)", tables, [0, 3, 3, 4], [12, 4, 5]),
+        case("new tokens crossing into a new block", tables, [0, 2, 2, 4], [10, 1, 6]),
+        case("blocks of one token", [[3, 1, 0], [2, -1, -1]], [0, 2, 3], [3, 1], block_size=1),
+    ]
+    rng = np.random.default_rng(26)
+    for i in range(4):
+        num_seqs, block_size = int(rng.integers(1, 5)), int(rng.choice([2, 4, 8]))
+        lens = rng.integers(1, 4 * block_size, size=num_seqs)
+        new = np.minimum(lens, rng.integers(0, 5, size=num_seqs))
+        need = -(-lens // block_size)
+        ids = rng.permutation(int(need.sum()) + 3).astype(np.int32)
+        table = np.full((num_seqs, int(need.max()) + 1), -1, np.int32)
+        used = 0
+        for s in range(num_seqs):
+            table[s, :need[s]] = ids[used:used + need[s]]
+            used += need[s]
+        cases.append(case(f"random {i}", table, np.concatenate([[0], np.cumsum(new)]), lens,
+                          block_size, random=True))
+    return cases
+
+
+register(Exercise(
+    name="06.step_slots", notebook=NOTEBOOK, section="5 Continuous batching over one paged pool",
+    signature="step_slots(block_tables, query_start, context_lens, block_size) -> slots  "
+              "# int32 [T]",
+    hint="sequence s brings query_start[s+1] - query_start[s] tokens, and context_lens[s] counts "
+         "them already: they are its last positions. A position's slot is its block's id "
+         "(block_tables[s, pos // block_size]) times block_size plus pos % block_size.",
+    solution=step_slots_solution,
+    reference=step_slots_reference,
+    cases=_step_slots_cases,
 ))
