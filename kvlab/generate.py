@@ -11,8 +11,8 @@ come are admitted while the pool can hold them (``KvCacheManager.add_sequence``:
 shares full blocks with one already seen reuses them, the prefix cache); every running request
 brings its new tokens (the rest of its prompt on its first step, then its last sampled token) to
 one batched forward (:meth:`Qwen3Model.forward_batch`: ``KvCacheManager.reserve`` takes the
-blocks, then per layer one fused ``paged_write_batched`` and one ``paged_decode_attention`` over
-all of them); each request samples its next token; a request that has its ``max_new_tokens``
+blocks, ``paging.plan_step`` checks the step's index arrays once, then per layer one fused
+``paged_write_batched`` and one ``paged_decode_attention`` over all of them); each request samples its next token; a request that has its ``max_new_tokens``
 leaves and its blocks go back (``KvCacheManager.release``). Admission is conservative: a request
 waits until the pool has room for its whole prompt + output, so nothing is ever preempted.
 """
