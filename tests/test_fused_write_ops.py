@@ -323,6 +323,23 @@ def test_quantized_cache_refuses_nan(backend):
     assert not backend.to_numpy(moved["k_pool"]).any()
 
 
+@pytest.mark.parametrize("where, name", [(2 * 32 + 3, "qkv's K"), (3 * 32 + 5, "qkv's V")])
+def test_after_a_refused_write_the_next_one_writes(backend, where, name):
+    """The refused value is named (K or V: the CUDA op checks both in one launch), and the next,
+    valid call writes: a check flag raised by the first (the CUDA backend keeps one per process)
+    must not refuse the second."""
+    case = make_case(2, 2, 1, 32, 0, kv_dtype="int8")
+    good = case["qkv"].copy()
+    case["qkv"][1, where] = np.inf
+    moved = {k: (backend.asarray(v) if k in ARRAYS and v is not None else v)
+             for k, v in case.items()}
+    with pytest.raises(ValueError, match=f"{name} holds 1 value"):
+        backend.fused_write.paged_write(qk_mode=1, **moved)
+    moved["qkv"] = backend.asarray(good)
+    backend.fused_write.paged_write(qk_mode=1, **moved)
+    assert backend.to_numpy(moved["k_scales"]).any() and backend.to_numpy(moved["v_pool"]).any()
+
+
 def test_quantized_cache_refuses_k_that_overflows_after_rope(backend):
     """Raw qkv is finite, but rotating the pair (60000, 60000) by 1 radian gives 82,900: inf in
     fp16. Every backend must see the rotated K, refuse it, and write nothing (the CUDA wrapper

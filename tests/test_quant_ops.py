@@ -349,6 +349,14 @@ def test_check_values_on_every_backend(backend, kv_dtype):
                                    "v_per_layer[0]")
 
 
+def test_a_refused_quantize_leaves_the_next_call_free(backend):
+    """After bad values are refused, good ones quantize (the CUDA check flag is reset)."""
+    with pytest.raises(ValueError, match="holds 1 value"):
+        backend.quant.quantize(on(backend, poisoned(np.nan)), "int8")
+    codes, scales = backend.quant.quantize(on(backend, kv_with_outliers(3)), "int8")
+    assert backend.to_numpy(scales).all()
+
+
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
 def test_cuda_check_values_of_a_host_array(kv_dtype):
     """The CUDA backend launches on a NumPy array too (Numba copies it in): a bad value is still

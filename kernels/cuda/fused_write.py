@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from kvlab.checks import check_fused_write
-from kvlab.kernels.cuda import MODE, cuda, fused_write_v4, kernel, mul_rn
+from kvlab.kernels.cuda import MODE, cuda, error_flag, flag_raised, fused_write_v4, kernel, mul_rn
 from kvlab.kernels.cuda.quant import _check_values as _check_quant_values
 from kvlab.kernels.cuda.quant import _fp8_e4m3_encode, block_max
 from kvlab.ref.fused_write import _one_sequence
@@ -338,9 +338,8 @@ def launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales
                          f"<= {MAX_HEAD_DIM}, got {shape.head_dim}")
     if shape.kv_dtype is not None:  # a quantized cache never holds NaN/inf (as write_kv_quant)
         heads = qkv.reshape(qkv.shape[0], qkv.shape[1] // shape.head_dim, shape.head_dim)
-        hq, hkv = shape.num_q_heads, shape.num_kv_heads
-        _check_quant_values("qkv's K", heads[:, hq:hq + hkv], shape.kv_dtype)
-        _check_quant_values("qkv's V", heads[:, hq + hkv:], shape.kv_dtype)
+        k_and_v = heads[:, shape.num_q_heads:]  # K heads then V heads: one launch checks both
+        _check_quant_values(["qkv's K", "qkv's V"], k_and_v, shape.kv_dtype)
     q_out = cuda.device_array((shape.num_tokens, shape.num_q_heads, shape.head_dim),
                               dtype=qkv.dtype)
     if shape.num_tokens == 0:
@@ -373,12 +372,12 @@ def launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales
             QMAX.get(kv_dtype, ONE), q_out, np.float32(max_input), check_only, flag,
             tokens_per_block, pairs_in_registers)
 
-    flag = _dummy("flag")  # read only by a dry run, which gets a fresh one
+    flag = _dummy("flag")  # read only by a dry run, which raises the process's check flag
     if shape.kv_dtype is not None:  # the dry run first: nothing is written if it flags
-        flag = cuda.to_device(np.zeros(1, dtype=np.int32))
+        flag = error_flag()
         max_input = shape.kv_dtype.max_input
         run(True, max_input, flag)
-        if flag.copy_to_host()[0]:
+        if flag_raised(flag):
             raise ValueError(f"qkv's K after norm/RoPE holds NaN, inf or values beyond "
                              f"±{max_input:g}, which a {shape.kv_dtype.name} cache cannot store "
                              f"(nothing was written)")

@@ -30,7 +30,7 @@ from kvlab.checks import (
     raise_for_values,
     table_shape,
 )
-from kvlab.kernels.cuda import MODE, cuda, float_from_bits, kernel
+from kvlab.kernels.cuda import MODE, cuda, error_flag, flag_raised, float_from_bits, kernel
 
 # Threads per block, a power of two. The simulator runs each thread as a Python thread, so it
 # gets fewer: its strided loops then take several turns per vector, as a GPU's do for D > 128.
@@ -192,11 +192,17 @@ def out_of_range_kernel(x, limit, flag):
 
 
 def _check_values(name: str, x: Any, dt) -> None:
-    """ValueError (nothing written) if x holds NaN, inf or |x| > dt.max_input; reads back 4 bytes."""
-    flag = cuda.to_device(np.zeros(1, dtype=np.int32))
+    """ValueError (nothing written) if x holds NaN, inf or |x| > dt.max_input; reads back 4 bytes.
+    ``x`` ``[T, heads, D]``; ``name`` may be a list of names, one per part of the heads axis
+    (equal parts: K and V of a packed row), checked in one launch and named apart on failure."""
+    flag = error_flag()
     _launch(out_of_range_kernel, (x.shape[0],), x, np.float32(dt.max_input), flag)
-    if flag.copy_to_host()[0]:  # x may be a host array (Numba copied it in for the launch)
-        raise_for_values(name, x if isinstance(x, np.ndarray) else x.copy_to_host(), dt)
+    if flag_raised(flag):
+        host = x if isinstance(x, np.ndarray) else x.copy_to_host()  # (Numba copies a host x in)
+        names = [name] if isinstance(name, str) else name
+        width = host.shape[1] // len(names)
+        for i, part in enumerate(names):
+            raise_for_values(part, host[:, i * width:(i + 1) * width], dt)
 
 
 def check_values(x: Any, kv_dtype: str, name: str = "x") -> None:
