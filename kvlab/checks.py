@@ -651,8 +651,9 @@ def check_paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables:
     its table, every block read in the pool). query_start: int32 ``[num_seqs + 1]``, 0 first, T
     last, non-decreasing; sequence s's ``query_start[s+1] - query_start[s]`` tokens must be at most
     its context length. num_splits: int >= 1, or None (the backend's choice; returned as None).
-    plan: a :class:`~kvlab.plan.StepPlan` for this pool whose own arrays the three index arguments
-    are; they were checked when it was made, so nothing is read back (:func:`kvlab.plan.check_planned`).
+    plan: a :class:`~kvlab.step_plan.StepPlan` for this pool whose own arrays the three index
+    arguments are; they were checked when it was made, so none is read back
+    (:func:`kvlab.step_plan.check_planned`).
 
     Returns ``(kv_dtype or None, context_lens, query_start, scale, sliding_window, num_splits)``,
     the index arrays on the host (int64).
@@ -682,12 +683,12 @@ def check_paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables:
         _, lens, starts = check_step_indices(block_tables, context_lens, query_start, num_blocks,
                                              block_size, num_tokens)
     else:
-        from kvlab.plan import check_planned  # (kvlab.plan builds on this module)
+        from kvlab.step_plan import check_planned  # (kvlab.step_plan builds on this module)
 
         plan = check_planned(plan, num_blocks, block_size, num_tokens, "q",
                              block_tables=block_tables, context_lens=context_lens,
                              query_start=query_start)
-        lens, starts = plan.host_lens, plan.host_starts
+        lens, starts = plan.host_context_lens, plan.host_query_start
     scale, window = check_attention_options(scale, sliding_window, head_dim)
     if num_splits is None:  # the backend chooses (the CUDA kernels: from the device's SMs)
         return kv_dtype, lens, starts, scale, window, None
@@ -744,9 +745,9 @@ def check_fused_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any
     ``[num_seqs + 1]`` from 0 to T, non-decreasing; pos_offsets int32 ``[num_seqs]`` >= 0.
     Every new token's position (``pos_offsets[s] + i``) must have a row in the RoPE tables and a
     block in its sequence's table (an entry in ``[0, num_blocks)``), and no two tokens may land
-    in one slot. plan: a :class:`~kvlab.plan.StepPlan` for this pool whose own arrays
+    in one slot. plan: a :class:`~kvlab.step_plan.StepPlan` for this pool whose own arrays
     block_tables, query_start and pos_offsets are; it checked them (the tables and slots) when it
-    was made, so nothing is read back.
+    was made, so none of them is read back.
     """
     # what kind of op: mode, heads, eps
     if isinstance(qk_mode, bool) or not isinstance(qk_mode, Integral) or qk_mode not in QK_MODES:
@@ -824,14 +825,14 @@ def check_fused_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any
 
     # where the tokens go
     if plan is not None:
-        from kvlab.plan import check_planned  # (kvlab.plan builds on this module)
+        from kvlab.step_plan import check_planned  # (kvlab.step_plan builds on this module)
 
         if not paged:
             raise ValueError("a plan is for a paged pool, not a contiguous cache")
         plan = check_planned(plan, num_blocks, block_size, num_tokens, "qkv",
                              block_tables=block_tables, query_start=query_start,
                              pos_offsets=pos_offsets)
-        starts, offsets = plan.host_starts, plan.host_offsets
+        starts, offsets = plan.host_query_start, plan.host_pos_offsets
         num_seqs = len(offsets)
     else:
         check_array("query_start", query_start, ("num_seqs + 1",), dtypes=[INDEX_DTYPE])

@@ -12,9 +12,10 @@ shares full blocks with one already seen reuses them, the prefix cache); every r
 brings its new tokens (the rest of its prompt on its first step, then its last sampled token) to
 one batched forward (:meth:`Qwen3Model.forward_batch`: ``KvCacheManager.reserve`` takes the
 blocks, ``paging.plan_step`` checks the step's index arrays once, then per layer one fused
-``paged_write_batched`` and one ``paged_decode_attention`` over all of them); each request samples its next token; a request that has its ``max_new_tokens``
-leaves and its blocks go back (``KvCacheManager.release``). Admission is conservative: a request
-waits until the pool has room for its whole prompt + output, so nothing is ever preempted.
+``paged_write_batched`` and one ``paged_decode_attention`` over all of them); each request
+samples its next token; a request that has its ``max_new_tokens`` leaves and its blocks go back
+(``KvCacheManager.release``). Admission is conservative: a request waits until the pool has room
+for its whole prompt + output, so nothing is ever preempted.
 """
 from __future__ import annotations
 

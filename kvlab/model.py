@@ -554,7 +554,8 @@ class Qwen3Model:
         positions ``pos_offsets[s] ..``; its blocks (``block_tables[s]``, int32, reaching every
         new position) must already be reserved. The step's index arrays are checked and uploaded
         once (``paging.plan_step``); then per layer one ``paged_write_batched`` and one
-        ``paged_decode_attention`` call cover every sequence, reading nothing back. Returns each
+        ``paged_decode_attention`` call cover every sequence, reading no index array back (each
+        layer's attention output still comes to the host for the MLP). Returns each
         sequence's float32 logits ``[T_s, vocab_size]``."""
         c, be = self.config, pool.backend
         if be.name != self.backend.name:

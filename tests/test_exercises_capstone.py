@@ -61,7 +61,8 @@ def blocks_matched_anywhere(prompt, earlier_prompts, block_size):
 
 
 def slots_after_the_context(block_tables, query_start, context_lens, block_size):
-    """Takes context_lens as the length before the step: the new tokens land one block-row on."""
+    """Takes context_lens as the length before the step: each sequence's new tokens land as many
+    positions too far as it has new tokens."""
     slots = []
     for s in range(len(context_lens)):
         for i in range(query_start[s + 1] - query_start[s]):

@@ -1,13 +1,13 @@
-"""A step's plan (kvlab.plan, ``paging.plan_step``): the step's index arrays checked once, then the
-fused write and the attention run with it on every backend exactly as without it — and refuse a
-plan that does not fit, before anything is written."""
+"""A step's plan (kvlab.step_plan, ``paging.plan_step``): the step's index arrays checked once,
+then the fused write and the attention run with it on every backend exactly as without it — and
+refuse a plan that does not fit, before anything is written."""
 import dataclasses
 
 import numpy as np
 import pytest
 
 from kvlab.backends import BACKENDS, get_backend
-from kvlab.plan import StepPlan
+from kvlab.step_plan import StepPlan
 from kvlab.ref.rope import rope_tables
 
 HQ, HKV, D, BS = 4, 2, 32, 4
@@ -85,9 +85,9 @@ def test_the_plan_owns_copies_of_the_step(backend):
     got = [backend.to_numpy(a) for a in (plan.block_tables, plan.query_start, plan.context_lens,
                                          plan.pos_offsets)]
     assert all(a.dtype == np.int32 for a in got)
-    for want, have, host in zip((s["tables"], s["starts"], s["lens"], [9, 0, 6]), got,
-                                (plan.host_tables, plan.host_starts, plan.host_lens,
-                                 plan.host_offsets)):
+    hosts = (plan.host_block_tables, plan.host_query_start, plan.host_context_lens,
+             plan.host_pos_offsets)
+    for want, have, host in zip((s["tables"], s["starts"], s["lens"], [9, 0, 6]), got, hosts):
         assert have.tolist() == np.asarray(want).tolist() == host.tolist()
     s["tables"][0, 0] = 99  # the caller's array changes after planning: the plan's does not
     assert backend.to_numpy(plan.block_tables)[0, 0] == 7
@@ -229,7 +229,8 @@ def test_a_plan_cannot_be_written_where_the_backend_can_tell(backend):
     s = step()
     k_pool, v_pool = on(backend, *s["pools"])
     plan = backend.paging.plan_step(k_pool, s["tables"], s["starts"], s["lens"])
-    for host in (plan.host_tables, plan.host_starts, plan.host_lens, plan.host_offsets):
+    for host in (plan.host_block_tables, plan.host_query_start, plan.host_context_lens,
+                 plan.host_pos_offsets):
         with pytest.raises(ValueError, match="read-only"):
             host[0] = 1
     q = backend.asarray(np.zeros((4, HQ, D), np.float32))

@@ -177,10 +177,11 @@ def synchronize(device: str | None = None) -> None:
 
 
 # The flag the check kernels raise (a bad value found), made once per process: a fresh one per
-# call is a cuMemAlloc and a host-to-device copy (~0.1 ms each on the H200, host_overhead.txt)
-# before every checked write. It is 0 between calls: whoever reads it raised resets it. Safe
-# because every launch here goes to the legacy default stream of one context, in order (as the
-# attention's scratch buffers); host threads launching at once would need one flag each.
+# call is a cuMemAlloc and a host-to-device copy before every checked write (one `cuda.to_device`
+# of a few bytes took 191 us on the H200, data/bench/h200_2026-11-27_host_overhead.txt). It is 0
+# between calls: whoever reads it raised resets it. Safe because every launch here goes to the
+# legacy default stream of one context, in order (as the attention's scratch buffers); host
+# threads launching at once would need one flag each.
 _ERROR_FLAG: Any = None
 
 
@@ -192,9 +193,9 @@ def error_flag() -> Any:
     return _ERROR_FLAG
 
 
-def flag_raised(flag: Any) -> bool:
+def read_and_reset_flag(flag: Any) -> bool:
     """Whether a check kernel raised ``flag`` (:func:`error_flag`): one 4-byte read back, which
-    waits for the kernel; a raised flag is reset to 0 for the next call."""
+    waits for the kernel. A raised flag is set back to 0 here, for the next call."""
     if not flag.copy_to_host()[0]:
         return False
     flag.copy_to_device(np.zeros(1, np.int32))

@@ -302,7 +302,7 @@ def paged_decode_attention(q: Any, k_pool: Any, v_pool: Any, block_tables: Any,
                            num_splits: int | None = None, plan: Any = None) -> Any:
     """float32 ``[T, Hq, D]`` device array; as :func:`kvlab.ref.attention.paged_decode_attention`
     (device arrays; index arrays int32). ``num_splits=None``: chosen for the device
-    (:func:`device_num_splits`). With a ``plan``, nothing is read back from the device."""
+    (:func:`device_num_splits`). With a ``plan``, no index array is read back from the device."""
     kv_dtype, lens, _, scale, window, splits = check_paged_decode_attention(
         q, k_pool, v_pool, block_tables, context_lens, query_start, scale, sliding_window,
         k_scales, v_scales, num_splits, plan)

@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 
 from kvlab.checks import check_fused_write
-from kvlab.kernels.cuda import MODE, cuda, error_flag, flag_raised, fused_write_v4, kernel, mul_rn
+from kvlab.kernels.cuda import (MODE, cuda, error_flag, fused_write_v4, kernel, mul_rn,
+                                read_and_reset_flag)
 from kvlab.kernels.cuda.quant import _check_values as _check_quant_values
 from kvlab.kernels.cuda.quant import _fp8_e4m3_encode, block_max
 from kvlab.ref.fused_write import _one_sequence
@@ -377,7 +378,7 @@ def launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales
         flag = error_flag()
         max_input = shape.kv_dtype.max_input
         run(True, max_input, flag)
-        if flag_raised(flag):
+        if read_and_reset_flag(flag):
             raise ValueError(f"qkv's K after norm/RoPE holds NaN, inf or values beyond "
                              f"±{max_input:g}, which a {shape.kv_dtype.name} cache cannot store "
                              f"(nothing was written)")
@@ -390,9 +391,9 @@ def paged_write_batched(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: A
                         num_q_heads: int, num_kv_heads: int, eps: float, qk_mode: int,
                         k_scales: Any = None, v_scales: Any = None,
                         kv_dtype: str | None = None, plan: Any = None) -> Any:
-    """Many sequences' new tokens in one launch; as :func:`kvlab.ref.fused_write.paged_write_batched`
-    (device arrays; returns q_out as a new device array). With a ``plan``, nothing is read back
-    from the device."""
+    """Many sequences' new tokens in one launch; as
+    :func:`kvlab.ref.fused_write.paged_write_batched` (device arrays; returns q_out as a new device
+    array). With a ``plan``, no index array is read back from the device."""
     shape = check_fused_write(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, block_tables,
                               query_start, pos_offsets, num_q_heads, num_kv_heads, eps, qk_mode,
                               k_scales, v_scales, kv_dtype, plan=plan)

@@ -1,4 +1,5 @@
-"""Paged KV cache as Numba CUDA kernels: the four ops of :mod:`kvlab.ref.paging`, on a GPU.
+"""Paged KV cache as Numba CUDA kernels: the four ops of :mod:`kvlab.ref.paging`, on a GPU (and
+``plan_step``, which checks a batch step's index arrays once: it takes host arrays too).
 
 Each op comes in two parts. The *kernel* is device code: one thread block's view of the job, saying
 which thread moves which element. The *launch wrapper* has ``kvlab.ref.paging``'s name and
@@ -26,7 +27,7 @@ from kvlab.checks import (
     table_shape,
 )
 from kvlab.kernels.cuda import MODE, cuda, kernel
-from kvlab.plan import StepPlan, make_plan
+from kvlab.step_plan import StepPlan, make_plan
 
 # Threads per block. The simulator runs every thread as a Python thread (a fraction of a
 # millisecond each to start), so it gets a small block: the strided loops below then take several

@@ -30,7 +30,8 @@ from kvlab.checks import (
     raise_for_values,
     table_shape,
 )
-from kvlab.kernels.cuda import MODE, cuda, error_flag, flag_raised, float_from_bits, kernel
+from kvlab.kernels.cuda import (MODE, cuda, error_flag, float_from_bits, kernel,
+                                read_and_reset_flag)
 
 # Threads per block, a power of two. The simulator runs each thread as a Python thread, so it
 # gets fewer: its strided loops then take several turns per vector, as a GPU's do for D > 128.
@@ -191,13 +192,13 @@ def out_of_range_kernel(x, limit, flag):
             flag[0] = 1
 
 
-def _check_values(name: str, x: Any, dt) -> None:
+def _check_values(name: str | list[str], x: Any, dt) -> None:
     """ValueError (nothing written) if x holds NaN, inf or |x| > dt.max_input; reads back 4 bytes.
     ``x`` ``[T, heads, D]``; ``name`` may be a list of names, one per part of the heads axis
     (equal parts: K and V of a packed row), checked in one launch and named apart on failure."""
     flag = error_flag()
     _launch(out_of_range_kernel, (x.shape[0],), x, np.float32(dt.max_input), flag)
-    if flag_raised(flag):
+    if read_and_reset_flag(flag):
         host = x if isinstance(x, np.ndarray) else x.copy_to_host()  # (Numba copies a host x in)
         names = [name] if isinstance(name, str) else name
         width = host.shape[1] // len(names)

@@ -1,4 +1,5 @@
-"""Paged KV cache as PyTorch ops: the four ops of :mod:`kvlab.ref.paging`, on MPS, CUDA or the CPU.
+"""Paged KV cache as PyTorch ops: the four ops of :mod:`kvlab.ref.paging`, on MPS, CUDA or the CPU
+(and ``plan_step``, which checks a batch step's index arrays once: it takes NumPy arrays too).
 
 The idea that makes each op a line or two: a C-contiguous pool viewed as
 ``[num_blocks * block_size, num_kv_heads, head_dim]`` has one row per slot, so writing tokens is
@@ -22,7 +23,7 @@ from kvlab.checks import (
     check_write_kv,
 )
 from kvlab.kernels.mps import require_tensors
-from kvlab.plan import StepPlan, make_plan
+from kvlab.step_plan import StepPlan, make_plan
 from kvlab.ref.paging import gathered_slots, table_slots
 
 

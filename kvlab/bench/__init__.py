@@ -9,7 +9,8 @@ median; > 1 means faster than the baseline). Baselines:
 - every op against the same op on the "other" backend: numpy <-> torch on the CPU, and on a GPU the
   Numba kernels (``--backend cuda``) against kvlab's torch ops on the same GPU;
 - paged decode attention against torch SDPA on contiguous K/V (``enable_gqa=True``) and against
-  gather-then-SDPA; INT8 paged decode against FP16 paged decode;
+  gather-then-SDPA; INT8 paged decode against FP16 paged decode; the op given a step plan
+  (``paging.plan_step``, made once outside the timing: no index read-back) against the op without;
 - the fused QKV -> cache write against the unfused ops (RoPE on Q, RoPE on K, slot mapping, write).
 
 Timing (:mod:`kvlab.bench.timers`: :class:`CpuTimer`, :class:`TorchCudaTimer`,

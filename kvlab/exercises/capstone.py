@@ -171,8 +171,8 @@ def step_slots_reference(block_tables: np.ndarray, query_start: np.ndarray,
     num_blocks = int(block_tables.max(initial=0)) + 1
     pool = np.zeros((num_blocks, block_size, 1, 1), np.float16)
     plan = plan_step(pool, block_tables, query_start, context_lens)
-    seq, pos = new_token_positions(plan.host_starts, plan.host_offsets)
-    return (plan.host_tables[seq, pos // block_size] * block_size
+    seq, pos = new_token_positions(plan.host_query_start, plan.host_pos_offsets)
+    return (plan.host_block_tables[seq, pos // block_size] * block_size
             + pos % block_size).astype(np.int32)
 
 
@@ -188,7 +188,7 @@ def _step_slots_cases() -> list[Case]:
         case("a decode step: one new token each", tables, [0, 1, 2, 3], [12, 1, 6]),
         case("a prompt of 3 arriving beside two decodes", tables, [0, 1, 4, 5], [11, 3, 6]),
         case("a sequence sitting this step out (0 rows)", tables, [0, 3, 3, 4], [12, 4, 5]),
-        case("new tokens crossing into a new block", tables, [0, 2, 2, 4], [10, 1, 6]),
+        case("new tokens crossing into a new block", tables, [0, 3, 3, 5], [10, 1, 6]),
         case("blocks of one token", [[3, 1, 0], [2, -1, -1]], [0, 2, 3], [3, 1], block_size=1),
     ]
     rng = np.random.default_rng(26)

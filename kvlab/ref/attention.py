@@ -220,7 +220,7 @@ def paged_decode_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray
     (:func:`split_bounds`), attended separately and merged (flash-decoding); the result equals
     S = 1 up to float32 rounding. None (the default) lets the backend choose: here one partition;
     the CUDA kernels pick S to fill the GPU's SMs.
-    plan: a :class:`~kvlab.plan.StepPlan` of this step (``paging.plan_step``), whose own arrays
+    plan: a :class:`~kvlab.step_plan.StepPlan` of this step (``paging.plan_step``), whose own arrays
     block_tables, context_lens and query_start must then be: they were checked when it was made,
     so the call reads none of them back (one plan serves every layer of a step).
     Returns float32 ``[T, num_q_heads, head_dim]``.

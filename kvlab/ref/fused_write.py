@@ -176,7 +176,7 @@ def paged_write_batched(qkv: np.ndarray, q_norm_w: Any, k_norm_w: Any, cos: Any,
     block_tables: int32 ``[num_seqs, max_blocks]``; query_start: int32 ``[num_seqs + 1]``
     (sequence s owns qkv rows ``query_start[s]:query_start[s+1]``); pos_offsets: int32
     ``[num_seqs]``, each sequence's cache length before this step. plan: a
-    :class:`~kvlab.plan.StepPlan` of this step (``paging.plan_step``), whose own arrays
+    :class:`~kvlab.step_plan.StepPlan` of this step (``paging.plan_step``), whose own arrays
     block_tables, query_start and pos_offsets must then be (checked when it was made: nothing is
     read back). Other arguments as :func:`paged_write`.
     """

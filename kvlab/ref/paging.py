@@ -14,7 +14,9 @@ token at position ``pos`` lives in block ``block_table[pos // block_size]`` at o
 Four ops move bytes and do no arithmetic on K or V, so every backend must match these bit for bit:
 ``slot_mapping`` (positions → slots), ``write_kv`` (new tokens → slots), ``gather_kv`` (a
 sequence's slots → contiguous rows) and ``copy_blocks`` (whole blocks, for copy-on-write).
-Arguments are checked by :mod:`kvlab.checks` before anything is written.
+Arguments are checked by :mod:`kvlab.checks` before anything is written. A fifth, ``plan_step``,
+moves no K or V: it checks a batch step's index arrays once for every layer's fused write and
+attention (:mod:`kvlab.step_plan`).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from kvlab.checks import (
     check_slot_mapping,
     check_write_kv,
 )
-from kvlab.plan import StepPlan, make_plan
+from kvlab.step_plan import StepPlan, make_plan
 
 
 def slot_mapping(block_table: np.ndarray, positions: np.ndarray, block_size: int,
@@ -122,14 +124,14 @@ def copy_blocks(k_pool: np.ndarray, v_pool: np.ndarray, src: np.ndarray, dst: np
 def plan_step(k_pool: np.ndarray, block_tables: Any, query_start: Any,
               context_lens: Any) -> StepPlan:
     """One batch step's index arrays, checked once for every layer's ``paged_write_batched`` and
-    ``paged_decode_attention`` (:mod:`kvlab.plan`, as an engine builds its attention metadata once
+    ``paged_decode_attention`` (:mod:`kvlab.step_plan`, as an engine builds its attention metadata once
     per step).
 
     k_pool: any layer's pool (what the tables index: its ``num_blocks`` and ``block_size``).
     block_tables: int32 ``[num_seqs, max_blocks]``; query_start: int32 ``[num_seqs + 1]``;
     context_lens: int32 ``[num_seqs]``, each sequence's length after the step (its new tokens
     included) — on the host (NumPy) or the backend's own arrays (then read back once).
-    Returns a :class:`~kvlab.plan.StepPlan` whose arrays are new copies (here read-only NumPy
+    Returns a :class:`~kvlab.step_plan.StepPlan` whose arrays are new copies (here read-only NumPy
     int32), with ``pos_offsets = context_lens - new tokens``.
     """
     return make_plan(k_pool, block_tables, query_start, context_lens, upload=_read_only)

@@ -12,9 +12,10 @@ layer; FlashInfer's wrappers split ``plan`` (host-side, once) from ``run`` (per 
 kvlab's version: each backend's ``paging.plan_step(k_pool, block_tables, query_start,
 context_lens)`` checks the host arrays of a step (:func:`check_step`: the same checks the ops run,
 plus the new tokens' slots) and uploads them in **one** host-to-device copy into arrays the plan
-owns. An op given ``plan=`` then takes the plan's arrays as its index arguments and reads nothing
-back: it checks only what is cheap (shapes, dtypes, that the pool is the one planned for and the
-arrays are the plan's own, :func:`check_planned`). The plan's arrays are its own copies, so no
+owns. An op given ``plan=`` then takes the plan's arrays as its index arguments and reads no index
+array back (a write into an int8/fp8 cache still reads back its value-check flag): it checks only
+what is cheap (shapes, dtypes, that the pool is the one planned for and the arrays are the plan's
+own, :func:`check_planned`). The plan's arrays are its own copies, so no
 later change to the caller's arrays can reach a kernel unchecked.
 
 This module imports NumPy alone (like :mod:`kvlab.checks`, whose checks it reuses).
@@ -48,7 +49,7 @@ _MADE: weakref.WeakSet = weakref.WeakSet()
 class StepPlan:
     """One step of a ragged batch over a paged pool, checked (see the module docstring).
 
-    The backend's arrays, owned by the plan (views of one device buffer):
+    The backend's arrays, owned by the plan (views of one buffer on the pool's backend):
     ``block_tables`` int32 ``[num_seqs, max_blocks]``, ``query_start`` int32 ``[num_seqs + 1]``
     (sequence s's new tokens are rows ``query_start[s]:query_start[s+1]``), ``context_lens`` int32
     ``[num_seqs]`` (each sequence's length after the step) and ``pos_offsets`` int32
@@ -57,19 +58,19 @@ class StepPlan:
     against.
 
     The ops trust these arrays, so nothing may write to them: the NumPy ones are read-only, the
-    torch ones carry the version counter they had when made (a write moves it, and the ops then
-    refuse the plan), and a Numba device array has neither — on the cuda backend not writing to a
-    plan is the caller's promise.
+    torch ones carry the version counter they had when made (an in-place write moves it, and the
+    ops then refuse the plan), and a Numba device array has neither — on the cuda backend not
+    writing to a plan is the caller's promise.
     """
 
     block_tables: Any
     query_start: Any
     context_lens: Any
     pos_offsets: Any
-    host_tables: np.ndarray
-    host_starts: np.ndarray
-    host_lens: np.ndarray
-    host_offsets: np.ndarray
+    host_block_tables: np.ndarray
+    host_query_start: np.ndarray
+    host_context_lens: np.ndarray
+    host_pos_offsets: np.ndarray
     num_blocks: int
     block_size: int
     version: int | None = None  # torch: the tensors' version counter when made (None: others)
@@ -77,11 +78,11 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         """The step's new tokens over every sequence (rows of q, qkv)."""
-        return int(self.host_starts[-1])
+        return int(self.host_query_start[-1])
 
     def __repr__(self) -> str:
-        return (f"StepPlan({len(self.host_lens)} sequences, {self.num_tokens} new tokens, pool of "
-                f"{self.num_blocks} blocks of {self.block_size})")
+        return (f"StepPlan({len(self.host_context_lens)} sequences, {self.num_tokens} new tokens, "
+                f"pool of {self.num_blocks} blocks of {self.block_size})")
 
 
 def check_step(k_pool: Any, block_tables: Any, query_start: Any,
