@@ -59,7 +59,7 @@ timeout -k 10 $(upto 60) "$PY" scripts/sweep_v7.py >> "$OUT/bench.txt" 2>&1
 echo "rc=$?"; grep -A30 ': median / min of 20' "$OUT/bench.txt" | cut -c1-150
 step "host overhead"
 timeout -k 10 $(upto 60) "$PY" scripts/profile_kernels.py --host > "$OUT/host_overhead.txt" 2>&1
-echo "rc=$?"; cut -c1-120 "$OUT/host_overhead.txt" | tail -12
+echo "rc=$?"; cut -c1-120 "$OUT/host_overhead.txt" | tail -20
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 sanitize() {  # sanitize TOOL K-FILTER [options]: one compute-sanitizer run, appended to sanitize.log
   local tool=$1 k=$2 limit=$3; shift 3

@@ -89,10 +89,12 @@ def fused_write_setup(be, rng: np.random.Generator, shape: dict) -> SimpleNamesp
     starts, offsets = be.asarray(starts_np), be.asarray(offsets_np)
     checked = check_fused_write(qkv, None, None, cos, sin, k_pool, v_pool, table_2d, starts,
                                 offsets, hq, h, EPS, 2, None, None, None)
+    plan = be.paging.plan_step(k_pool, be.to_numpy(table_2d), starts_np,
+                               (offsets_np + t).astype(np.int32))
     return SimpleNamespace(t=t, hq=hq, h=h, d=d, qkv=qkv, cos=cos, sin=sin, k_pool=k_pool,
                            v_pool=v_pool, table_1d=table_1d, table_2d=table_2d,
                            starts_np=starts_np, offsets_np=offsets_np, starts=starts,
-                           offsets=offsets, checked=checked)
+                           offsets=offsets, checked=checked, plan=plan)
 
 
 def fused_write_launches(be, rng: np.random.Generator, shape: dict) -> list:
@@ -158,8 +160,14 @@ def host_overhead(be, rng: np.random.Generator, shape: dict, num_splits: int = S
          lambda: kept.append(be.fused_write.paged_write(f.qkv, None, None, f.cos, f.sin,
                                                         f.k_pool, f.v_pool, f.table_1d, 0, f.hq,
                                                         f.h, EPS, 2))),
+        ("fused write: paged_write_batched given a step plan (no read-back), no sync",
+         lambda: kept.append(be.fused_write.paged_write_batched(
+             f.qkv, None, None, f.cos, f.sin, f.k_pool, f.v_pool, f.plan.block_tables,
+             f.plan.query_start, f.plan.pos_offsets, f.hq, f.h, EPS, 2, plan=f.plan))),
     ]
     q, k_p, v_p, tables, lens, qs = arrays = attention_arrays(be, rng, shape)
+    host_indices = [be.to_numpy(a) for a in (tables, qs, lens)]
+    plan = be.paging.plan_step(k_p, *host_indices)
     launches = attention_launches(be, rng, shape, num_splits, arrays)
     launch_default = launches[ATTENTION_VERSIONS.index(attention.DEFAULT_VERSION)]
     parts += [
@@ -172,6 +180,12 @@ def host_overhead(be, rng: np.random.Generator, shape: dict, num_splits: int = S
         ("attention: public paged_decode_attention, no sync",
          lambda: kept.append(be.attention.paged_decode_attention(q, k_p, v_p, tables, lens, qs,
                                                                  num_splits=num_splits))),
+        ("attention: plan_step from host arrays (once per step: checks, one upload)",
+         lambda: kept.append(be.paging.plan_step(k_p, *host_indices))),
+        ("attention: paged_decode_attention given the plan (no read-back), no sync",
+         lambda: kept.append(be.attention.paged_decode_attention(
+             q, k_p, v_p, plan.block_tables, plan.context_lens, plan.query_start,
+             num_splits=num_splits, plan=plan))),
     ]
     out = []
     for name, fn in parts:
