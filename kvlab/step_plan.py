@@ -5,7 +5,8 @@ block tables, lengths and query starts. Each op checks its index arrays before i
 that means reading them back to the host, a synchronising copy per array (an H200 spent ~200 us
 of every ``paged_decode_attention`` call and ~260 us of every fused write in its checks,
 ``data/bench/h200_2026-11-27_host_overhead.txt``): up to ~13 ms a step for a 28-layer model, of
-which a plan saves the read-backs and index arithmetic (the shape checks stay per call).
+which a plan saves the read-backs and the block-table and slot checks (the shape checks, and the
+fused write's check of its positions against the RoPE table, stay per call).
 Engines do this work once per step: vLLM builds its attention metadata once and hands it to every
 layer; FlashInfer's wrappers split ``plan`` (host-side, once) from ``run`` (per layer).
 
@@ -15,8 +16,8 @@ plus the new tokens' slots) and uploads them in **one** host-to-device copy into
 owns. An op given ``plan=`` then takes the plan's arrays as its index arguments and reads no index
 array back (a write into an int8/fp8 cache still reads back its value-check flag): it checks only
 what is cheap (shapes, dtypes, that the pool is the one planned for and the arrays are the plan's
-own, :func:`check_planned`). The plan's arrays are its own copies, so no
-later change to the caller's arrays can reach a kernel unchecked.
+own, :func:`check_planned`). The plan's arrays are its own copies, so no later change to the
+caller's arrays can reach a kernel unchecked.
 
 This module imports NumPy alone (like :mod:`kvlab.checks`, whose checks it reuses).
 """
