@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -112,20 +112,28 @@ def check_step(k_pool: Any, block_tables: Any, query_start: Any,
     return table, starts, lens, offsets
 
 
+def upload_together(arrays: Sequence[Any], upload: Callable[[np.ndarray], Any]
+                    ) -> tuple[Any, list[Any]]:
+    """Small host index ``arrays`` (any shapes) as int32 on a backend in **one** copy: packed into
+    one buffer that ``upload`` (``cuda.to_device``, a torch ``.to(device)``, ...) puts there, then
+    seen as one view per array, in its shape. Each small copy costs a synchronous allocation and
+    transfer on a GPU, however few its bytes. Returns ``(buffer, views)``."""
+    flat = [np.asarray(a, np.int32).ravel() for a in arrays]
+    packed = upload(np.concatenate(flat))
+    ends = np.cumsum([len(f) for f in flat])
+    return packed, [packed[stop - len(f):stop].reshape(np.shape(a))
+                    for a, f, stop in zip(arrays, flat, ends)]
+
+
 def make_plan(k_pool: Any, block_tables: Any, query_start: Any, context_lens: Any,
               upload: Callable[[np.ndarray], Any]) -> StepPlan:
-    """:func:`check_step`, then the four index arrays packed into one int32 buffer that
-    ``upload`` puts on the backend (one host-to-device copy), seen as four views. What each
-    backend's ``plan_step`` runs, with its own ``upload``."""
+    """:func:`check_step`, then the four index arrays on the backend in one copy
+    (:func:`upload_together` with ``upload``). What each backend's ``plan_step`` runs."""
     host = check_step(k_pool, block_tables, query_start, context_lens)
     for array in host:
         array.setflags(write=False)
-    table = host[0]
-    parts = (table.ravel(), *host[1:])
-    packed = upload(np.concatenate(parts).astype(np.int32))
-    ends = np.cumsum([len(p) for p in parts])
-    views = [packed[stop - len(p):stop] for p, stop in zip(parts, ends)]
-    plan = StepPlan(views[0].reshape(table.shape), *views[1:], *host, *shape_of(k_pool)[:2],
+    packed, views = upload_together(host, upload)
+    plan = StepPlan(*views, *host, *shape_of(k_pool)[:2],
                     version=getattr(packed, "_version", None))
     _MADE.add(plan)
     return plan

@@ -37,6 +37,7 @@ from kvlab.bench import EPS, PRESETS, THETA
 from kvlab.checks import check_fused_write, check_paged_decode_attention
 from kvlab.ref.fused_write import _one_sequence
 from kvlab.ref.rope import rope_tables
+from kvlab.step_plan import upload_together
 
 SPLITS = 16
 ATTENTION_VERSIONS = (2, 5, 6, 7, 8)
@@ -144,7 +145,7 @@ def host_overhead(be, rng: np.random.Generator, shape: dict, num_splits: int = S
         ("fused write: 2 x cuda.to_device (starts, offsets)",
          lambda: (cuda.to_device(f.starts_np), cuda.to_device(f.offsets_np))),
         ("fused write: 1 x cuda.to_device (starts + offsets, paged_write's way)",
-         lambda: fused_write._to_device_together(f.starts_np, f.offsets_np)),
+         lambda: upload_together([f.starts_np, f.offsets_np], cuda.to_device)),
         ("fused write: cuda.device_array for q_out (T x Hq x D fp16)",
          lambda: kept.append(cuda.device_array((f.t, f.hq, f.d), np.float16))),
         ("fused write: launch() alone (kernel launch, no sync)",

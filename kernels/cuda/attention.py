@@ -72,6 +72,7 @@ from kvlab.kernels.cuda.attention_warps import (  # noqa: F401  (re-exported: no
     _unpack, _wide_dim, lanes_per_key, warp_attention_v2_kernel, warp_attention_v3_kernel,
     warp_attention_v4_kernel)
 from kvlab.kernels.cuda.attention_v8 import RESIDENT_BLOCKS as V8_RESIDENT_BLOCKS
+from kvlab.step_plan import upload_together
 
 # --- launch wrappers -----------------------------------------------------------------------------
 
@@ -290,8 +291,8 @@ def decode_attention(q: Any, k: Any, v: Any, scale: float | None = None, causal:
     v_pool = v.reshape(1, length, num_kv_heads, head_dim)
     # the one-entry table [[0]], the length and query_start [0, T]: one host-to-device copy
     # (each small copy is a synchronous allocation and transfer), three views of it
-    packed = cuda.to_device(np.array([0, length, 0, q.shape[0]], np.int32))
-    table, lens, starts = packed[:1].reshape(1, 1), packed[1:2], packed[2:]
+    _, (table, lens, starts) = upload_together([[[0]], [length], [0, q.shape[0]]],
+                                               cuda.to_device)
     return launch(q, k_pool, v_pool, None, None, None, table, lens, starts, scale, window,
                   bool(causal), 1)
 

@@ -52,6 +52,7 @@ from kvlab.kernels.cuda import (MODE, cuda, error_flag, fused_write_v4, kernel, 
 from kvlab.kernels.cuda.quant import _check_values as _check_quant_values
 from kvlab.kernels.cuda.quant import _fp8_e4m3_encode, block_max
 from kvlab.ref.fused_write import _one_sequence
+from kvlab.step_plan import upload_together
 
 from numba import float32  # noqa: E402,I001  (numba is configured by kvlab.kernels.cuda)
 from numba.types import float16  # noqa: E402
@@ -412,16 +413,9 @@ def paged_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any, k_po
     shape = check_fused_write(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, table, starts,
                               offsets, num_q_heads, num_kv_heads, eps, qk_mode, k_scales, v_scales,
                               kv_dtype)
-    starts, offsets = _to_device_together(starts, offsets)
+    _, (starts, offsets) = upload_together([starts, offsets], cuda.to_device)
     return launch(qkv, q_norm_w, k_norm_w, cos, sin, k_pool, v_pool, k_scales, v_scales, table,
                   starts, offsets, shape, eps, qk_mode, kv_dtype, True)
-
-
-def _to_device_together(starts: np.ndarray, offsets: np.ndarray) -> tuple[Any, Any]:
-    """``starts`` and ``offsets`` (int32) on the device in one host-to-device copy: two views of
-    one buffer (each small copy costs a synchronous cuMemAlloc + cuMemcpyHtoD)."""
-    both = cuda.to_device(np.concatenate([starts, offsets]))
-    return both[:len(starts)], both[len(starts):]
 
 
 def contig_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any, k_cache: Any,
@@ -433,7 +427,7 @@ def contig_write(qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any, k_c
     shape = check_fused_write(qkv, q_norm_w, k_norm_w, cos, sin, k_cache, v_cache, None, starts,
                               offsets, num_q_heads, num_kv_heads, eps, qk_mode, k_scales,
                               v_scales, kv_dtype, paged=False)
-    starts, offsets = _to_device_together(starts, offsets)
+    _, (starts, offsets) = upload_together([starts, offsets], cuda.to_device)
     pools = [c.reshape(c.shape[0], 1, *c.shape[1:]) if c is not None else None
              for c in (k_cache, v_cache, k_scales, v_scales)]  # capacity blocks of one slot
     return launch(qkv, q_norm_w, k_norm_w, cos, sin, pools[0], pools[1], pools[2], pools[3],
