@@ -41,9 +41,7 @@ CONTROLS = (".widget-slider, .widget-dropdown, .widget-toggle-buttons, .widget-r
             ".widget-checkbox, .widget-button, .widget-play, .widget-select, .widget-text")
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 # Notebooks with nothing to move, each with its reason; every other notebook has an explorer.
-WITHOUT_EXPLORER = {
-    "07_gpu_performance.ipynb": "reads results measured on a GPU; nothing here runs on one",
-}
+WITHOUT_EXPLORER: dict[str, str] = {}
 
 # The notebook panel JupyterLab shows, once its kernel is up (null until then).
 JS_PANEL = """

@@ -146,6 +146,10 @@ CASES = {
     "plot_ladder": lambda: kplot.plot_ladder(
         [("v1", 6.0e-3), ("v2", 2.26e-3), ("v3", 1.72e-3), ("v6", 1.57e-3)],
         {"torch SDPA": 2.56e-4}),
+    "plot_ceilings": lambda: kplot.plot_ceilings(
+        {"memory": 4.2e12, "issue": 0.85e12, "latency": 3.6e12},
+        {"issue": "issue: 2.43 / cycle ÷ 0.75 / byte"},
+        {"torch SDPA, measured": 4.19e12, "v6, measured": 0.69e12}),
     "plot_pool_timeline": lambda: kplot.plot_pool_timeline(_serve_result()),
     "plot_accesses": lambda: importlib.import_module("kvlab.plot.trace").plot_accesses(_owners()),
     "plot_access_comparison": lambda: importlib.import_module(

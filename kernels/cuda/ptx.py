@@ -27,6 +27,8 @@ import re
 import sys
 from typing import Any
 
+from kvlab.gpu_limits import issue_bound
+
 # --- ptxas through nvJitLink ---------------------------------------------------------------------
 
 
@@ -275,8 +277,8 @@ def _budget(ptx: str, kv_bytes_per_trip: int) -> dict[str, Any]:
     (``issue_bound_tb_s`` = 132 SMs x 1.98 GHz x 2.4 / warp instructions per byte; the card
     copies at ~4.8 TB/s)."""
     budget = loop_budget(ptx, kv_bytes_per_trip)
-    budget["issue_bound_tb_s"] = round(
-        SMS * CLOCK_HZ * ISSUE_PER_CYCLE / budget["warp_instructions_per_kv_byte"] / 1e12, 2)
+    budget["issue_bound_tb_s"] = round(issue_bound(
+        budget["warp_instructions_per_kv_byte"], ISSUE_PER_CYCLE, SMS, CLOCK_HZ) / 1e12, 2)
     return budget
 
 

@@ -24,8 +24,8 @@ from kvlab.plot.attention import (
     H100_SXM_NOMINAL, lane_map, plot_lane_map, plot_roofline, plot_scores_over_table, plot_split_k,
 )
 from kvlab.plot.perf import (
-    NOMINAL_HBM_BYTES_PER_S, decode_flops, plot_kernel_versions, plot_ladder, plot_measured_roofline,
-    version_color,
+    NOMINAL_HBM_BYTES_PER_S, decode_flops, plot_ceilings, plot_kernel_versions, plot_ladder,
+    plot_measured_roofline, version_color,
 )
 from kvlab.plot.fused_write import plot_thread_blocks, plot_write_traffic
 from kvlab.plot.capstone import plot_pool_timeline
@@ -61,6 +61,6 @@ __all__ = [
     "H100_SXM_NOMINAL", "lane_map", "plot_lane_map", "plot_roofline", "plot_scores_over_table",
     "plot_split_k",
     # 07 GPU performance (kvlab.plot.perf)
-    "NOMINAL_HBM_BYTES_PER_S", "decode_flops", "plot_kernel_versions", "plot_ladder",
+    "NOMINAL_HBM_BYTES_PER_S", "decode_flops", "plot_ceilings", "plot_kernel_versions", "plot_ladder",
     "plot_measured_roofline", "version_color",
 ]

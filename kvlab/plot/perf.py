@@ -6,6 +6,8 @@
   step before, against reference times (torch SDPA, the time at copy bandwidth).
 - :func:`plot_measured_roofline`: a roofline whose roofs are measured (copy bandwidth, an fp32
   matrix product), each kernel a point at the FLOP/s it achieved.
+- :func:`plot_ceilings`: the three ceilings on a kernel's bandwidth (memory, instruction issue,
+  bytes in flight; :mod:`kvlab.gpu_limits`), the one that binds marked, measured kernels beside.
 
 Colours: a kernel version keeps one colour along a sequential colour map (light = later), a KV
 dtype its colour of the whole course (:data:`~kvlab.plot.style.DTYPE_COLORS`), reference lines
@@ -219,4 +221,52 @@ def plot_measured_roofline(result: dict, ax: Axes | None = None) -> Axes:
     ax.tick_params(labelsize=FONT)
     ax.set_title(f"decode attention on a measured roofline: {_label(result)}", fontsize=9)
     ax.legend(handles, legend_labels, fontsize=FONT, loc="lower right")
+    return ax
+
+
+def plot_ceilings(bounds: Mapping[str, float], labels: Mapping[str, str] | None = None,
+                  measured: Mapping[str, float] | None = None, ax: Axes | None = None,
+                  title: str = "") -> Axes:
+    """The ceilings on a kernel's bandwidth as bars (TB/s, log axis), the smallest — the one that
+    binds — in vermillion, the others sky blue; each ``measured`` bandwidth a labelled grey line.
+
+    bounds: ``{name: bytes per second}`` (e.g. :func:`kvlab.gpu_limits.bandwidth_bounds`); labels:
+    ``{name: the bar's label}`` (default: the name); measured: ``{label: bytes per second}``."""
+    from kvlab.plot.style import OKABE_ITO
+
+    if not bounds:
+        raise ValueError("plot_ceilings needs at least one bound")
+    for name, value in [*bounds.items(), *(measured or {}).items()]:
+        if not value > 0:
+            raise ValueError(f"{name!r}: a bandwidth must be positive, got {value}")
+    ax = new_axes(ax, (FIGSIZE[0], 3.4))
+    binding = min(bounds, key=bounds.get)
+    tb_s = np.array(list(bounds.values())) / 1e12
+    rows = np.arange(len(bounds))
+    ax.barh(rows, tb_s, color=[OKABE_ITO["vermillion"] if name == binding else OKABE_ITO["sky_blue"]
+                               for name in bounds])
+    for row, value in zip(rows, tb_s):
+        ax.annotate(f"{_three_digits(value)} TB/s", (value, row), xytext=(4, 0),
+                    textcoords="offset points", va="center", fontsize=FONT)
+    every = [*tb_s, *(b / 1e12 for b in (measured or {}).values())]
+    low, high = min(every) / 2, max(every) * 6  # room on the right for the value labels
+    for i, ((label, bandwidth), style) in enumerate(zip((measured or {}).items(), ("--", ":", "-."))):
+        x = bandwidth / 1e12
+        ax.axvline(x, color=COLOR_REFERENCE, ls=style, lw=1.2)
+        # a label reads away from the nearer edge, so it never runs out of the axes
+        right_half = np.log(x / low) > np.log(high / x)
+        ax.annotate(f"{label}: {_three_digits(x)} TB/s", (x, 1.0),
+                    xycoords=("data", "axes fraction"), xytext=(-3 if right_half else 3, -4 - 11 * i),
+                    textcoords="offset points", fontsize=FONT, color=COLOR_REFERENCE, va="top",
+                    ha="right" if right_half else "left",
+                    bbox={"fc": "white", "ec": "none", "pad": 0.5})  # a line each
+    ax.set_xscale("log")
+    ax.set_xlim(low, high)
+    # first bound on top, a strip above the bars for the measured lines' labels
+    ax.set_ylim(len(bounds) - 0.5, -0.6 - 0.35 * len(measured or {}))
+    ax.set_yticks(rows, [(labels or {}).get(name, name) for name in bounds], fontsize=FONT)
+    ax.tick_params(axis="x", labelsize=FONT)
+    ax.set_xlabel("bandwidth (TB/s, log scale)", fontsize=9)
+    if title:
+        ax.set_title(title, fontsize=9)
     return ax

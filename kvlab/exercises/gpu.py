@@ -1,0 +1,187 @@
+"""Exercises of notebook 07 (GPU performance): how many blocks an SM holds, which of three
+ceilings sets a kernel's speed, and how many split-K partitions fill one wave.
+
+Each is checked against the code the project runs: occupancy against
+:func:`kvlab.gpu_limits.blocks_per_sm` (itself held against the block limits Nsight Compute
+reported on an H200, tests/test_gpu_limits.py), the ceilings against
+:func:`kvlab.gpu_limits.time_floor`, the split count against the rule decode kernel v8 launches
+with (:func:`kvlab.kernels.cuda.attention.one_wave_splits`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kvlab import gpu_limits
+from kvlab.exercises.core import Case, Exercise, register
+from kvlab.gpu_limits import SM90, Machine
+
+NOTEBOOK = "07_gpu_performance"
+H200_SHARED_CONFIG = 135_168  # the carve-out the driver chose for the kernels profiled (132 KiB)
+
+
+# --- 07.blocks_per_sm --------------------------------------------------------------------------
+
+def blocks_per_sm_solution(registers_per_thread: int, threads_per_block: int,
+                           shared_bytes_per_block: int, shared_bytes_per_sm: int) -> int:
+    """Blocks of a kernel one SM (compute capability 9.0) holds at once."""
+    warps = -(-threads_per_block // 32)                  # a partial warp takes a whole one
+    per_warp = -(-registers_per_thread * 32 // 256) * 256  # registers go to warps, in 256s
+    by_registers = 65_536 // per_warp // warps
+    shared = -(-shared_bytes_per_block // 128) * 128 + 1024  # + the driver's 1 KiB per block
+    by_shared = shared_bytes_per_sm // shared
+    by_warps = 64 // warps
+    return min(by_registers, by_shared, by_warps, 32)    # 32: the SM's block slots
+
+
+def _blocks_per_sm_cases() -> list[Case]:
+    def case(label, registers, threads, shared, config=H200_SHARED_CONFIG, random=False):
+        return Case(label, dict(registers_per_thread=registers, threads_per_block=threads,
+                                shared_bytes_per_block=shared, shared_bytes_per_sm=config),
+                    random=random)
+
+    cases = [
+        case("decode v2 on the H200: 159 registers x 128 threads", 159, 128, 20_480),
+        case("decode v6: launch bounds held it to 128 registers", 128, 128, 20_480),
+        case("the fused write: 48 registers, 4.5 KiB shared", 48, 128, 4_608),
+        case("97 registers, 2 warps: registers go to warps in units of 256", 97, 64, 0),
+        case("33,000 shared bytes: the driver's 1 KiB per block counts", 32, 128, 33_000),
+        case("3 warps of 24 registers: the SM's 64 warps bind", 24, 96, 0),
+        case("80 threads are 3 warps, not 2.5", 32, 80, 0),
+        case("one warp of 16 registers: the SM's 32 block slots bind", 16, 32, 0,
+             SM90.max_shared_per_sm),
+        case("a 1,024-thread block", 64, 1024, 0),
+    ]
+    rng = np.random.default_rng(7)
+    while sum(c.random for c in cases) < 5:
+        registers = int(rng.integers(16, 256))
+        threads = int(rng.choice([32, 64, 96, 128, 192, 256, 512]))
+        shared = int(rng.choice([0, 1_000, 4_608, 12_000, 20_480, 48_000]))
+        config = int(rng.choice([65_536, H200_SHARED_CONFIG, SM90.max_shared_per_sm]))
+        try:
+            gpu_limits.blocks_per_sm(registers, threads, shared, config)
+        except ValueError:  # a block no SM could hold: not a case
+            continue
+        cases.append(case(f"random {sum(c.random for c in cases)}", registers, threads, shared,
+                          config, random=True))
+    return cases
+
+
+register(Exercise(
+    name="07.blocks_per_sm", notebook=NOTEBOOK, section="1 The words the story needs",
+    signature="blocks_per_sm(registers_per_thread, threads_per_block, shared_bytes_per_block, "
+              "shared_bytes_per_sm) -> int",
+    hint="four limits, take the smallest: registers (65,536 per SM, given to whole warps in units "
+         "of 256), shared memory (a block's bytes rounded up to 128, plus 1,024 the driver keeps "
+         "per block), warps (64 per SM) and block slots (32 per SM).",
+    solution=blocks_per_sm_solution,
+    reference=gpu_limits.blocks_per_sm,
+    cases=_blocks_per_sm_cases,
+))
+
+
+# --- 07.time_floor -----------------------------------------------------------------------------
+
+def time_floor_solution(kv_bytes: float, instructions_per_byte: float, issue_per_cycle: float,
+                        bytes_in_flight_per_sm: float, machine: Machine) -> tuple[float, str]:
+    """The least time to stream ``kv_bytes``, and which ceiling sets it."""
+    bounds = {
+        "memory": machine.memory_bytes_per_s,
+        # instructions an SM can issue per second, over the instructions each byte costs
+        "issue": machine.num_sms * machine.clock_hz * issue_per_cycle / instructions_per_byte,
+        # Little's law: bandwidth = bytes in flight / the time each load takes to return
+        "latency": machine.num_sms * bytes_in_flight_per_sm / machine.latency_s,
+    }
+    limit = min(bounds, key=bounds.get)
+    return kv_bytes / bounds[limit], limit
+
+
+def _time_floor_cases() -> list[Case]:
+    h200 = gpu_limits.h200()
+    h100 = Machine("an H100-like card (2.5 TB/s copy, 800 ns)", 132, 1.755e9, 2.5e12, 800e-9)
+    kv = 1_073_741_824  # the bench's K and V: 8 sequences x 32,768 tokens x 8 heads x 128 x fp16
+
+    def case(label, instructions, issue, in_flight, machine=h200, kv_bytes=kv, random=False):
+        return Case(label, dict(kv_bytes=kv_bytes, instructions_per_byte=instructions,
+                                issue_per_cycle=issue, bytes_in_flight_per_sm=in_flight,
+                                machine=machine), random=random)
+
+    cases = [
+        case("v6 as Nsight Compute counted it: 0.75 per byte at 2.43 a cycle", 0.75, 2.43,
+             16 * 1024),
+        case("v6 at the SM's full issue rate", 0.75, 4, 16 * 1024),
+        case("SDPA-like: few instructions, many bytes in flight", 0.05, 3, 64 * 1024),
+        case("one warp of 1 KiB in flight per SM: latency binds", 0.2, 2.4, 1024),
+        case("v8 if it issues its static count: 0.20 per byte, 12 warps x 4 KiB", 0.2, 2.4,
+             48 * 1024),
+        case("another card", 0.3, 2, 16 * 1024, h100),
+    ]
+    rng = np.random.default_rng(77)
+    for i in range(4):
+        cases.append(case(f"random {i}", float(10 ** rng.uniform(-2, 0.3)),
+                          float(rng.uniform(0.5, 4)), int(rng.integers(1, 65)) * 1024,
+                          h200 if i % 2 else h100,
+                          int(rng.integers(1, 4)) << 28, random=True))
+    return cases
+
+
+register(Exercise(
+    name="07.time_floor", notebook=NOTEBOOK, section="3.11 Three ceilings: which one binds",
+    signature="time_floor(kv_bytes, instructions_per_byte, issue_per_cycle, "
+              "bytes_in_flight_per_sm, machine) -> (seconds, 'memory' | 'issue' | 'latency')",
+    hint="three bandwidths in bytes per second — the copy bandwidth; SMs x clock x issue rate / "
+         "instructions per byte; SMs x bytes in flight per SM / latency — the smallest sets the "
+         "time, kv_bytes / it.",
+    solution=time_floor_solution,
+    reference=gpu_limits.time_floor,
+    cases=_time_floor_cases,
+))
+
+
+# --- 07.one_wave_splits ------------------------------------------------------------------------
+
+def one_wave_splits_solution(base_blocks: int, longest_context: int, num_sms: int,
+                             resident_blocks: int) -> int:
+    """Split-K partitions per sequence for v8: as many as fill one wave of resident CTAs."""
+    wave = num_sms * resident_blocks // base_blocks   # CTAs the GPU runs at once / CTAs per split
+    most = max(1, longest_context // 256)             # no partition shorter than 256 keys
+    return max(1, min(wave, most))                    # and at least one partition
+
+
+def one_wave_splits_reference(base_blocks: int, longest_context: int, num_sms: int,
+                              resident_blocks: int) -> int:
+    """The rule ``paged_decode_attention`` launches v8 with."""
+    from kvlab.kernels.cuda.attention import one_wave_splits
+
+    return one_wave_splits(base_blocks, longest_context, num_sms, resident_blocks)
+
+
+def _one_wave_cases() -> list[Case]:
+    def case(label, base, context, sms=132, resident=3, random=False):
+        return Case(label, dict(base_blocks=base, longest_context=context, num_sms=sms,
+                                resident_blocks=resident), random=random)
+
+    cases = [
+        case("the bench: 8 sequences x 8 kv heads, 32,768 tokens, 132 SMs x 3", 64, 32_768),
+        case("int8 pools: 2 resident CTAs", 64, 32_768, resident=2),
+        case("one sequence of 4,096 tokens: 16 partitions of 256 keys at most", 8, 4_096),
+        case("a batch already over one wave", 512, 32_768),
+        case("a context shorter than 256 keys", 8, 100),
+        case("not a power of two", 40, 65_536, 108, 4),
+    ]
+    rng = np.random.default_rng(70)
+    for i in range(4):
+        cases.append(case(f"random {i}", int(rng.integers(1, 130)), int(rng.integers(1, 100_000)),
+                          int(rng.choice([80, 108, 132, 144])), int(rng.integers(1, 5)),
+                          random=True))
+    return cases
+
+
+register(Exercise(
+    name="07.one_wave_splits", notebook=NOTEBOOK, section="6 Counted without a GPU",
+    signature="one_wave_splits(base_blocks, longest_context, num_sms, resident_blocks) -> int",
+    hint="one wave is num_sms x resident_blocks CTAs and each partition adds base_blocks of them; "
+         "no partition may be shorter than 256 keys, and there is always at least one.",
+    solution=one_wave_splits_solution,
+    reference=one_wave_splits_reference,
+    cases=_one_wave_cases,
+))

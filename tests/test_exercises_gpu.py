@@ -1,0 +1,94 @@
+"""Wrong answers the 07 (GPU performance) checkers must reject (gathered by
+tests/test_exercises.py)."""
+
+
+def registers_per_thread_unrounded(registers_per_thread, threads_per_block,
+                                   shared_bytes_per_block, shared_bytes_per_sm):
+    """Divides the register file by registers x threads: forgets they go to warps in 256s."""
+    warps = -(-threads_per_block // 32)
+    by_registers = 65_536 // (registers_per_thread * threads_per_block)
+    shared = -(-shared_bytes_per_block // 128) * 128 + 1024
+    return min(by_registers, shared_bytes_per_sm // shared, 64 // warps, 32)
+
+
+def without_the_driver_reserve(registers_per_thread, threads_per_block, shared_bytes_per_block,
+                               shared_bytes_per_sm):
+    """Forgets the 1 KiB of shared memory the driver keeps for every block."""
+    warps = -(-threads_per_block // 32)
+    by_registers = 65_536 // (-(-registers_per_thread * 32 // 256) * 256) // warps
+    by_shared = shared_bytes_per_sm // max(1, shared_bytes_per_block)
+    return min(by_registers, by_shared, 64 // warps, 32)
+
+
+def partial_warps(registers_per_thread, threads_per_block, shared_bytes_per_block,
+                  shared_bytes_per_sm):
+    """Counts 80 threads as 2.5 warps."""
+    warps = threads_per_block / 32
+    by_registers = int(65_536 // (-(-registers_per_thread * 32 // 256) * 256) // warps)
+    shared = -(-shared_bytes_per_block // 128) * 128 + 1024
+    return min(by_registers, shared_bytes_per_sm // shared, int(64 // warps), 32)
+
+
+def registers_only(registers_per_thread, threads_per_block, shared_bytes_per_block,
+                   shared_bytes_per_sm):
+    """Only the register limit (what notebook 07's own first cell computes)."""
+    return 65_536 // (registers_per_thread * threads_per_block)
+
+
+def _bounds(instructions_per_byte, issue_per_cycle, bytes_in_flight_per_sm, machine):
+    return {"memory": machine.memory_bytes_per_s,
+            "issue": machine.num_sms * machine.clock_hz * issue_per_cycle / instructions_per_byte,
+            "latency": machine.num_sms * bytes_in_flight_per_sm / machine.latency_s}
+
+
+def floor_without_latency(kv_bytes, instructions_per_byte, issue_per_cycle,
+                          bytes_in_flight_per_sm, machine):
+    """Forgets Little's law: as if any number of bytes could be in flight."""
+    bounds = _bounds(instructions_per_byte, issue_per_cycle, bytes_in_flight_per_sm, machine)
+    del bounds["latency"]
+    limit = min(bounds, key=bounds.get)
+    return kv_bytes / bounds[limit], limit
+
+
+def floor_at_full_issue(kv_bytes, instructions_per_byte, issue_per_cycle,
+                        bytes_in_flight_per_sm, machine):
+    """Assumes every SM issues 4 instructions a cycle, whatever the kernel achieves."""
+    bounds = _bounds(instructions_per_byte, 4, bytes_in_flight_per_sm, machine)
+    limit = min(bounds, key=bounds.get)
+    return kv_bytes / bounds[limit], limit
+
+
+def floor_from_the_largest(kv_bytes, instructions_per_byte, issue_per_cycle,
+                           bytes_in_flight_per_sm, machine):
+    """Takes the largest ceiling: the one a kernel never reaches."""
+    bounds = _bounds(instructions_per_byte, issue_per_cycle, bytes_in_flight_per_sm, machine)
+    limit = max(bounds, key=bounds.get)
+    return kv_bytes / bounds[limit], limit
+
+
+def power_of_two_splits(base_blocks, longest_context, num_sms, resident_blocks):
+    """Rounds down to a power of two, as v2-v7's rule does: 4 splits at the bench, not 6."""
+    most = max(1, longest_context // 256)
+    splits = 1
+    while base_blocks * splits * 2 <= num_sms * resident_blocks and splits * 2 <= most:
+        splits *= 2
+    return splits
+
+
+def splits_without_the_key_floor(base_blocks, longest_context, num_sms, resident_blocks):
+    """Fills the wave even with partitions of a handful of keys."""
+    return max(1, num_sms * resident_blocks // base_blocks)
+
+
+def splits_can_be_zero(base_blocks, longest_context, num_sms, resident_blocks):
+    """A batch over one wave gets 0 partitions."""
+    return min(num_sms * resident_blocks // base_blocks, max(1, longest_context // 256))
+
+
+WRONG_ANSWERS = {
+    "07.blocks_per_sm": [registers_per_thread_unrounded, without_the_driver_reserve,
+                         partial_warps, registers_only],
+    "07.time_floor": [floor_without_latency, floor_at_full_issue, floor_from_the_largest],
+    "07.one_wave_splits": [power_of_two_splits, splits_without_the_key_floor,
+                           splits_can_be_zero],
+}

@@ -1,0 +1,107 @@
+"""kvlab.gpu_limits: occupancy held against what Nsight Compute reported on an H200, and the
+three bandwidth ceilings held against the stored measurements they must bound."""
+import pytest
+
+from kvlab.data import load_json
+from kvlab.gpu_limits import (SM90, Machine, bandwidth_bounds, block_limits, blocks_per_sm, h200,
+                              issue_bound, time_floor)
+from kvlab.ncu import load_ncu_csv
+
+NCU = load_ncu_csv("bench/h200_2026-11-27_ncu.csv")
+H200_RUN = load_json("bench/h200_2026-11-27.json")
+NCU_LIMITS = {"registers": "Block Limit Registers", "shared": "Block Limit Shared Mem",
+              "warps": "Block Limit Warps", "blocks": "Block Limit SM"}
+
+
+@pytest.mark.parametrize("launch", NCU, ids=lambda launch: launch.kernel)
+def test_block_limits_are_the_ones_nsight_compute_reported(launch):
+    m = launch.metrics
+    limits = block_limits(int(m["Registers Per Thread"]), int(m["Block Size"]),
+                          int(m["Static Shared Memory Per Block"] + m["Dynamic Shared Memory Per Block"]),
+                          int(m["Shared Memory Configuration Size"]))
+    assert limits == {name: int(m[metric]) for name, metric in NCU_LIMITS.items()}
+    # and the occupancy they imply is the profiler's theoretical occupancy
+    warps = blocks_per_sm(int(m["Registers Per Thread"]), int(m["Block Size"]),
+                          int(m["Static Shared Memory Per Block"]),
+                          int(m["Shared Memory Configuration Size"])) * int(m["Block Size"]) // 32
+    assert 100 * warps / SM90.max_warps == pytest.approx(m["Theoretical Occupancy"])
+
+
+def test_registers_are_allocated_per_warp_in_units_of_256():
+    # 97 x 32 = 3,104 registers a warp, allocated as 3,328: 19 warps, so 9 blocks of 2 warps
+    # (per thread, unrounded, 65,536 / (97 x 64) would give 10)
+    assert block_limits(97, 64, 0, SM90.max_shared_per_sm)["registers"] == 9
+    # a partial warp takes a whole warp's registers and slot
+    assert block_limits(128, 33, 0, SM90.max_shared_per_sm)["warps"] == 32
+
+
+def test_shared_memory_is_rounded_and_each_block_pays_the_driver_reserve():
+    # 1 byte -> 128, + 1,024 reserved: 8 KiB configured holds 7 such blocks
+    assert block_limits(32, 32, 1, 8 * 1024)["shared"] == 7
+    assert block_limits(32, 32, 0, 8 * 1024)["shared"] == 8
+
+
+@pytest.mark.parametrize("args, message", [
+    ((256, 128, 0, 1024), "registers_per_thread must be <= 255"),
+    ((32, 1025, 0, 1024), "threads_per_block must be <= 1024"),
+    ((32, 128, 0, 229 * 1024), "shared_bytes_per_sm must be <= "),
+    ((32, 128, 48 * 1024, 32 * 1024), "does not fit on one SM"),
+    ((255, 1024, 0, 1024), "does not fit on one SM"),
+    ((0, 128, 0, 1024), "registers_per_thread must be >= 1"),
+])
+def test_a_block_no_sm_can_run_is_refused(args, message):
+    with pytest.raises(ValueError, match=message):
+        block_limits(*args)
+
+
+def test_a_non_integer_is_refused_by_name():
+    with pytest.raises(TypeError, match="threads_per_block must be an int"):
+        block_limits(32, 128.0, 0, 1024)
+
+
+def test_h200_comes_from_the_stored_runs():
+    machine = h200()
+    assert machine.num_sms == 132
+    assert machine.clock_hz == pytest.approx(1.98e9, rel=0.01)
+    assert machine.memory_bytes_per_s == pytest.approx(
+        H200_RUN["meta"]["copy_bandwidth_gb_per_s"] * 1e9)
+
+
+def test_the_issue_ceiling_is_the_formula_the_ptx_budget_uses():
+    # 132 SMs x 1.98 GHz x 2.4 instructions per cycle at 0.75 instructions per byte
+    assert issue_bound(0.75, 2.4, 132, 1.98e9) == pytest.approx(836.35e9, rel=1e-4)
+    with pytest.raises(ValueError, match="issue_per_cycle must be in"):
+        issue_bound(0.75, 5, 132, 1.98e9)
+    with pytest.raises(ValueError, match="instructions_per_byte must be a positive"):
+        issue_bound(0, 2, 132, 1.98e9)
+
+
+def test_the_binding_ceiling_is_the_smallest():
+    machine = Machine("test", num_sms=100, clock_hz=1e9, memory_bytes_per_s=3e12, latency_s=1e-6)
+    bounds = bandwidth_bounds(0.5, 2, 16 * 1024, machine)
+    assert bounds == pytest.approx({"memory": 3e12, "issue": 4e11, "latency": 1.6384e12})
+    assert time_floor(4e11, 0.5, 2, 16 * 1024, machine) == (pytest.approx(1.0), "issue")
+    assert time_floor(3e12, 0.01, 4, 1e6, machine) == (pytest.approx(1.0), "memory")
+    assert time_floor(1e9, 0.01, 4, 1024, machine)[1] == "latency"
+
+
+def _measured(op, impl="cuda"):
+    return next(r for r in H200_RUN["rows"] if r["op"] == op and r["impl"] == impl)
+
+
+def test_the_floors_hold_under_what_the_h200_measured():
+    """A floor that a measurement beat would be a wrong model: every one must sit at or under the
+    measured time. SDPA is memory-bound; the warp kernels' floors use Nsight Compute's own count
+    of their instructions at the SM's full issue rate (notebook 07 §3.10)."""
+    machine = h200()
+    sdpa = _measured("torch SDPA contiguous (enable_gqa)", "torch-sdpa-cuda")
+    floor, limit = time_floor(sdpa["bytes"], 0.01, 4, 64 * 1024, machine)
+    assert limit == "memory" and floor <= sdpa["median_s"] <= 1.05 * floor
+    kv_bytes = _measured("kernel v6 fp16 splits=16")["bytes"]
+    for launch in NCU[:3]:
+        m = launch.metrics
+        issued = m["SM Active Cycles"] * m["Achieved Active Warps Per SM"] / \
+            m["Warp Cycles Per Issued Instruction"] * m["# SMs"]
+        floor, limit = time_floor(kv_bytes, issued / kv_bytes, 4, 16 * 1024, machine)
+        assert limit == "issue"
+        assert floor < m["Duration"] * 1e-9
