@@ -6,22 +6,29 @@ one definition:
 
 - **Occupancy** (:func:`block_limits`, :func:`blocks_per_sm`): how many thread blocks of a kernel
   one SM keeps resident, from its registers per thread, threads per block and shared memory per
-  block — the rules of NVIDIA's occupancy calculator for compute capability 9.0 (H100, H200):
-  registers are handed out per warp in units of 256, shared memory per block in units of 128 bytes
-  plus 1 KiB the driver reserves for each block. ``tests/test_gpu_limits.py`` holds the rules
-  against the block limits Nsight Compute reported for the kernels profiled on an H200.
+  block — the rules of NVIDIA's occupancy calculator (``cuda_occupancy.h``) for compute
+  capability 9.0 (H100, H200): registers are handed out per warp in units of 256, from the four
+  quarters of the register file (one per scheduler) separately; shared memory per block in units
+  of 128 bytes plus 1 KiB the driver reserves for each block. ``tests/test_gpu_limits.py`` holds
+  the rules against the block limits Nsight Compute reported for the kernels profiled on an H200
+  (three configurations) and against hand-worked cases of the header's rules.
 - **Three bandwidth ceilings** (:func:`bandwidth_bounds`, :func:`time_floor`): a kernel that
   streams bytes from DRAM reads no faster than
 
-  - *memory*: the card's copy bandwidth;
+  - *memory*: the card's copy bandwidth — a practical roof rather than a hard one: a copy reads
+    and writes, and a kernel that only reads can beat it a little (torch SDPA read at 1.17x the
+    copy bandwidth on the H100 of the stored runs, whose copy was timed with Numba's copy kernel;
+    at 1.00x on the H200, timed with torch's copy);
   - *issue*: SMs x clock x warp instructions issued per cycle per SM ÷ warp instructions per byte
     (each SM issues at most 4 warp instructions a cycle, one per scheduler);
   - *latency* (Little's law): SMs x bytes in flight per SM ÷ DRAM latency — the loads outstanding
     at any moment must add up to bandwidth x latency.
 
-  The smallest ceiling binds. These are bounds, not a simulation: a kernel runs at or below the
-  smallest one, and the model says which change can help (fewer instructions per byte, a higher
-  issue rate, more bytes in flight) and which cannot.
+  The smallest ceiling binds. The issue and latency ceilings are bounds, not a simulation: a
+  kernel runs at or below them, and the model says which change can help (fewer instructions per
+  byte, a higher issue rate, more bytes in flight) and which cannot. The issue rate is itself an
+  outcome (:func:`issue_rate`): an SM issues from the warps that are ready, so it is at most its
+  resident warps ÷ the cycles each warp waits between two instructions, and at most 4.
 
 The H200's figures come from the stored runs (:func:`h200`): its SM count and clock from Nsight
 Compute, its copy bandwidth from the benchmark's own copy. Its DRAM latency is **not measured
@@ -32,7 +39,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-WARP_THREADS = 32
+WARP_SIZE = 32
+SUB_PARTITIONS = 4             # an SM's schedulers, each with a quarter of the register file
 ISSUE_PER_SM_PER_CYCLE = 4      # 4 schedulers per SM, one warp instruction per cycle each
 DRAM_LATENCY_S = 600e-9         # assumed, not measured here (see the module's docstring)
 
@@ -70,7 +78,7 @@ def _round_up(value: int, unit: int) -> int:
     return -(-value // unit) * unit
 
 
-def _positive_int(name: str, value: object, low: int = 1) -> int:
+def _int_at_least(name: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low:
@@ -84,12 +92,17 @@ def block_limits(registers_per_thread: int, threads_per_block: int, shared_bytes
     Limit ..." rows: ``registers``, ``shared`` (static + dynamic shared memory of a block against
     the SM's configured ``shared_bytes_per_sm``), ``warps`` and ``blocks`` (the SM's block slots).
 
-    Raises ValueError for a block no SM could run (too many threads, registers or shared bytes).
+    Registers, as ``cuda_occupancy.h`` counts them: a warp's registers (``registers_per_thread``
+    x 32) are rounded up to a multiple of 256 and come from one quarter of the register file (one
+    scheduler's), so an SM holds 4 x (65,536 / 4 // a warp's registers) warps. Raises ValueError
+    for a block no SM could run: too many threads, registers or shared bytes — the hardware also
+    refuses a block whose warps, rounded up to a multiple of 4, would need more than 65,536
+    registers.
     """
-    _positive_int("registers_per_thread", registers_per_thread)
-    _positive_int("threads_per_block", threads_per_block)
-    _positive_int("shared_bytes_per_block", shared_bytes_per_block, low=0)
-    _positive_int("shared_bytes_per_sm", shared_bytes_per_sm, low=0)
+    _int_at_least("registers_per_thread", registers_per_thread, 1)
+    _int_at_least("threads_per_block", threads_per_block, 1)
+    _int_at_least("shared_bytes_per_block", shared_bytes_per_block, 0)
+    _int_at_least("shared_bytes_per_sm", shared_bytes_per_sm, 0)
     if registers_per_thread > sm.max_registers_per_thread:
         raise ValueError(f"registers_per_thread must be <= {sm.max_registers_per_thread}, "
                          f"got {registers_per_thread}")
@@ -99,19 +112,20 @@ def block_limits(registers_per_thread: int, threads_per_block: int, shared_bytes
     if shared_bytes_per_sm > sm.max_shared_per_sm:
         raise ValueError(f"shared_bytes_per_sm must be <= {sm.max_shared_per_sm}, "
                          f"got {shared_bytes_per_sm}")
-    warps = -(-threads_per_block // WARP_THREADS)  # a partial warp still takes a whole one
-    # Registers go to warps, each warp's share rounded up to the allocation unit.
-    registers_per_warp = _round_up(registers_per_thread * WARP_THREADS, sm.register_unit)
-    by_registers = sm.registers // registers_per_warp // warps
+    warps = -(-threads_per_block // WARP_SIZE)  # a partial warp still takes a whole one
+    registers_per_warp = _round_up(registers_per_thread * WARP_SIZE, sm.register_unit)
+    warps_by_registers = sm.registers // SUB_PARTITIONS // registers_per_warp * SUB_PARTITIONS
     shared = _round_up(shared_bytes_per_block, sm.shared_unit) + sm.shared_reserved_per_block
     by_shared = shared_bytes_per_sm // shared
-    if by_registers == 0 or by_shared == 0:
+    if registers_per_warp * _round_up(warps, SUB_PARTITIONS) > sm.registers \
+            or warps_by_registers < warps or by_shared == 0:
         raise ValueError(
             f"a block of {threads_per_block} threads x {registers_per_thread} registers and "
             f"{shared_bytes_per_block} shared bytes does not fit on one SM "
-            f"({sm.registers} registers, {shared_bytes_per_sm} shared bytes configured)")
-    return {"registers": by_registers, "shared": by_shared, "warps": sm.max_warps // warps,
-            "blocks": sm.max_blocks}
+            f"({sm.registers} registers in {SUB_PARTITIONS} quarters, {shared_bytes_per_sm} "
+            f"shared bytes configured)")
+    return {"registers": warps_by_registers // warps, "shared": by_shared,
+            "warps": sm.max_warps // warps, "blocks": sm.max_blocks}
 
 
 def blocks_per_sm(registers_per_thread: int, threads_per_block: int, shared_bytes_per_block: int,
@@ -156,6 +170,17 @@ def _positive(name: str, value: float) -> float:
     if not value > 0 or value == float("inf"):
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return float(value)
+
+
+def issue_rate(warps_per_sm: float, cycles_between_instructions: float) -> float:
+    """Warp instructions an SM issues per cycle when each of its ``warps_per_sm`` resident warps
+    waits ``cycles_between_instructions`` cycles between two of its own (Nsight Compute's "Warp
+    Cycles Per Issued Instruction": its dependencies, memory waits, and turns it lost to other
+    warps), capped at the SM's 4: ``min(4, warps / cycles)``. A model, not a law: adding warps
+    can lengthen every warp's wait (more of them share the memory and the schedulers)."""
+    return min(float(ISSUE_PER_SM_PER_CYCLE),
+               _positive("warps_per_sm", warps_per_sm)
+               / _positive("cycles_between_instructions", cycles_between_instructions))
 
 
 def issue_bound(instructions_per_byte: float, issue_per_cycle: float, num_sms: int,

@@ -20,6 +20,25 @@ def without_the_driver_reserve(registers_per_thread, threads_per_block, shared_b
     return min(by_registers, by_shared, 64 // warps, 32)
 
 
+def registers_from_the_whole_file(registers_per_thread, threads_per_block,
+                                  shared_bytes_per_block, shared_bytes_per_sm):
+    """Rounds each warp's registers to 256 but takes them from one pool of 65,536, not from the
+    four quarters each scheduler owns."""
+    warps = -(-threads_per_block // 32)
+    by_registers = 65_536 // (-(-registers_per_thread * 32 // 256) * 256) // warps
+    shared = -(-shared_bytes_per_block // 128) * 128 + 1024
+    return min(by_registers, shared_bytes_per_sm // shared, 64 // warps, 32)
+
+
+def shared_bytes_unrounded(registers_per_thread, threads_per_block, shared_bytes_per_block,
+                           shared_bytes_per_sm):
+    """Forgets that shared memory is allocated in 128-byte units."""
+    warps = -(-threads_per_block // 32)
+    by_registers = 65_536 // 4 // (-(-registers_per_thread * 32 // 256) * 256) * 4 // warps
+    by_shared = shared_bytes_per_sm // (shared_bytes_per_block + 1024)
+    return min(by_registers, by_shared, 64 // warps, 32)
+
+
 def partial_warps(registers_per_thread, threads_per_block, shared_bytes_per_block,
                   shared_bytes_per_sm):
     """Counts 80 threads as 2.5 warps."""
@@ -80,15 +99,33 @@ def splits_without_the_key_floor(base_blocks, longest_context, num_sms, resident
     return max(1, num_sms * resident_blocks // base_blocks)
 
 
+def splits_rounding_keys_up(base_blocks, longest_context, num_sms, resident_blocks):
+    """Allows a last partition shorter than 256 keys (ceil instead of floor)."""
+    return max(1, min(num_sms * resident_blocks // base_blocks, -(-longest_context // 256)))
+
+
 def splits_can_be_zero(base_blocks, longest_context, num_sms, resident_blocks):
     """A batch over one wave gets 0 partitions."""
     return min(num_sms * resident_blocks // base_blocks, max(1, longest_context // 256))
 
 
 WRONG_ANSWERS = {
-    "07.blocks_per_sm": [registers_per_thread_unrounded, without_the_driver_reserve,
-                         partial_warps, registers_only],
+    "07.blocks_per_sm": [registers_per_thread_unrounded, registers_from_the_whole_file,
+                         without_the_driver_reserve, shared_bytes_unrounded, partial_warps,
+                         registers_only],
     "07.time_floor": [floor_without_latency, floor_at_full_issue, floor_from_the_largest],
     "07.one_wave_splits": [power_of_two_splits, splits_without_the_key_floor,
-                           splits_can_be_zero],
+                           splits_rounding_keys_up, splits_can_be_zero],
 }
+
+
+def test_a_failure_shows_each_limit_and_each_ceiling(monkeypatch, capsys):
+    from kvlab.exercises import SOLUTIONS_ENV, get
+
+    monkeypatch.delenv(SOLUTIONS_ENV, raising=False)
+    assert get("07.blocks_per_sm").check(shared_bytes_unrounded) is False
+    out = capsys.readouterr().out
+    assert "fails on case '9,350 shared bytes are allocated as 9,472'" in out
+    assert "registers 32, shared 12, warps 32, blocks 32 -> the smallest, 12" in out
+    assert get("07.time_floor").check(floor_without_latency) is False
+    assert "latency 0.225 TB/s" in capsys.readouterr().out

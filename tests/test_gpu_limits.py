@@ -27,11 +27,22 @@ def test_block_limits_are_the_ones_nsight_compute_reported(launch):
     assert 100 * warps / SM90.max_warps == pytest.approx(m["Theoretical Occupancy"])
 
 
-def test_registers_are_allocated_per_warp_in_units_of_256():
-    # 97 x 32 = 3,104 registers a warp, allocated as 3,328: 19 warps, so 9 blocks of 2 warps
-    # (per thread, unrounded, 65,536 / (97 x 64) would give 10)
-    assert block_limits(97, 64, 0, SM90.max_shared_per_sm)["registers"] == 9
-    # a partial warp takes a whole warp's registers and slot
+@pytest.mark.parametrize("registers, threads, expected", [
+    # 97 x 32 = 3,104 registers a warp, allocated as 3,328; a quarter of the register file
+    # (16,384) holds 4 such warps, so the SM 16: 8 blocks of 2 warps (65,536 / (97 x 64) would
+    # say 10, 65,536 / 3,328 would say 9)
+    (97, 64, 8),
+    (33, 64, 24),    # 1,280 a warp: 12 a quarter, 48 warps
+    (41, 192, 6),    # 1,536 a warp: 10 a quarter, 40 warps, blocks of 6
+    (128, 64, 8),    # 4,096 a warp: 4 a quarter
+    (40, 32, 48),    # 1,280 a warp: 48 warps of blocks of 1 (the warp slots then bind: 64)
+])
+def test_registers_go_to_warps_in_256s_from_each_quarter_of_the_register_file(registers, threads,
+                                                                              expected):
+    assert block_limits(registers, threads, 0, SM90.max_shared_per_sm)["registers"] == expected
+
+
+def test_a_partial_warp_takes_a_whole_warp():
     assert block_limits(128, 33, 0, SM90.max_shared_per_sm)["warps"] == 32
 
 
@@ -47,6 +58,8 @@ def test_shared_memory_is_rounded_and_each_block_pays_the_driver_reserve():
     ((32, 128, 0, 229 * 1024), "shared_bytes_per_sm must be <= "),
     ((32, 128, 48 * 1024, 32 * 1024), "does not fit on one SM"),
     ((255, 1024, 0, 1024), "does not fit on one SM"),
+    # 25 warps x 2,560 registers fit in 65,536, but the hardware counts 28 warps (a multiple of 4)
+    ((73, 800, 0, 1024), "does not fit on one SM"),
     ((0, 128, 0, 1024), "registers_per_thread must be >= 1"),
 ])
 def test_a_block_no_sm_can_run_is_refused(args, message):

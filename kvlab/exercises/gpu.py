@@ -25,8 +25,9 @@ def blocks_per_sm_solution(registers_per_thread: int, threads_per_block: int,
                            shared_bytes_per_block: int, shared_bytes_per_sm: int) -> int:
     """Blocks of a kernel one SM (compute capability 9.0) holds at once."""
     warps = -(-threads_per_block // 32)                  # a partial warp takes a whole one
-    per_warp = -(-registers_per_thread * 32 // 256) * 256  # registers go to warps, in 256s
-    by_registers = 65_536 // per_warp // warps
+    per_warp = -(-registers_per_thread * 32 // 256) * 256  # registers go to warps, in 256s,
+    warps_by_registers = 65_536 // 4 // per_warp * 4       # from each quarter of the file
+    by_registers = warps_by_registers // warps
     shared = -(-shared_bytes_per_block // 128) * 128 + 1024  # + the driver's 1 KiB per block
     by_shared = shared_bytes_per_sm // shared
     by_warps = 64 // warps
@@ -43,10 +44,14 @@ def _blocks_per_sm_cases() -> list[Case]:
         case("decode v2 on the H200: 159 registers x 128 threads", 159, 128, 20_480),
         case("decode v6: launch bounds held it to 128 registers", 128, 128, 20_480),
         case("the fused write: 48 registers, 4.5 KiB shared", 48, 128, 4_608),
-        case("97 registers, 2 warps: registers go to warps in units of 256", 97, 64, 0),
+        case("97 registers, 2 warps: 256-register units, from each quarter of the file", 97, 64,
+             0),
+        case("33 registers, 2 warps: each quarter holds 12 warps of 1,280 registers", 33, 64, 0),
         case("33,000 shared bytes: the driver's 1 KiB per block counts", 32, 128, 33_000),
+        case("9,300 shared bytes are allocated as 9,344", 32, 64, 9_300),
+        case("9,350 shared bytes are allocated as 9,472", 32, 64, 9_350),
         case("3 warps of 24 registers: the SM's 64 warps bind", 24, 96, 0),
-        case("80 threads are 3 warps, not 2.5", 32, 80, 0),
+        case("80 threads are 3 warps, not 2.5", 16, 80, 0),
         case("one warp of 16 registers: the SM's 32 block slots bind", 16, 32, 0,
              SM90.max_shared_per_sm),
         case("a 1,024-thread block", 64, 1024, 0),
@@ -66,16 +71,26 @@ def _blocks_per_sm_cases() -> list[Case]:
     return cases
 
 
+def _explain_blocks(fn, case: Case) -> None:
+    """Each limit on its own, so the learner sees which rule their answer got wrong."""
+    limits = gpu_limits.block_limits(**case.kwargs)
+    print("  each limit alone (kvlab.gpu_limits.block_limits): "
+          + ", ".join(f"{name} {value}" for name, value in limits.items())
+          + f" -> the smallest, {min(limits.values())}")
+
+
 register(Exercise(
     name="07.blocks_per_sm", notebook=NOTEBOOK, section="1 The words the story needs",
     signature="blocks_per_sm(registers_per_thread, threads_per_block, shared_bytes_per_block, "
               "shared_bytes_per_sm) -> int",
-    hint="four limits, take the smallest: registers (65,536 per SM, given to whole warps in units "
-         "of 256), shared memory (a block's bytes rounded up to 128, plus 1,024 the driver keeps "
-         "per block), warps (64 per SM) and block slots (32 per SM).",
+    hint="four limits, take the smallest: registers (each warp's rounded up to a multiple of 256, "
+         "taken from one of 4 quarters of the 65,536: warps per quarter x 4 is what fits), shared "
+         "memory (a block's bytes rounded up to 128, plus 1,024 the driver keeps per block), warps "
+         "(64 per SM) and block slots (32 per SM).",
     solution=blocks_per_sm_solution,
     reference=gpu_limits.blocks_per_sm,
     cases=_blocks_per_sm_cases,
+    explain=_explain_blocks,
 ))
 
 
@@ -124,6 +139,14 @@ def _time_floor_cases() -> list[Case]:
     return cases
 
 
+def _explain_floor(fn, case: Case) -> None:
+    """The three ceilings of the failing case, in TB/s."""
+    kwargs = {k: v for k, v in case.kwargs.items() if k != "kv_bytes"}
+    bounds = gpu_limits.bandwidth_bounds(**kwargs)
+    print("  the ceilings (kvlab.gpu_limits.bandwidth_bounds): "
+          + ", ".join(f"{name} {value / 1e12:.3g} TB/s" for name, value in bounds.items()))
+
+
 register(Exercise(
     name="07.time_floor", notebook=NOTEBOOK, section="3.11 Three ceilings: which one binds",
     signature="time_floor(kv_bytes, instructions_per_byte, issue_per_cycle, "
@@ -134,6 +157,7 @@ register(Exercise(
     solution=time_floor_solution,
     reference=gpu_limits.time_floor,
     cases=_time_floor_cases,
+    explain=_explain_floor,
 ))
 
 
@@ -163,7 +187,8 @@ def _one_wave_cases() -> list[Case]:
     cases = [
         case("the bench: 8 sequences x 8 kv heads, 32,768 tokens, 132 SMs x 3", 64, 32_768),
         case("int8 pools: 2 resident CTAs", 64, 32_768, resident=2),
-        case("one sequence of 4,096 tokens: 16 partitions of 256 keys at most", 8, 4_096),
+        case("one sequence of 4,096 tokens: at most 16 partitions of 256 keys or more", 8, 4_096),
+        case("4,000 tokens: 15 partitions, as 16 would be shorter than 256 keys", 8, 4_000),
         case("a batch already over one wave", 512, 32_768),
         case("a context shorter than 256 keys", 8, 100),
         case("not a power of two", 40, 65_536, 108, 4),
@@ -177,7 +202,8 @@ def _one_wave_cases() -> list[Case]:
 
 
 register(Exercise(
-    name="07.one_wave_splits", notebook=NOTEBOOK, section="6 Counted without a GPU",
+    name="07.one_wave_splits", notebook=NOTEBOOK,
+    section="6 Where it stands: counted without a GPU",
     signature="one_wave_splits(base_blocks, longest_context, num_sms, resident_blocks) -> int",
     hint="one wave is num_sms x resident_blocks CTAs and each partition adds base_blocks of them; "
          "no partition may be shorter than 256 keys, and there is always at least one.",

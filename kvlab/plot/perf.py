@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.ticker import FuncFormatter
 
 from kvlab.plot.style import COLOR_REFERENCE, dtype_color, new_axes
 
@@ -236,6 +237,8 @@ def plot_ceilings(bounds: Mapping[str, float], labels: Mapping[str, str] | None 
 
     if not bounds:
         raise ValueError("plot_ceilings needs at least one bound")
+    if len(measured or {}) > 3:
+        raise ValueError(f"plot_ceilings draws at most 3 measured lines, got {len(measured)}")
     for name, value in [*bounds.items(), *(measured or {}).items()]:
         if not value > 0:
             raise ValueError(f"{name!r}: a bandwidth must be positive, got {value}")
@@ -262,6 +265,7 @@ def plot_ceilings(bounds: Mapping[str, float], labels: Mapping[str, str] | None 
                     bbox={"fc": "white", "ec": "none", "pad": 0.5})  # a line each
     ax.set_xscale("log")
     ax.set_xlim(low, high)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))  # 0.1, 1, 10: not 10^k
     # first bound on top, a strip above the bars for the measured lines' labels
     ax.set_ylim(len(bounds) - 0.5, -0.6 - 0.35 * len(measured or {}))
     ax.set_yticks(rows, [(labels or {}).get(name, name) for name in bounds], fontsize=FONT)
