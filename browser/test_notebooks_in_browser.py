@@ -12,8 +12,7 @@ verdict for the unfilled stub and never raises, so a notebook with stubs still r
    traceback or warning on stderr;
 3. every explorer (an element of class ``kvlab-explorer``) shows its ipywidgets controls and a
    loaded ``<img>`` (class ``kvlab-explorer-figure``, or inside an element of that class); there
-   is one per saved explorer output, and at least one unless the notebook is in
-   ``WITHOUT_EXPLORER``;
+   is one per saved explorer output, and at least one in every notebook;
 4. moving one control of each explorer (arrow key on a slider, another option of a dropdown or of
    toggle buttons) changes the figure's image bytes;
 5. the browser console has no errors (level SEVERE).
@@ -40,9 +39,6 @@ SETTLE_S = 1.5
 CONTROLS = (".widget-slider, .widget-dropdown, .widget-toggle-buttons, .widget-radio-box, "
             ".widget-checkbox, .widget-button, .widget-play, .widget-select, .widget-text")
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-# Notebooks with nothing to move, each with its reason; every other notebook has an explorer.
-WITHOUT_EXPLORER: dict[str, str] = {}
-
 # The notebook panel JupyterLab shows, once its kernel is up (null until then).
 JS_PANEL = """
 const app = window.jupyterapp;
@@ -250,8 +246,7 @@ def test_notebook_runs_in_jupyterlab(notebook_name, lab, chromium, out_dir, summ
         render_started, counts = time.monotonic(), []
         explorers = _wait("the explorers to render their figures", RENDER_TIMEOUT_S,
                           lambda: _rendered_explorers(driver, len(saved_explorers), counts))
-        if notebook_name not in WITHOUT_EXPLORER:
-            assert explorers, "the notebook has no explorer (an element of class kvlab-explorer)"
+        assert explorers, "the notebook has no explorer (an element of class kvlab-explorer)"
         assert len(explorers) == len(saved_explorers), (
             f"{len(explorers)} live explorers, but {len(saved_explorers)} saved explorer outputs "
             "(a widget view with a PNG): rerun and save the notebook")

@@ -117,8 +117,9 @@ def block_limits(registers_per_thread: int, threads_per_block: int, shared_bytes
     warps_by_registers = sm.registers // SUB_PARTITIONS // registers_per_warp * SUB_PARTITIONS
     shared = _round_up(shared_bytes_per_block, sm.shared_unit) + sm.shared_reserved_per_block
     by_shared = shared_bytes_per_sm // shared
-    if registers_per_warp * _round_up(warps, SUB_PARTITIONS) > sm.registers \
-            or warps_by_registers < warps or by_shared == 0:
+    # (warps_by_registers < warps is the header's hardware check: the block's warps, rounded up
+    # to a multiple of 4, would need more than the register file)
+    if warps_by_registers < warps or by_shared == 0:
         raise ValueError(
             f"a block of {threads_per_block} threads x {registers_per_thread} registers and "
             f"{shared_bytes_per_block} shared bytes does not fit on one SM "

@@ -1,5 +1,7 @@
 """Wrong answers the 07 (GPU performance) checkers must reject (gathered by
 tests/test_exercises.py)."""
+from kvlab.exercises.gpu import blocks_per_sm_solution, time_floor_solution
+from kvlab.gpu_limits import Machine
 
 
 def registers_per_thread_unrounded(registers_per_thread, threads_per_block,
@@ -39,6 +41,13 @@ def shared_bytes_unrounded(registers_per_thread, threads_per_block, shared_bytes
     return min(by_registers, by_shared, 64 // warps, 32)
 
 
+def carve_out_fixed_at_132_kib(registers_per_thread, threads_per_block, shared_bytes_per_block,
+                               shared_bytes_per_sm):
+    """Uses the H200 kernels' 132 KiB of shared memory, not the SM's configured amount."""
+    return blocks_per_sm_solution(registers_per_thread, threads_per_block,
+                                  shared_bytes_per_block, 135_168)
+
+
 def partial_warps(registers_per_thread, threads_per_block, shared_bytes_per_block,
                   shared_bytes_per_sm):
     """Counts 80 threads as 2.5 warps."""
@@ -67,6 +76,14 @@ def floor_without_latency(kv_bytes, instructions_per_byte, issue_per_cycle,
     del bounds["latency"]
     limit = min(bounds, key=bounds.get)
     return kv_bytes / bounds[limit], limit
+
+
+def floor_for_the_h200_only(kv_bytes, instructions_per_byte, issue_per_cycle,
+                            bytes_in_flight_per_sm, machine):
+    """Ignores ``machine``: the H200's SMs, clock, copy bandwidth and latency written in."""
+    h200 = Machine("H200", 132, 1.9786e9, 4.207e12, 600e-9)
+    return time_floor_solution(kv_bytes, instructions_per_byte, issue_per_cycle,
+                               bytes_in_flight_per_sm, h200)
 
 
 def floor_at_full_issue(kv_bytes, instructions_per_byte, issue_per_cycle,
@@ -104,6 +121,17 @@ def splits_rounding_keys_up(base_blocks, longest_context, num_sms, resident_bloc
     return max(1, min(num_sms * resident_blocks // base_blocks, -(-longest_context // 256)))
 
 
+def splits_while_the_average_partition_is_long(base_blocks, longest_context, num_sms,
+                                               resident_blocks):
+    """Adds partitions while the context over them averages 256 keys or more: 3,830 tokens get
+    15, and a last partition of 246 keys."""
+    splits = 1
+    while (base_blocks * (splits + 1) <= num_sms * resident_blocks
+           and -(-longest_context // (splits + 1)) >= 256):
+        splits += 1
+    return splits
+
+
 def splits_can_be_zero(base_blocks, longest_context, num_sms, resident_blocks):
     """A batch over one wave gets 0 partitions."""
     return min(num_sms * resident_blocks // base_blocks, max(1, longest_context // 256))
@@ -111,11 +139,13 @@ def splits_can_be_zero(base_blocks, longest_context, num_sms, resident_blocks):
 
 WRONG_ANSWERS = {
     "07.blocks_per_sm": [registers_per_thread_unrounded, registers_from_the_whole_file,
-                         without_the_driver_reserve, shared_bytes_unrounded, partial_warps,
-                         registers_only],
-    "07.time_floor": [floor_without_latency, floor_at_full_issue, floor_from_the_largest],
+                         without_the_driver_reserve, shared_bytes_unrounded,
+                         carve_out_fixed_at_132_kib, partial_warps, registers_only],
+    "07.time_floor": [floor_without_latency, floor_for_the_h200_only, floor_at_full_issue,
+                      floor_from_the_largest],
     "07.one_wave_splits": [power_of_two_splits, splits_without_the_key_floor,
-                           splits_rounding_keys_up, splits_can_be_zero],
+                           splits_rounding_keys_up, splits_while_the_average_partition_is_long,
+                           splits_can_be_zero],
 }
 
 

@@ -27,7 +27,7 @@ import re
 import sys
 from typing import Any
 
-from kvlab.gpu_limits import issue_bound
+from kvlab.gpu_limits import h200, issue_bound
 
 # --- ptxas through nvJitLink ---------------------------------------------------------------------
 
@@ -230,9 +230,9 @@ def resource_usage(name_filter: str = "", cc: tuple[int, int] = (9, 0)) -> dict[
     return usage
 
 
-# What turns a budget into a bound on an H200: 132 SMs at ~1.98 GHz, and the ~2.4 warp
-# instructions per cycle per SM Nsight Compute measured v6 issuing.
-SMS, CLOCK_HZ, ISSUE_PER_CYCLE = 132, 1.98e9, 2.4
+# What turns a budget into a bound on an H200: its SMs and clock as Nsight Compute reported them
+# (kvlab.gpu_limits.h200), and the ~2.4 warp instructions per cycle per SM it measured v6 issuing.
+ISSUE_PER_CYCLE = 2.4
 
 
 def _decode_kernels(cc: tuple[int, int]) -> list[tuple[str, int, Any, str, int]]:
@@ -274,11 +274,13 @@ def _decode_kernels(cc: tuple[int, int]) -> list[tuple[str, int, Any, str, int]]
 
 def _budget(ptx: str, kv_bytes_per_trip: int) -> dict[str, Any]:
     """:func:`loop_budget` and the bandwidth instruction issue alone would allow on an H200
-    (``issue_bound_tb_s`` = 132 SMs x 1.98 GHz x 2.4 / warp instructions per byte; the card
-    copies at ~4.8 TB/s)."""
+    (``issue_bound_tb_s`` = 132 SMs x 1.98 GHz x 2.4 / warp instructions per byte, the SMs and
+    clock from :func:`kvlab.gpu_limits.h200`; the card copies at ~4.2 TB/s)."""
     budget = loop_budget(ptx, kv_bytes_per_trip)
+    machine = h200()
     budget["issue_bound_tb_s"] = round(issue_bound(
-        budget["warp_instructions_per_kv_byte"], ISSUE_PER_CYCLE, SMS, CLOCK_HZ) / 1e12, 2)
+        budget["warp_instructions_per_kv_byte"], ISSUE_PER_CYCLE, machine.num_sms,
+        machine.clock_hz) / 1e12, 2)
     return budget
 
 

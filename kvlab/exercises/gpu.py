@@ -52,6 +52,7 @@ def _blocks_per_sm_cases() -> list[Case]:
         case("9,350 shared bytes are allocated as 9,472", 32, 64, 9_350),
         case("3 warps of 24 registers: the SM's 64 warps bind", 24, 96, 0),
         case("80 threads are 3 warps, not 2.5", 16, 80, 0),
+        case("a 64 KiB carve-out: shared memory binds", 128, 128, 20_480, 65_536),
         case("one warp of 16 registers: the SM's 32 block slots bind", 16, 32, 0,
              SM90.max_shared_per_sm),
         case("a 1,024-thread block", 64, 1024, 0),
@@ -112,7 +113,8 @@ def time_floor_solution(kv_bytes: float, instructions_per_byte: float, issue_per
 
 def _time_floor_cases() -> list[Case]:
     h200 = gpu_limits.h200()
-    h100 = Machine("an H100-like card (2.5 TB/s copy, 800 ns)", 132, 1.755e9, 2.5e12, 800e-9)
+    other = Machine("a made-up card: 108 SMs, 1.41 GHz, 1.6 TB/s, 700 ns", 108, 1.41e9, 1.6e12,
+                    700e-9)
     kv = 1_073_741_824  # the bench's K and V: 8 sequences x 32,768 tokens x 8 heads x 128 x fp16
 
     def case(label, instructions, issue, in_flight, machine=h200, kv_bytes=kv, random=False):
@@ -125,16 +127,18 @@ def _time_floor_cases() -> list[Case]:
              16 * 1024),
         case("v6 at the SM's full issue rate", 0.75, 4, 16 * 1024),
         case("SDPA-like: few instructions, many bytes in flight", 0.05, 3, 64 * 1024),
-        case("one warp of 1 KiB in flight per SM: latency binds", 0.2, 2.4, 1024),
-        case("v8 if it issues its static count: 0.20 per byte, 12 warps x 4 KiB", 0.2, 2.4,
-             48 * 1024),
-        case("another card", 0.3, 2, 16 * 1024, h100),
+        case("one warp of 1 KiB per SM (0.17 a cycle): latency binds", 0.05, 1 / 5.99, 1024),
+        case("v8's design at v6's waits: 0.20 per byte, 2.0 a cycle, 12 warps x 4 KiB", 0.2,
+             12 / 5.99, 48 * 1024),
+        case("another card, issue-bound", 0.3, 2, 16 * 1024, other),
+        case("another card, memory-bound", 0.05, 4, 64 * 1024, other),
+        case("another card, latency-bound", 0.05, 4, 4 * 1024, other),
     ]
     rng = np.random.default_rng(77)
     for i in range(4):
         cases.append(case(f"random {i}", float(10 ** rng.uniform(-2, 0.3)),
                           float(rng.uniform(0.5, 4)), int(rng.integers(1, 65)) * 1024,
-                          h200 if i % 2 else h100,
+                          h200 if i % 2 else other,
                           int(rng.integers(1, 4)) << 28, random=True))
     return cases
 
@@ -189,6 +193,7 @@ def _one_wave_cases() -> list[Case]:
         case("int8 pools: 2 resident CTAs", 64, 32_768, resident=2),
         case("one sequence of 4,096 tokens: at most 16 partitions of 256 keys or more", 8, 4_096),
         case("4,000 tokens: 15 partitions, as 16 would be shorter than 256 keys", 8, 4_000),
+        case("3,830 tokens: 14 partitions, as 15 would leave one under 256 keys", 8, 3_830),
         case("a batch already over one wave", 512, 32_768),
         case("a context shorter than 256 keys", 8, 100),
         case("not a power of two", 40, 65_536, 108, 4),

@@ -20,7 +20,8 @@ from kvlab.explore import Explorer
 # v6 on the H200, as notebook 07 §3.10 reads it from Nsight Compute: ~0.75 warp instructions per
 # byte of K/V; 14.6 warps active per SM on average (4 blocks of 4 resident), each waiting 5.99
 # cycles between two of its instructions (so 2.43 issued a cycle); 1 KiB in flight per warp.
-V6 = dict(instructions_per_byte=0.75, warps_per_sm=15, cycles_between_instructions=5.99,
+# With these the issue floor is Nsight's own SM active cycles / clock: a consistency check.
+V6 = dict(instructions_per_byte=0.75, warps_per_sm=14.6, cycles_between_instructions=5.99,
           bytes_in_flight_per_warp=1024)
 BYTES_IN_FLIGHT_PER_WARP = (256, 512, 1024, 2048, 4096, 8192, 16384)
 REGISTER_FILE_BYTES = gpu_limits.SM90.registers * 4  # where an SM's loads land: 256 KiB
@@ -41,7 +42,7 @@ def _stored() -> tuple[gpu_limits.Machine, int, dict[str, float]]:
                                               "v6 (Nsight Compute)": v6.metrics["Duration"] * 1e-9}
 
 
-def ceilings_state(instructions_per_byte: float, warps_per_sm: int,
+def ceilings_state(instructions_per_byte: float, warps_per_sm: float,
                    cycles_between_instructions: float, bytes_in_flight_per_warp: int,
                    latency_ns: float) -> dict[str, Any]:
     """The ceilings (bytes per second) of a kernel on the H200 with a DRAM latency of
@@ -49,10 +50,11 @@ def ceilings_state(instructions_per_byte: float, warps_per_sm: int,
     for the bench's K and V (``floor_s``; 8 sequences x 32,768 tokens, fp16: 1.07 GB), that
     bandwidth as a fraction of the copy bandwidth (``of_copy``), whether the bytes in flight
     exceed what the SM's registers can receive (``over_registers``), and the bandwidth the H200
-    measured for torch SDPA and v6 (``measured``)."""
-    if isinstance(warps_per_sm, bool) or not isinstance(warps_per_sm, int) or \
+    measured for torch SDPA and v6 (``measured``). ``warps_per_sm`` is the SM's average of
+    active warps (a fraction is fine, as Nsight Compute reports it)."""
+    if isinstance(warps_per_sm, bool) or not isinstance(warps_per_sm, (int, float)) or \
             not 1 <= warps_per_sm <= gpu_limits.SM90.max_warps:
-        raise ValueError(f"warps_per_sm must be an int in [1, {gpu_limits.SM90.max_warps}], "
+        raise ValueError(f"warps_per_sm must be a number in [1, {gpu_limits.SM90.max_warps}], "
                          f"got {warps_per_sm!r}")
     machine, kv_bytes, measured_s = _stored()
     machine = gpu_limits.Machine(machine.name, machine.num_sms, machine.clock_hz,
@@ -70,10 +72,10 @@ def ceilings_state(instructions_per_byte: float, warps_per_sm: int,
 
 
 def _bytes(n: int) -> str:
-    return f"{n / 1024:g} KiB" if n >= 1024 else f"{n} B"
+    return f"{n / 1024:.3g} KiB" if n >= 1024 else f"{n:.0f} B"
 
 
-def draw_ceilings(instructions_per_byte: float, warps_per_sm: int,
+def draw_ceilings(instructions_per_byte: float, warps_per_sm: float,
                   cycles_between_instructions: float, bytes_in_flight_per_warp: int,
                   latency_ns: float):
     """:func:`kvlab.plot.plot_ceilings` of one setting, titled with what binds; returns the
@@ -95,7 +97,8 @@ def draw_ceilings(instructions_per_byte: float, warps_per_sm: int,
                                   f"bandwidth, ") + \
         f"{state['floor_s'] * 1e3:.3g} ms for the bench's {state['kv_bytes'] / 1e9:.2f} GB of K/V"
     if state["over_registers"]:
-        title += "\n(more in flight than an SM's 256 KiB of registers can receive)"
+        title += ("\n(more in flight than an SM's 256 KiB of registers could receive with nothing "
+                  "else in them)")
     ax = plot_ceilings(state["bounds"], labels, measured, title=title)
     ax.figure.set_size_inches(9.5, 3.6)
     return ax.figure
@@ -109,8 +112,9 @@ def ceilings_explorer() -> Explorer:
             # steps of 10^0.0125 (3 %), so 0.75 = 10^-0.125 and 0.20 sit on the slider
             value=V6["instructions_per_byte"], base=10, min=-2, max=0.5, step=0.0125,
             readout_format=".3f", description="instr / byte"),
-        "warps_per_sm": widgets.IntSlider(value=V6["warps_per_sm"], min=1,
-                                          max=gpu_limits.SM90.max_warps, description="warps / SM"),
+        "warps_per_sm": widgets.FloatSlider(value=V6["warps_per_sm"], min=1,
+                                            max=gpu_limits.SM90.max_warps, step=0.2,
+                                            readout_format=".1f", description="warps / SM"),
         "cycles_between_instructions": widgets.FloatSlider(
             value=V6["cycles_between_instructions"], min=1, max=20, step=0.01,
             description="cycles / instr", style={"description_width": "initial"}),
