@@ -127,6 +127,21 @@ def test_instruction_budget_of_the_decode_kernels(compiled):
     assert fp8["instructions"] <= 1.15 * int8["instructions"], (fp8, int8)
 
 
+def test_bytes_in_flight_of_the_decode_kernels(compiled):
+    """The latency ceiling read without a GPU: v8 keeps 4 KiB in flight per warp (a step's 4 K
+    and 4 V 16-byte loads for 32 lanes) against v6's 1 KiB, and its 12 resident warps (3 CTAs of
+    168 registers) hold ~3x v6's bytes per SM — so even v8 is bound by issue, not latency, by
+    this count; v6's launch bounds keep it at 128 registers and 16 warps."""
+    budgets = {n.split(".")[-1]: i["budget"] for n, i in compiled.items() if "budget" in i}
+    v8, v6 = budgets["attention_v8_fp16_d128_b16_h4_kernel[0]"], budgets[
+        "warp_attention_v6_2byte_kernel[0]"]
+    assert (v8["bytes_in_flight_per_warp"], v6["bytes_in_flight_per_warp"]) == (4096, 1024)
+    assert (v8["warps_per_sm"], v6["warps_per_sm"]) == (12, 16)
+    assert v8["warps_per_sm"] * 4096 >= 3 * v6["warps_per_sm"] * 1024
+    for budget in budgets.values():
+        assert budget["latency_bound_tb_s"] > budget["issue_bound_tb_s"], budget
+
+
 def test_stored_instruction_budget_is_this_trees(compiled):
     """data/bench/ptx_budget_sm90.json (which notebook 07 reads) is what the kernels in this tree
     compile to: regenerate it with ``python -m kvlab.kernels.cuda.ptx --budget --cc 9.0`` after
@@ -138,9 +153,11 @@ def test_stored_instruction_budget_is_this_trees(compiled):
     for name, info in compiled.items():
         if "budget" in info:
             kernel = name.split(".")[-1].split("[")[0]
-            fresh[info["budget"]["pool"], kernel] = info["budget"]["instructions"]
-    assert {(key.split()[1], key.split()[2]): budget["instructions"]
-            for key, budget in stored.items()} == fresh
+            fresh[info["budget"]["pool"], kernel] = {
+                key: info["budget"][key] for key in ("instructions", "warps_per_sm",
+                                                     "bytes_in_flight_per_warp")}
+    assert {(key.split()[1], key.split()[2]): {k: budget[k] for k in fresh[
+        key.split()[1], key.split()[2]]} for key, budget in stored.items()} == fresh
 
 
 def test_kernels_that_need_a_newer_gpu_are_left_out_for_an_older_one():

@@ -13,7 +13,8 @@ real compiler. Three reports, each a process of its own run with ``NUMBA_ENABLE_
   on a GPU also as the driver reports them (``driver_*``). This decides how many warps an SM
   keeps in flight.
 - ``--budget``: the instruction budget of every decode-attention kernel's main loop — the bound
-  that limits these kernels (they are instruction-bound, not load-bound).
+  that limits these kernels (they are instruction-bound, not load-bound) — and the bytes in flight
+  its resident warps can keep out: the issue and latency ceilings of :mod:`kvlab.gpu_limits`.
 
 ptxas runs through nvJitLink (``cuda-bindings``, part of ``numba-cuda[cu13]``) with
 ``-Xptxas=-v``; the driver of a real GPU compiles the same PTX with its own ptxas, which may
@@ -27,7 +28,7 @@ import re
 import sys
 from typing import Any
 
-from kvlab.gpu_limits import h200, issue_bound
+from kvlab.gpu_limits import SM90, WARP_SIZE, bandwidth_bounds, blocks_per_sm, h200, issue_bound
 
 # --- ptxas through nvJitLink ---------------------------------------------------------------------
 
@@ -183,8 +184,8 @@ def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, dict[str, Any]]:
     5 + 2 x ndim of them, which its launch packs one by one on the host), ptxas's ``registers``, ``spill_bytes``, ``stack_bytes``,
     ``shared_bytes`` (:func:`ptxas_resources`), and for the decode kernels v2-v8 the ``budget``
     of their main loop (:func:`decode_budgets`)."""
-    per_trip = {(entry.name, signature): (label, trip)
-                for label, _, entry, signature, trip in _decode_kernels(cc)}
+    per_trip = {(entry.name, signature): (label, trip, threads)
+                for label, _, entry, signature, trip, threads in _decode_kernels(cc)}
     report = {}
     for entry in _registry(cc):
         for i, signature in enumerate(entry.signatures):
@@ -195,8 +196,8 @@ def compile_all(cc: tuple[int, int] = (9, 0)) -> dict[str, dict[str, Any]]:
                     "min_blocks_per_sm": _min_blocks_per_sm(ptx), "params": kernel_params(ptx),
                     **ptxas_resources(ptx, cc)}
             if (entry.name, signature) in per_trip:
-                label, trip = per_trip[entry.name, signature]
-                info["budget"] = {"pool": label, **_budget(ptx, trip)}
+                label, trip, threads = per_trip[entry.name, signature]
+                info["budget"] = {"pool": label, **_budget(ptx, trip, threads, info)}
             report[f"{entry.name}[{i}]"] = info
     return report
 
@@ -235,8 +236,9 @@ def resource_usage(name_filter: str = "", cc: tuple[int, int] = (9, 0)) -> dict[
 ISSUE_PER_CYCLE = 2.4
 
 
-def _decode_kernels(cc: tuple[int, int]) -> list[tuple[str, int, Any, str, int]]:
-    """``(label, version, entry, signature, kv_bytes_per_trip)`` of the decode kernels v2-v8
+def _decode_kernels(cc: tuple[int, int]) -> list[tuple[str, int, Any, str, int, int]]:
+    """``(label, version, entry, signature, kv_bytes_per_trip, threads_per_block)`` of the decode
+    kernels v2-v8
     with fp16 and 8-bit pools (v8: int8 and fp8 apart); per trip: one key's K and V slices per lane (v7: a chunk of
     keys), v8: one step of the bench's shape (its loop over a block's steps, a nested loop
     when there are several, is counted once)."""
@@ -257,30 +259,49 @@ def _decode_kernels(cc: tuple[int, int]) -> list[tuple[str, int, Any, str, int]]
             head_dim, block_size, _ = attention_v8.REGISTERED_SHAPE
             shape = attention_v8.layout(elem, head_dim, block_size, warp_lanes=32)
             per_trip = shape.loads * 2 * attention_v8.LOAD_BYTES
-            out.append((found.group(3), version, entry, entry.signatures[0], per_trip))
+            out.append((found.group(3), version, entry, entry.signatures[0], per_trip,
+                        attention_v8.THREADS))
             continue
         keys = attention.KEYS_PER_STEP if version == 7 else 1
         if found.group(2):  # v5-v7: one kernel per element size, one signature
             elem = int(found.group(2))
             if elem in (1, 2):
                 out.append(("fp16" if elem == 2 else "int8", version, entry, entry.signatures[0],
-                            2 * attention.DIM_SLOTS * elem * keys))
+                            2 * attention.DIM_SLOTS * elem * keys, attention.WARP_THREADS))
         else:               # v2-v4: signatures float16, float32, int8, uint8
             for label, i, elem in (("fp16", 0, 2), ("int8", 2, 1)):
                 out.append((label, version, entry, entry.signatures[i],
-                            2 * attention.DIM_SLOTS * elem))
+                            2 * attention.DIM_SLOTS * elem, attention.WARP_THREADS))
     return out
 
 
-def _budget(ptx: str, kv_bytes_per_trip: int) -> dict[str, Any]:
-    """:func:`loop_budget` and the bandwidth instruction issue alone would allow on an H200
-    (``issue_bound_tb_s`` = 132 SMs x 1.98 GHz x 2.4 / warp instructions per byte, the SMs and
-    clock from :func:`kvlab.gpu_limits.h200`; the card copies at ~4.2 TB/s)."""
+def _budget(ptx: str, kv_bytes_per_trip: int, threads_per_block: int,
+            resources: dict[str, int]) -> dict[str, Any]:
+    """:func:`loop_budget` and the two ceilings of :mod:`kvlab.gpu_limits` that can be read
+    without a GPU, for an H200 (its SMs and clock from :func:`kvlab.gpu_limits.h200`; it copies
+    at ~4.2 TB/s):
+
+    - ``issue_bound_tb_s``: 132 SMs x 1.98 GHz x 2.4 / warp instructions per byte;
+    - ``warps_per_sm``: resident warps, from ptxas's ``resources`` (registers, static shared
+      memory) by the occupancy rules (:func:`kvlab.gpu_limits.blocks_per_sm`, the largest
+      shared-memory carve-out); ``bytes_in_flight_per_warp``: a trip's K/V loads for 32 lanes
+      (the most a warp can have out if it issues them all before using any — v3 and later do);
+      ``latency_bound_tb_s``: SMs x warps x bytes in flight / the assumed DRAM latency (600 ns).
+    """
     budget = loop_budget(ptx, kv_bytes_per_trip)
     machine = h200()
     budget["issue_bound_tb_s"] = round(issue_bound(
         budget["warp_instructions_per_kv_byte"], ISSUE_PER_CYCLE, machine.num_sms,
         machine.clock_hz) / 1e12, 2)
+    blocks = blocks_per_sm(resources["registers"], threads_per_block, resources["shared_bytes"],
+                           SM90.max_shared_per_sm)
+    warps = blocks * threads_per_block // WARP_SIZE
+    in_flight = kv_bytes_per_trip * WARP_SIZE
+    budget.update(registers=resources["registers"], warps_per_sm=warps,
+                  bytes_in_flight_per_warp=in_flight,
+                  latency_bound_tb_s=round(bandwidth_bounds(
+                      budget["warp_instructions_per_kv_byte"], ISSUE_PER_CYCLE, warps * in_flight,
+                      machine)["latency"] / 1e12, 2))
     return budget
 
 
@@ -288,9 +309,12 @@ def decode_budgets(cc: tuple[int, int] = (9, 0)) -> dict[str, dict[str, Any]]:
     """:func:`_budget` of each decode kernel v2-v8 with fp16 and int8 pools (head_dim 128: the
     lanes of v2-v7 hold 8 dims each, v8 is specialised to it). v1 is left out: its loops run
     over head_dim at run time, so a static count of its body says little."""
-    return {f"v{version} {label} {entry.name.rsplit('.', 1)[1]}":
-            _budget(_compile(entry, signature, cc), trip)
-            for label, version, entry, signature, trip in _decode_kernels(cc)}
+    out = {}
+    for label, version, entry, signature, trip, threads in _decode_kernels(cc):
+        ptx = _compile(entry, signature, cc)
+        out[f"v{version} {label} {entry.name.rsplit('.', 1)[1]}"] = _budget(
+            ptx, trip, threads, ptxas_resources(ptx, cc))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
