@@ -140,3 +140,12 @@ def test_a_registered_name_cannot_be_registered_twice():
     existing = EXERCISES["01.slot_mapping"]
     with pytest.raises(ValueError, match="registered twice"):
         register(Exercise(**{**existing.__dict__}))
+
+
+def test_a_slot_exercise_walks_the_failing_case_token_by_token(capsys):
+    assert check("01.slot_mapping", lambda block_table, positions, block_size: positions) is None
+    assert "0: position 0 -> block_table[0] = 7, offset 0 -> slot 28   <- yours: 0" in \
+        capsys.readouterr().out
+    assert check("06.step_slots", lambda **kwargs: 1 / 0) is None
+    out = capsys.readouterr().out
+    assert "your function raised ZeroDivisionError" in out and "token by token" not in out

@@ -120,3 +120,32 @@ def test_the_floors_hold_under_what_the_h200_measured():
         floor, limit = time_floor(kv_bytes, issued / kv_bytes, 4, 16 * 1024, machine)
         assert limit == "issue"
         assert floor < m["Duration"] * 1e-9
+
+
+@pytest.mark.gpu
+def test_occupancy_agrees_with_the_driver_for_every_registered_kernel():
+    """On a GPU, the driver's own occupancy calculator (cuOccupancyMaxActiveBlocksPerMultiprocessor)
+    for every registered kernel at 128 threads a block, against kvlab's rules fed the driver's
+    registers and shared memory for that kernel. The CPU tests hold the rules against 3 profiled
+    configurations; this holds them against every kernel the GPU compiles. Compute capability 9.x
+    only: the rules are sm_90's."""
+    from kvlab.kernels import cuda as kcuda
+
+    device = kcuda.cuda.get_current_device()
+    if device.compute_capability[0] != 9:
+        pytest.skip(f"the rules are for sm_90, this GPU is sm_{device.compute_capability}")
+    kcuda.load_all_stages()
+    context, threads, checked = kcuda.cuda.current_context(), 128, 0
+    for entry in kcuda.REGISTRY:
+        if entry.min_cc is not None and device.compute_capability < entry.min_cc:
+            continue
+        kernel = entry.dispatcher.compile(entry.signatures[0])
+        if kernel.max_threads_per_block < threads:
+            continue
+        driver = context.get_active_blocks_per_multiprocessor(
+            kernel._codelibrary.get_cufunc(), threads, 0)
+        ours = blocks_per_sm(kernel.regs_per_thread, threads, kernel.shared_mem_per_block,
+                             SM90.max_shared_per_sm)
+        assert ours == driver, (entry.name, kernel.regs_per_thread, kernel.shared_mem_per_block)
+        checked += 1
+    assert checked >= 20

@@ -12,7 +12,7 @@ import numpy as np
 
 from kvlab.cache import KvCacheManager, KvPool
 from kvlab.dtypes import get_dtype
-from kvlab.exercises.core import Case, Exercise, register
+from kvlab.exercises.core import Case, Exercise, print_slot_walk, register
 from kvlab.paging import BlockAllocator
 from kvlab.checks import new_token_positions
 from kvlab.ref.paging import plan_step
@@ -208,6 +208,17 @@ def _step_slots_cases() -> list[Case]:
     return cases
 
 
+def _explain_step_slots(fn, case: Case) -> None:
+    """Token by token: its sequence and position, the block and offset they give, the slot."""
+    kwargs = case.kwargs
+    starts = kwargs["query_start"].astype(np.int64)
+    seq, pos = new_token_positions(starts, kwargs["context_lens"] - np.diff(starts))
+    size, tables = kwargs["block_size"], kwargs["block_tables"]
+    print_slot_walk(fn, case, [f"sequence {s}, position {p} -> block_tables[{s}, {p // size}] = "
+                               f"{tables[s, p // size]}, offset {p % size}"
+                               for s, p in zip(seq, pos)], step_slots_reference(**kwargs))
+
+
 register(Exercise(
     name="06.step_slots", notebook=NOTEBOOK, section="5 Continuous batching over one paged pool",
     signature="step_slots(block_tables, query_start, context_lens, block_size) -> slots  "
@@ -218,4 +229,5 @@ register(Exercise(
     solution=step_slots_solution,
     reference=step_slots_reference,
     cases=_step_slots_cases,
+    explain=_explain_step_slots,
 ))

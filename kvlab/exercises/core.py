@@ -43,6 +43,21 @@ def call(fn: Callable, case: Case) -> Any:
     return fn(**copy_args(case.kwargs))
 
 
+def print_slot_walk(fn: Callable, case: Case, steps: list[str], expected: np.ndarray) -> None:
+    """For a slot exercise's failure: one line per token — how its slot is found (``steps[i]``,
+    e.g. ``"position 5 -> block_table[1] = 2, offset 1"``), the slot, and the learner's slot
+    where it differs. Prints nothing when ``fn`` raises (the verdict already said so)."""
+    try:
+        got = np.asarray(call(fn, case)).ravel()
+    except Exception:
+        return
+    print("  token by token:")
+    for row, (step, slot) in enumerate(zip(steps, expected)):
+        yours = got[row] if row < got.size else "missing"
+        mark = "" if row < got.size and yours == slot else f"   <- yours: {yours}"
+        print(f"    {row}: {step} -> slot {slot}{mark}")
+
+
 def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
             path: str = "result") -> str | None:
     """None when ``got`` matches ``expected``; else one sentence saying where they first differ.

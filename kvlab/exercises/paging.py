@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import Case, Exercise, copy_args, register
+from kvlab.exercises.core import Case, Exercise, copy_args, print_slot_walk, register
 from kvlab.paging import BlockAllocator, blocks_needed
 from kvlab.ref import paging as ref
 from kvlab.trace import launch_traced
@@ -57,6 +57,14 @@ def _slot_mapping_cases() -> list[Case]:
     return cases
 
 
+def _explain_slot_mapping(fn: Callable, case: Case) -> None:
+    """Position by position: the table entry and offset it gives, and the slot."""
+    table, size = case.kwargs["block_table"], case.kwargs["block_size"]
+    print_slot_walk(fn, case, [f"position {p} -> block_table[{p // size}] = {table[p // size]}, "
+                               f"offset {p % size}" for p in case.kwargs["positions"]],
+                    ref.slot_mapping(**case.kwargs))
+
+
 register(Exercise(
     name="01.slot_mapping", notebook=NOTEBOOK, section="2.2 From a position to a slot",
     signature="slot_mapping(block_table, positions, block_size) -> slots  # int32 [T]",
@@ -65,6 +73,7 @@ register(Exercise(
     solution=slot_mapping_solution,
     reference=ref.slot_mapping,
     cases=_slot_mapping_cases,
+    explain=_explain_slot_mapping,
 ))
 
 
