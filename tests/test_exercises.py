@@ -149,3 +149,10 @@ def test_a_slot_exercise_walks_the_failing_case_token_by_token(capsys):
     assert check("06.step_slots", lambda **kwargs: 1 / 0) is None
     out = capsys.readouterr().out
     assert "your function raised ZeroDivisionError" in out and "token by token" not in out
+
+
+def test_an_odd_result_gets_no_walk_and_check_never_raises(capsys):
+    for odd in (lambda **k: [np.arange(2), None], lambda **k: np.array([[28]]),
+                lambda **k: [28, 99], lambda **k: "28"):
+        assert check("01.slot_mapping", odd) is None
+        assert "token by token" not in capsys.readouterr().out

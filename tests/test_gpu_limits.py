@@ -125,10 +125,11 @@ def test_the_floors_hold_under_what_the_h200_measured():
 @pytest.mark.gpu
 def test_occupancy_agrees_with_the_driver_for_every_registered_kernel():
     """On a GPU, the driver's own occupancy calculator (cuOccupancyMaxActiveBlocksPerMultiprocessor)
-    for every registered kernel at 128 threads a block, against kvlab's rules fed the driver's
-    registers and shared memory for that kernel. The CPU tests hold the rules against 3 profiled
-    configurations; this holds them against every kernel the GPU compiles. Compute capability 9.x
-    only: the rules are sm_90's."""
+    for every registered kernel at 128 threads a block, without and with 16 KiB of dynamic shared
+    memory (where the small kernels become shared-memory bound), against kvlab's rules fed the
+    driver's registers and shared memory for that kernel and the largest carve-out. The CPU tests
+    hold the rules against 3 profiled configurations; this holds them against every kernel the
+    GPU compiles. Compute capability 9.x only: the rules are sm_90's."""
     from kvlab.kernels import cuda as kcuda
 
     device = kcuda.cuda.get_current_device()
@@ -142,10 +143,12 @@ def test_occupancy_agrees_with_the_driver_for_every_registered_kernel():
         kernel = entry.dispatcher.compile(entry.signatures[0])
         if kernel.max_threads_per_block < threads:
             continue
-        driver = context.get_active_blocks_per_multiprocessor(
-            kernel._codelibrary.get_cufunc(), threads, 0)
-        ours = blocks_per_sm(kernel.regs_per_thread, threads, kernel.shared_mem_per_block,
-                             SM90.max_shared_per_sm)
-        assert ours == driver, (entry.name, kernel.regs_per_thread, kernel.shared_mem_per_block)
+        for dynamic in (0, 16 * 1024):
+            driver = context.get_active_blocks_per_multiprocessor(
+                kernel.library.get_cufunc(), threads, dynamic)
+            ours = blocks_per_sm(kernel.regs_per_thread, threads,
+                                 kernel.shared_mem_per_block + dynamic, SM90.max_shared_per_sm)
+            assert ours == driver, (entry.name, kernel.regs_per_thread,
+                                    kernel.shared_mem_per_block, dynamic)
         checked += 1
     assert checked >= 20

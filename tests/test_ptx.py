@@ -104,16 +104,18 @@ def test_instruction_budget_of_the_decode_kernels(compiled):
     issued for v6, 70% of its copy bandwidth allows ~110 warp instructions per fp16 key pair of
     head_dim 128 (512 bytes of K and V): 0.215 per byte. The count is static PTX: a branch's two
     sides and a nested loop's body count once. v8's loop is nearly straight-line code, so its
-    count is close to what runs; v2-v7's bodies hold cold branches (fp16 inf/NaN, fp8 paths)
-    and runtime-trip shuffle loops, so theirs is ~3x what a GPU issues (v6: 2.4 per byte static,
-    ~0.75 from its measured 0.84 TB/s) — the comparison below only says v8 is far below both."""
+    count is close to what runs; v2-v7's bodies hold cold branches (fp16 inf/NaN, fp8 paths),
+    which count but do not run, and shuffle loops of 4 trips, which run but count once: v6 0.64
+    per byte static against the 0.75 Nsight Compute counted it issuing, v2 0.91 against 0.81."""
     budgets = {n.split(".")[-1]: i["budget"] for n, i in compiled.items() if "budget" in i}
     assert {b["pool"] for b in budgets.values()} == {"fp16", "int8", "fp8"}
     per_byte = {n: b["warp_instructions_per_kv_byte"] for n, b in budgets.items()}
     v8 = budgets["attention_v8_fp16_d128_b16_h4_kernel[0]"]
     assert v8["warp_instructions_per_kv_byte"] <= 0.215, per_byte
-    assert v8["warp_instructions_per_kv_byte"] * 3.6 <= per_byte[
+    assert v8["warp_instructions_per_kv_byte"] * 3 <= per_byte[
         "warp_attention_v6_2byte_kernel[0]"], per_byte
+    # the static count of v2-v7 stays within ~20 % of what Nsight Compute counted them issuing
+    assert 0.6 <= per_byte["warp_attention_v6_2byte_kernel[0]"] <= 0.9, per_byte
     # every K and V element is used for all 4 q heads of the group: 2 x 4 FMAs per element,
     # 8 fp16 elements per 16-byte load (4 K and 4 V loads a step)
     assert v8["fma"] >= 2 * 4 * 8 * 4, v8
@@ -131,7 +133,9 @@ def test_bytes_in_flight_of_the_decode_kernels(compiled):
     """The latency ceiling read without a GPU: v8 keeps 4 KiB in flight per warp (a step's 4 K
     and 4 V 16-byte loads for 32 lanes) against v6's 1 KiB, and its 12 resident warps (3 CTAs of
     168 registers) hold ~3x v6's bytes per SM — so even v8 is bound by issue, not latency, by
-    this count; v6's launch bounds keep it at 128 registers and 16 warps."""
+    this count; v6's launch bounds keep it at 128 registers and 16 warps. (The bytes in flight are
+    an upper bound: a trip's loads all out at once, which v3 and later issue together and v2
+    does not.)"""
     budgets = {n.split(".")[-1]: i["budget"] for n, i in compiled.items() if "budget" in i}
     v8, v6 = budgets["attention_v8_fp16_d128_b16_h4_kernel[0]"], budgets[
         "warp_attention_v6_2byte_kernel[0]"]
@@ -154,8 +158,9 @@ def test_stored_instruction_budget_is_this_trees(compiled):
         if "budget" in info:
             kernel = name.split(".")[-1].split("[")[0]
             fresh[info["budget"]["pool"], kernel] = {
-                key: info["budget"][key] for key in ("instructions", "warps_per_sm",
-                                                     "bytes_in_flight_per_warp")}
+                key: info["budget"][key] for key in ("instructions", "registers", "warps_per_sm",
+                                                     "bytes_in_flight_per_warp",
+                                                     "latency_bound_tb_s")}
     assert {(key.split()[1], key.split()[2]): {k: budget[k] for k in fresh[
         key.split()[1], key.split()[2]]} for key, budget in stored.items()} == fresh
 

@@ -96,24 +96,75 @@ def instructions(lines: list[str]) -> list[str]:
     return out
 
 
-def main_loop(ptx: str) -> list[str] | None:
-    """The lines of the kernel's main loop: of the loops in the PTX (a label and a later branch
-    back to it), the one holding the most global loads, the shortest on a tie; None when no loop
-    loads from global memory. Nested loops are part of it (their bodies counted once)."""
-    lines = ptx.splitlines()
-    labels = {}
-    best = None
+def _blocks(lines: list[str]) -> list[tuple[int, int]]:
+    """The basic blocks of a kernel's PTX as ``[start, end)`` line ranges: a label starts one, a
+    branch or ``ret`` ends one."""
+    blocks, start = [], 0
     for i, line in enumerate(lines):
-        label = _LABEL.match(line.strip())
+        text = line.split("//")[0].strip()
+        if _LABEL.match(text) and i > start:
+            blocks.append((start, i))
+            start = i
+        if _BRANCH.search(text) or re.match(r"^(@%\w+\s+)?ret;", text):
+            blocks.append((start, i + 1))
+            start = i + 1
+    if start < len(lines):
+        blocks.append((start, len(lines)))
+    return blocks
+
+
+def _successors(lines: list[str], blocks: list[tuple[int, int]]) -> list[list[int]]:
+    """Each block's successors (indices into ``blocks``): its branch target, and the next block
+    unless it ends in an unconditional branch or ``ret``."""
+    first = {}
+    for b, (start, end) in enumerate(blocks):
+        label = _LABEL.match(lines[start].strip())
         if label:
-            labels[label.group(1)] = i
-        branch = _BRANCH.search(line)
-        if branch and branch.group(1) in labels:  # a branch back: lines [label, i] are a loop
-            body = lines[labels[branch.group(1)]:i + 1]
-            loads = sum("ld.global" in b for b in body)
-            key = (loads, -len(body))
+            first[label.group(1)] = b
+    out = []
+    for b, (start, end) in enumerate(blocks):
+        last = lines[end - 1].split("//")[0].strip()
+        branch = _BRANCH.search(last)
+        succ = [first[branch.group(1)]] if branch and branch.group(1) in first else []
+        unconditional = (branch and not last.startswith("@")) or re.match(r"^ret;", last)
+        if not unconditional and b + 1 < len(blocks):
+            succ.append(b + 1)
+        out.append(succ)
+    return out
+
+
+def main_loop(ptx: str) -> list[str] | None:
+    """The lines of the kernel's main loop: of its natural loops (a back edge from a block to an
+    earlier block, the header, and every block that reaches that edge without passing the
+    header), the one holding the most global loads, the shortest on a tie; None when no loop
+    loads from global memory. Nested loops are part of it (their bodies counted once). A loop's
+    blocks need not be contiguous: the compiler may lay part of a loop out after the kernel's
+    ``ret``, so the lines between a label and a branch back to it are not the loop."""
+    lines = ptx.splitlines()
+    blocks = _blocks(lines)
+    succ = _successors(lines, blocks)
+    pred: list[list[int]] = [[] for _ in blocks]
+    for b, targets in enumerate(succ):
+        for t in targets:
+            pred[t].append(b)
+    best = None
+    for latch, targets in enumerate(succ):
+        for header in targets:
+            if header > latch:
+                continue
+            body, stack = {header, latch}, [latch]
+            while stack:  # every block that reaches the latch without passing the header
+                for p in pred[stack.pop()]:
+                    if p not in body:
+                        body.add(p)
+                        stack.append(p)
+            if 0 in body and header != 0:  # the entry reaches the latch around the header:
+                continue                    # the header does not dominate it, no natural loop
+            loop = [line for b in sorted(body) for line in lines[slice(*blocks[b])]]
+            loads = sum("ld.global" in line for line in loop)
+            key = (loads, -len(loop))
             if loads and (best is None or key > best[0]):
-                best = (key, body)
+                best = (key, loop)
     return None if best is None else best[1]
 
 

@@ -48,9 +48,11 @@ def print_slot_walk(fn: Callable, case: Case, steps: list[str], expected: np.nda
     e.g. ``"position 5 -> block_table[1] = 2, offset 1"``), the slot, and the learner's slot
     where it differs. Prints nothing when ``fn`` raises (the verdict already said so)."""
     try:
-        got = np.asarray(call(fn, case)).ravel()
+        got = np.asarray(call(fn, case))
     except Exception:
         return
+    if got.shape != np.shape(expected) or got.dtype.kind not in "iuf":
+        return  # the verdict already said the shape or type is wrong
     print("  token by token:")
     for row, (step, slot) in enumerate(zip(steps, expected)):
         yours = got[row] if row < got.size else "missing"
@@ -186,7 +188,10 @@ class Exercise:
         lines += [f"  {message}", f"  Hint: {self.hint}"]
         say("\n".join(lines))
         if self.explain is not None and say is print:
-            self.explain(fn, case)
+            try:
+                self.explain(fn, case)
+            except Exception as error:  # the explanation is a help: it must not break check()
+                say(f"  (no picture of this case: {type(error).__name__}: {error})")
         return False
 
     def show_solution(self) -> Callable:
