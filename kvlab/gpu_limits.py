@@ -192,7 +192,8 @@ def issue_bound(instructions_per_byte: float, issue_per_cycle: float, num_sms: i
     if not 0 < _positive("issue_per_cycle", issue_per_cycle) <= ISSUE_PER_SM_PER_CYCLE:
         raise ValueError(f"issue_per_cycle must be in (0, {ISSUE_PER_SM_PER_CYCLE}], "
                          f"got {issue_per_cycle}")
-    return num_sms * clock_hz * issue_per_cycle / instructions_per_byte
+    return (_positive("num_sms", num_sms) * _positive("clock_hz", clock_hz) * issue_per_cycle
+            / instructions_per_byte)
 
 
 def bandwidth_bounds(instructions_per_byte: float, issue_per_cycle: float,
@@ -200,7 +201,7 @@ def bandwidth_bounds(instructions_per_byte: float, issue_per_cycle: float,
     """The three ceilings, bytes per second: ``memory`` (the copy bandwidth), ``issue``
     (:func:`issue_bound`) and ``latency`` (Little's law: ``num_sms * bytes_in_flight_per_sm /
     latency_s``, with ``bytes_in_flight_per_sm`` the loads an SM's resident warps keep out)."""
-    return {"memory": machine.memory_bytes_per_s,
+    return {"memory": _positive("machine.memory_bytes_per_s", machine.memory_bytes_per_s),
             "issue": issue_bound(instructions_per_byte, issue_per_cycle, machine.num_sms,
                                  machine.clock_hz),
             "latency": machine.num_sms * _positive("bytes_in_flight_per_sm", bytes_in_flight_per_sm)

@@ -90,6 +90,16 @@ def test_the_issue_ceiling_is_the_formula_the_ptx_budget_uses():
         issue_bound(0, 2, 132, 1.98e9)
 
 
+@pytest.mark.parametrize("machine, message", [
+    (Machine("no SMs", 0, 1e9, 1e12), "num_sms must be a positive"),
+    (Machine("no clock", 100, 0.0, 1e12), "clock_hz must be a positive"),
+    (Machine("no memory", 100, 1e9, float("nan")), "memory_bytes_per_s must be a positive"),
+])
+def test_a_machine_without_its_figures_is_refused_by_name(machine, message):
+    with pytest.raises(ValueError, match=message):
+        time_floor(1e9, 0.5, 2, 1024, machine)
+
+
 def test_the_binding_ceiling_is_the_smallest():
     machine = Machine("test", num_sms=100, clock_hz=1e9, memory_bytes_per_s=3e12, latency_s=1e-6)
     bounds = bandwidth_bounds(0.5, 2, 16 * 1024, machine)
