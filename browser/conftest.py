@@ -120,14 +120,18 @@ def summary(out_dir):
     yield rows
     (out_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["| notebook | opened clean | code cells run | explorers found / moved | what moved "
-             "(redraw s) | console errors | open s | run s | total s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(redraw s) | answers typed: the checker's verdict | console errors | open s | "
+             "run s | total s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         moves = "; ".join(f"{m['move']} ({m['redraw_s']})" for m in row.get("moves", []))
+        tries = "; ".join(f"{t['verdict'][:60]}" + (f" + {t['figures']} figure(s)"
+                                                     if t["figures"] else "")
+                          for t in row.get("learner_tries", []))
         lines.append(
             f"| {name} | {row.get('clean_on_open', '-')} | {row.get('cells_run', '-')}"
             f"/{row.get('code_cells', '-')} | {row.get('explorers_found', '-')} / "
-            f"{row.get('explorers_moved', '-')} | {moves or '-'} | "
+            f"{row.get('explorers_moved', '-')} | {moves or '-'} | {tries or '-'} | "
             f"{len(row['console_errors']) if 'console_errors' in row else '-'} | "
             f"{row.get('open_s', '-')} | {row.get('run_s', '-')} | {row.get('total_s', '-')} |")
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")

@@ -15,16 +15,23 @@ verdict for the unfilled stub and never raises, so a notebook with stubs still r
    is one per saved explorer output, and at least one in every notebook;
 4. moving one control of each explorer (arrow key on a slider, another option of a dropdown or of
    toggle buttons) changes the figure's image bytes;
-5. the browser console has no errors (level SEVERE).
+5. a learner's loop on the notebook's exercises: in an exercise's stub cell the answer is typed
+   through the editor (select all, then keys), the stub and its checker cell are run with
+   Shift+Enter, and the checker prints its verdict: a wrong answer first where one is scripted
+   (``LEARNER_TRIES``: ✗ naming the failing case, and what the checker explains, a figure for a
+   kernel), then a right one, or ``solution(name)``'s for the notebook's first exercise (✓);
+6. the browser console has no errors (level SEVERE).
 
 It saves a screenshot of each notebook (and of each explorer after its move) under build/browser/,
 and build/browser/summary.{json,md} with what was checked and how long each step took.
 """
 import json
+import re
 import time
 
 import pytest
 from selenium.common.exceptions import JavascriptException
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select
@@ -115,6 +122,61 @@ return panel.content.widgets.filter((cell) => cell.model.type === 'code').map((c
 });
 """
 
+# What a learner types into a stub cell, and what its checker must then print, by exercise: one
+# line each, as typed (the editor closes brackets and quotes itself and steps over the closing
+# ones). A notebook not listed gets its first exercise answered with solution(name).
+LEARNER_TRIES = {
+    "01_paging": [
+        ("01.slot_mapping",
+         "def slot_mapping(block_table, positions, block_size): return positions",
+         ["✗ 01.slot_mapping: fails on case", "token by token", "<- yours: 0"]),
+        ("01.slot_mapping",
+         "def slot_mapping(block_table, positions, block_size): return "
+         "block_table[positions // block_size] * block_size + positions % block_size",
+         ["✓ 01.slot_mapping"]),
+        ("01.write_kv_kernel",
+         "write_kv_kernel = cuda.jit(lambda k, v, k_pool, v_pool, slots: None)",
+         ["✗ 01.write_kv_kernel: fails on case", "image/png"]),
+    ],
+    "03_rope": [
+        ("03.rope_kernel", "rope_kernel = cuda.jit(lambda x, cos, sin, positions, out: None)",
+         ["✗ 03.rope_kernel: fails on case", "image/png"]),
+        ("03.rope_kernel", 'rope_kernel = solution("03.rope_kernel")', ["✓ 03.rope_kernel"]),
+    ],
+    "05_attention": [
+        ("05.paged_decode_torch", 'paged_decode_torch = solution("05.paged_decode_torch")',
+         ["def paged_decode_torch_solution", "✓ 05.paged_decode_torch"]),
+    ],
+}
+
+# The cells of the open notebook: type and source.
+JS_SOURCES = """
+return window.jupyterapp.shell.currentWidget.content.widgets.map(
+    (cell) => ({type: cell.model.type, source: cell.model.sharedModel.getSource()}));
+"""
+
+# Make cell i the active one in command mode, scrolled into view; returns its editor's element.
+JS_SELECT_CELL = """
+const notebook = window.jupyterapp.shell.currentWidget.content;
+notebook.mode = 'command';
+notebook.activeCellIndex = arguments[0];
+const cell = notebook.widgets[arguments[0]];
+cell.node.scrollIntoView({block: 'center'});
+return cell.node.querySelector('.cm-content');
+"""
+
+# Cell i's execution count, and its outputs: stream text joined, and every output's MIME types.
+JS_CELL_RESULT = """
+const cell = window.jupyterapp.shell.currentWidget.content.widgets[arguments[0]];
+const texts = [], mimes = [];
+for (let j = 0; j < cell.model.outputs.length; j++) {
+    const output = cell.model.outputs.get(j).toJSON();
+    if (output.output_type === 'stream') texts.push([].concat(output.text).join(''));
+    else mimes.push(...Object.keys(output.data || {}));
+}
+return {count: cell.model.executionCount, text: texts.join(''), mimes: mimes};
+"""
+
 # A fingerprint of an explorer's figure: SHA-256 of the image's bytes (blob: or data: URL alike).
 JS_FIGURE_DIGEST = """
 const done = arguments[arguments.length - 1];
@@ -191,6 +253,47 @@ def _move_one_control(driver, explorer) -> str:
     pytest.fail("explorer has no slider, dropdown, toggle buttons or button to move")
 
 
+def _exercise_cells(driver) -> dict[str, int]:
+    """Exercise name -> index of its stub cell: the code cell right before the cell that calls
+    ``check(name, ...)`` (every notebook lays its exercises out so)."""
+    cells = driver.execute_script(JS_SOURCES)
+    stubs = {}
+    for i, cell in enumerate(cells):
+        found = re.search(r'check\("(\d\d\.\w+)"', cell["source"])
+        if found and cell["type"] == "code" and i > 0 and cells[i - 1]["type"] == "code":
+            stubs.setdefault(found.group(1), i - 1)
+    return stubs
+
+
+def _stub_name(driver, stub: int) -> str:
+    """The name the stub cell defines (its ``def``), which the checker cell passes."""
+    source = driver.execute_script(JS_SOURCES)[stub]["source"]
+    return re.search(r"^def (\w+)", source, re.M).group(1)
+
+
+def _try_an_answer(driver, stub: int, answer: str) -> dict:
+    """As a learner: replace the stub cell's text by typing ``answer``, then Shift+Enter twice
+    (the stub, then its checker); returns the checker cell's result once the kernel is idle, and
+    what the stub cell printed (``stub_text``)."""
+    before = driver.execute_script(JS_CELL_RESULT, stub + 1)["count"]
+    editor = driver.execute_script(JS_SELECT_CELL, stub)
+    editor.click()
+    keys = ActionChains(driver)
+    keys.key_down(Keys.CONTROL).send_keys("a").key_up(Keys.CONTROL).send_keys(answer)
+    keys.key_down(Keys.SHIFT).send_keys(Keys.ENTER).send_keys(Keys.ENTER).key_up(Keys.SHIFT)
+    keys.perform()
+
+    def finished():
+        result = driver.execute_script(JS_CELL_RESULT, stub + 1)
+        idle = driver.execute_script(JS_KERNEL_STATUS) == "idle"
+        return result if idle and result["count"] not in (None, before) else None
+
+    result = _wait("the checker to run after typing an answer", RUN_TIMEOUT_S, finished)
+    typed = driver.execute_script(JS_SOURCES)[stub]["source"]
+    assert typed == answer, f"the editor holds {typed!r} after typing {answer!r}"
+    return {**result, "stub_text": driver.execute_script(JS_CELL_RESULT, stub)["text"]}
+
+
 def _console_errors(driver) -> list[str]:
     """Every console error since the page loaded (none is known to be harmless: none is skipped)."""
     return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
@@ -265,6 +368,25 @@ def test_notebook_runs_in_jupyterlab(notebook_name, lab, chromium, out_dir, summ
                                  "redraw_s": round(time.monotonic() - move_started, 2)})
             row["explorers_moved"] += 1
             explorer.screenshot(str(out_dir / f"{stem}.explorer{k}.png"))
+
+        stubs = _exercise_cells(driver)
+        tries = LEARNER_TRIES.get(stem)
+        if tries is None and stubs:
+            first = min(stubs, key=stubs.get)
+            tries = [(first, f'{_stub_name(driver, stubs[first])} = solution("{first}")',
+                      [f"✓ {first}"])]
+        row["learner_tries"] = []
+        for name, answer, expected in tries or []:
+            assert name in stubs, f"no stub cell followed by check({name!r}, ...) in {stem}"
+            tried = time.monotonic()
+            result = _try_an_answer(driver, stubs[name], answer)
+            shown = " ".join([result["stub_text"], result["text"], *result["mimes"]])
+            missing = [part for part in expected if part not in shown]
+            assert not missing, f"after typing {answer!r}, the checker showed {shown[:600]!r}"
+            row["learner_tries"].append({"exercise": name, "typed": answer,
+                                         "verdict": result["text"].splitlines()[0],
+                                         "figures": result["mimes"].count("image/png"),
+                                         "s": round(time.monotonic() - tried, 1)})
 
         if explorers:
             driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", explorers[0])

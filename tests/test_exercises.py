@@ -32,16 +32,21 @@ WRONG = _wrong_answers()
 
 @pytest.fixture(autouse=True)
 def _learner_view(monkeypatch):
-    """Check the function given, not the swapped-in solution (conftest sets the swap for nbval)."""
+    """Check the function given, not the swapped-in solution (conftest sets the swap for nbval);
+    close the figures a failing kernel's explanation draws (matplotlib warns past 20 open)."""
     monkeypatch.delenv(SOLUTIONS_ENV, raising=False)
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
 
 
-def test_at_least_fourteen_exercises_two_to_four_per_notebook():
+def test_at_least_fourteen_exercises_two_to_five_per_notebook():
     per_notebook = Counter(ex.notebook for ex in EXERCISES.values())
     assert len(EXERCISES) >= 14, sorted(EXERCISES)
     for number in ("01", "02", "03", "04", "05", "06", "07"):
         count = sum(n for nb, n in per_notebook.items() if nb.startswith(number))
-        assert 2 <= count <= 4, f"notebook {number} has {count} exercises"
+        assert 2 <= count <= 5, f"notebook {number} has {count} exercises"
 
 
 @pytest.mark.parametrize("name", sorted(EXERCISES))

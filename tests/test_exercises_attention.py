@@ -181,3 +181,79 @@ def decode_without_the_max(q, k_pool, v_pool, block_table, context_len, scale, o
 
 WRONG_ANSWERS["05.decode_kernel"] = [decode_ignores_the_block_table,
                                      decode_interleaves_the_gqa_groups, decode_without_the_max]
+
+
+# --- 05.paged_decode_torch ---
+import torch  # noqa: E402
+
+
+def _decode_torch(q, k_pool, v_pool, block_tables, context_lens, scale, *, mask_scores=True,
+                  zero_v=True, kv_head_of=lambda h, group, hkv: h // group, use_table=True,
+                  additive_mask=False):
+    """The solution with one step changed (each wrong answer below switches one off)."""
+    num_seqs, hq, d = q.shape
+    bs, hkv = k_pool.shape[1], k_pool.shape[2]
+    j = torch.arange(int(context_lens.max()))
+    visible = j < context_lens[:, None].long()
+    blocks = block_tables[:, j // bs].long() if use_table else (j // bs).expand(num_seqs, -1)
+    slots = torch.where(visible, blocks * bs + j % bs, 0)
+    k = k_pool.view(-1, hkv, d)[slots].float()
+    v = v_pool.view(-1, hkv, d)[slots].float()
+    if zero_v:
+        v = torch.where(visible[:, :, None, None], v, 0.0)
+    heads = torch.tensor([kv_head_of(h, hq // hkv, hkv) for h in range(hq)])
+    scores = torch.einsum("shd,slhd->shl", q, k[:, :, heads]) * scale
+    if additive_mask:
+        scores = scores + torch.where(visible, 0.0, float("-inf"))[:, None, :]
+    elif mask_scores:
+        scores = torch.where(visible[:, None, :], scores, float("-inf"))
+    return torch.einsum("shl,slhd->shd", torch.softmax(scores, -1), v[:, :, heads])
+
+
+def attends_to_the_padding(**kwargs):
+    """No mask: every sequence also weighs the positions past its own length."""
+    return _decode_torch(**kwargs, mask_scores=False)
+
+
+def zero_weight_times_nan(**kwargs):
+    """Masks the scores but not V: a masked position's 0 weight times a stale NaN is NaN."""
+    return _decode_torch(**kwargs, zero_v=False)
+
+
+def additive_minus_inf_mask(**kwargs):
+    """Adds -inf where masked (and zeroes nothing): a stale NaN key plus -inf is still NaN."""
+    return _decode_torch(**kwargs, zero_v=False, additive_mask=True)
+
+
+def interleaves_the_gqa_groups(**kwargs):
+    """Query head h reads K/V head h % Hkv: right only when Hkv = 1 or Hq = Hkv."""
+    return _decode_torch(**kwargs, kv_head_of=lambda h, group, hkv: h % hkv)
+
+
+def ignores_the_block_table(**kwargs):
+    """Position j read from pool block j // block_size: right only for a table 0, 1, 2, ..."""
+    return _decode_torch(**kwargs, use_table=False)
+
+
+def forgets_the_scale(**kwargs):
+    """Softmax of the raw dot products."""
+    return _decode_torch(**{**kwargs, "scale": 1.0})
+
+
+WRONG_ANSWERS["05.paged_decode_torch"] = [attends_to_the_padding, zero_weight_times_nan,
+                                          additive_minus_inf_mask, interleaves_the_gqa_groups,
+                                          ignores_the_block_table, forgets_the_scale]
+
+
+def test_the_torch_decode_checker_walks_the_sequences_and_names_the_nan(monkeypatch, capsys):
+    from kvlab.exercises import SOLUTIONS_ENV, check
+
+    monkeypatch.delenv(SOLUTIONS_ENV, raising=False)  # check the wrong answer, not the solution
+    check("05.paged_decode_torch", zero_weight_times_nan)
+    out = capsys.readouterr().out
+    assert "1: 2 positions in blocks [3] -> NaN in yours" in out
+    assert "a weight of 0 times a stale NaN in V is NaN" in out
+    check("05.paged_decode_torch", attends_to_the_padding)
+    out = capsys.readouterr().out
+    assert "2: 1 position in blocks [3] -> largest |yours - expected| = 2.3" in out
+    assert "NaN" not in out.split("sequence by sequence")[1]

@@ -1,8 +1,13 @@
 """Wrong answers the 02 (quantization) checkers must reject (gathered by tests/test_exercises.py),
-and the hand-picked cases checked against numbers worked out by hand."""
+the hand-picked cases checked against numbers worked out by hand, and the kernel puzzle's cases
+(each catches the slip it was built for) and its picture of a failure."""
 import numpy as np
+import pytest
 
-from kvlab.exercises import get
+from kvlab.exercises import SOLUTIONS_ENV, get
+from kvlab.exercises.quant import THREADS, _scale_reference
+
+from numba import cuda  # after kvlab.exercises, which picks GPU or simulator
 
 
 def one_scale_per_tensor(x):
@@ -84,12 +89,128 @@ def fp8_uses_the_fnuz_bias(value):
     return _fp8(value, bias=8, largest=240.0)
 
 
+# --- 02.scale_kernel: plausible slips in a block reduction ---------------------------------------
+
+@cuda.jit
+def scale_from_max_not_abs(x, scales):
+    """Reduces max x, not max |x|: a vector whose largest magnitude is negative gets too small a
+    scale."""
+    token, head, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    local = np.float32(0)
+    for d in range(tid, x.shape[2], THREADS):
+        local = max(local, x[token, head, d])
+    partial = cuda.shared.array(THREADS, np.float32)
+    partial[tid] = local
+    cuda.syncthreads()
+    width = THREADS // 2
+    while width > 0:
+        if tid < width:
+            partial[tid] = max(partial[tid], partial[tid + width])
+        cuda.syncthreads()
+        width //= 2
+    if tid == 0:
+        scales[token, head] = max(partial[0], np.float32(1e-8)) / np.float32(127)
+
+
+@cuda.jit
+def scale_without_the_stride(x, scales):
+    """Each thread reads only element threadIdx.x: elements THREADS.. are never looked at."""
+    token, head, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    partial = cuda.shared.array(THREADS, np.float32)
+    partial[tid] = abs(x[token, head, tid])
+    cuda.syncthreads()
+    width = THREADS // 2
+    while width > 0:
+        if tid < width:
+            partial[tid] = max(partial[tid], partial[tid + width])
+        cuda.syncthreads()
+        width //= 2
+    if tid == 0:
+        scales[token, head] = max(partial[0], np.float32(1e-8)) / np.float32(127)
+
+
+@cuda.jit
+def scale_with_whole_turns_only(x, scales):
+    """Loops head_dim // THREADS turns of THREADS elements: misses the tail when head_dim is not a
+    multiple of THREADS."""
+    token, head, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    local = np.float32(0)
+    for turn in range(x.shape[2] // THREADS):
+        local = max(local, abs(x[token, head, turn * THREADS + tid]))
+    partial = cuda.shared.array(THREADS, np.float32)
+    partial[tid] = local
+    cuda.syncthreads()
+    width = THREADS // 2
+    while width > 0:
+        if tid < width:
+            partial[tid] = max(partial[tid], partial[tid + width])
+        cuda.syncthreads()
+        width //= 2
+    if tid == 0:
+        scales[token, head] = max(partial[0], np.float32(1e-8)) / np.float32(127)
+
+
+@cuda.jit
+def scale_tree_the_wrong_way(x, scales):
+    """Runs the tree w = 1, 2, 4 with the halving tree's `tid < w`: partial[0] only ever takes in
+    partials 1, 2 and 4."""
+    token, head, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    local = np.float32(0)
+    for d in range(tid, x.shape[2], THREADS):
+        local = max(local, abs(x[token, head, d]))
+    partial = cuda.shared.array(THREADS, np.float32)
+    partial[tid] = local
+    cuda.syncthreads()
+    width = 1
+    while width < THREADS:
+        if tid < width:
+            partial[tid] = max(partial[tid], partial[tid + width])
+        cuda.syncthreads()
+        width *= 2
+    if tid == 0:
+        scales[token, head] = max(partial[0], np.float32(1e-8)) / np.float32(127)
+
+
+@cuda.jit
+def scale_tree_stops_a_step_early(x, scales):
+    """`while width > 1`: the last step (w = 1) never folds partial[1] into partial[0]."""
+    token, head, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    local = np.float32(0)
+    for d in range(tid, x.shape[2], THREADS):
+        local = max(local, abs(x[token, head, d]))
+    partial = cuda.shared.array(THREADS, np.float32)
+    partial[tid] = local
+    cuda.syncthreads()
+    width = THREADS // 2
+    while width > 1:
+        if tid < width:
+            partial[tid] = max(partial[tid], partial[tid + width])
+        cuda.syncthreads()
+        width //= 2
+    if tid == 0:
+        scales[token, head] = max(partial[0], np.float32(1e-8)) / np.float32(127)
+
+
+@cuda.jit
+def scale_from_thread_0_alone(x, scales):
+    """Thread 0 stores the scale of its own partial: no shared memory, no reduction."""
+    token, head, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    local = np.float32(0)
+    for d in range(tid, x.shape[2], THREADS):
+        local = max(local, abs(x[token, head, d]))
+    if tid == 0:
+        scales[token, head] = max(local, np.float32(1e-8)) / np.float32(127)
+
+
 WRONG_ANSWERS = {
     "02.quantize_int8": [one_scale_per_tensor, rounds_half_away_from_zero,
                          codes_from_the_fp16_scale, keeps_float32_scales, drops_the_floor],
     "02.dequantize_int8": [dequantizes_in_fp16, forgets_to_broadcast],
     "02.fp8_e4m3_encode": [fp8_flushes_subnormals, fp8_rounds_half_up, fp8_does_not_saturate,
                            fp8_uses_the_fnuz_bias],
+    "02.scale_kernel": [scale_from_max_not_abs, scale_from_thread_0_alone, scale_tree_the_wrong_way,
+                        scale_tree_stops_a_step_early, scale_without_the_stride,
+                        scale_with_whole_turns_only],
 }
 
 
@@ -120,3 +241,79 @@ def test_every_fp8_code_round_trips_through_the_solution():
         if byte & 0x7F == 0x7F or byte == 0x80:  # NaN, and -0.0 (its sign: not asked for)
             continue
         assert encode(float(fp8_e4m3_decode(np.uint8(byte)))) == byte
+
+
+# --- 02.scale_kernel: the cases, the slips they catch, and the picture of a failure -------------
+
+@pytest.fixture
+def learner_view(monkeypatch):
+    """Check the kernel given, not the swapped-in solution (conftest sets the swap for nbval)."""
+    monkeypatch.delenv(SOLUTIONS_ENV, raising=False)
+
+
+def test_each_reduction_slip_fails_on_the_case_built_for_it(learner_view, capsys):
+    """Each hand-picked case puts the largest |x| where one slip misses it, in an order where the
+    earlier cases let that slip pass: the verdict names the idea that is wrong."""
+    first_failure = {
+        scale_from_max_not_abs: "the largest |x| is negative",
+        scale_from_thread_0_alone: "the largest |x| at index 4",
+        scale_tree_the_wrong_way: "the largest |x| at index 6",
+        scale_tree_stops_a_step_early: "the largest |x| at index 1",
+        scale_without_the_stride: "the largest |x| in the last element, index 15",
+        scale_with_whole_turns_only: "head_dim 17, not a multiple of 8",
+    }
+    exercise = get("02.scale_kernel")
+    exercise_without_picture = type(exercise)(**{**exercise.__dict__, "explain": None})
+    for wrong, label in first_failure.items():
+        assert exercise_without_picture.check(wrong) is False
+        verdict = capsys.readouterr().out.splitlines()[0]
+        assert label in verdict, (wrong.__name__, verdict)
+
+
+def test_scale_cases_are_small_and_need_a_stride():
+    cases = get("02.scale_kernel").cases()
+    assert all(c.kwargs["x"].shape[2] > THREADS for c in cases)
+    assert any(c.kwargs["x"].shape[2] % THREADS for c in cases if not c.random)
+    assert sum(c.kwargs["x"].shape[0] * c.kwargs["x"].shape[1] for c in cases) <= 32  # blocks
+    zero = next(c for c in cases if "all zeros" in c.label)
+    assert get("02.scale_kernel").run(_scale_reference, zero)[0, 0] == 0  # the floor underflows
+
+
+def test_a_failing_scale_kernel_is_drawn_and_its_tree_printed(monkeypatch, capsys):
+    """The explanation cannot break silently: it draws the reads of x beside the solution's (the
+    elements no thread read are gaps) and prints the solution's tree for the vector that differs."""
+    import matplotlib.pyplot as plt
+
+    from kvlab.exercises.quant import _launch_scale, _reads_by_own_block
+
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda: shown.append(plt.gcf()))
+    exercise = get("02.scale_kernel")
+    case = next(c for c in exercise.cases() if "index 15" in c.label)
+    exercise.explain(scale_without_the_stride, case)
+    out = capsys.readouterr().out
+    assert len(shown) == 1 and len(shown[0].axes) == 2
+    assert [ax.get_title() for ax in shown[0].axes] == ["your kernel", "the solution"]
+    assert "element 15, read by thread 7" in out and "after w = 1  [2.5]" in out
+    owners, foreign = _reads_by_own_block(_launch_scale(scale_without_the_stride, case)[1])
+    assert foreign == 0
+    assert owners[0, 0].tolist() == list(range(THREADS)) + [-1] * THREADS  # the gaps
+    reference, _ = _reads_by_own_block(_launch_scale(exercise.solution, case)[1])
+    assert reference[0, 0].tolist() == [d % THREADS for d in range(16)]
+    plt.close("all")
+
+
+def test_a_scale_kernel_that_raises_still_gets_a_picture(learner_view, monkeypatch, capsys):
+    import matplotlib.pyplot as plt
+
+    @cuda.jit
+    def reads_past_the_vector(x, scales):
+        scales[cuda.blockIdx.x, cuda.blockIdx.y] = x[0, 0, x.shape[2] + cuda.threadIdx.x]
+
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda: shown.append(plt.gcf()))
+    assert get("02.scale_kernel").check(reads_past_the_vector) is False
+    out = capsys.readouterr().out
+    assert "your function raised IndexError" in out and "no picture" not in out
+    assert len(shown) == 1 and "partials" not in out  # no tree: the kernel never finished
+    plt.close("all")

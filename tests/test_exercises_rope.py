@@ -1,8 +1,31 @@
 """Wrong answers the 03 (RoPE) checkers must reject (gathered by tests/test_exercises.py), and the
 solutions checked against numbers worked out by hand."""
-import numpy as np
+import re
 
-from kvlab.exercises import get
+import numpy as np
+import pytest
+from numba import cuda, float32
+
+from kvlab.exercises import SOLUTIONS_ENV, get
+
+
+@pytest.fixture(autouse=True)
+def _learner_view(monkeypatch):
+    """Check the function given, not the swapped-in solution (conftest sets the swap for nbval)."""
+    monkeypatch.delenv(SOLUTIONS_ENV, raising=False)
+
+
+@pytest.fixture
+def pictures(monkeypatch):
+    """The figures the kernel explanation shows (plt.show recorded, not run); all closed before
+    and after, so earlier tests' figures do not pile up here."""
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda *args, **kwargs: shown.append(plt.gcf()))
+    yield shown
+    plt.close("all")
 
 
 def _rotate(x, cos, sin, rows, first, second, sign=1.0, math_dtype=np.float32):
@@ -89,12 +112,82 @@ def llama3_blends_the_wrong_way(rotary_dim, theta, factor, low_freq_factor, high
                    original_max_position_embeddings, swap_blend=True)
 
 
+# --- 03.rope_kernel --------------------------------------------------------------------------
+
+@cuda.jit
+def rope_kernel_interleaved_pairs(x, cos, sin, positions, out):
+    """Rotates neighbours (2p, 2p + 1): the gptj style, not rotate-half."""
+    token = cuda.blockIdx.x
+    half = x.shape[2] // 2
+    head, p = cuda.threadIdx.x // half, cuda.threadIdx.x % half
+    pos = positions[token]
+    c, s = cos[pos, p], sin[pos, p]
+    a, b = float32(x[token, head, 2 * p]), float32(x[token, head, 2 * p + 1])
+    out[token, head, 2 * p] = a * c - b * s
+    out[token, head, 2 * p + 1] = b * c + a * s
+
+
+@cuda.jit
+def rope_kernel_turns_backwards(x, cos, sin, positions, out):
+    """a c + b s, b c - a s: the sine's sign flipped, the rotation by -angle."""
+    token = cuda.blockIdx.x
+    half = x.shape[2] // 2
+    head, p = cuda.threadIdx.x // half, cuda.threadIdx.x % half
+    pos = positions[token]
+    c, s = cos[pos, p], sin[pos, p]
+    a, b = float32(x[token, head, p]), float32(x[token, head, p + half])
+    out[token, head, p] = a * c + b * s
+    out[token, head, p + half] = b * c - a * s
+
+
+@cuda.jit
+def rope_kernel_token_index_as_position(x, cos, sin, positions, out):
+    """Reads table row blockIdx.x: right only when token t is at position t."""
+    token = cuda.blockIdx.x
+    half = x.shape[2] // 2
+    head, p = cuda.threadIdx.x // half, cuda.threadIdx.x % half
+    c, s = cos[token, p], sin[token, p]
+    a, b = float32(x[token, head, p]), float32(x[token, head, p + half])
+    out[token, head, p] = a * c - b * s
+    out[token, head, p + half] = b * c + a * s
+
+
+@cuda.jit
+def rope_kernel_head_from_head_dim(x, cos, sin, positions, out):
+    """head = t // head_dim: a head has head_dim / 2 threads, so head 1's threads redo head 0
+    and head 1 is never written."""
+    token = cuda.blockIdx.x
+    half = x.shape[2] // 2
+    head, p = cuda.threadIdx.x // x.shape[2], cuda.threadIdx.x % half
+    pos = positions[token]
+    c, s = cos[pos, p], sin[pos, p]
+    a, b = float32(x[token, head, p]), float32(x[token, head, p + half])
+    out[token, head, p] = a * c - b * s
+    out[token, head, p + half] = b * c + a * s
+
+
+@cuda.jit
+def rope_kernel_writes_into_x(x, cos, sin, positions, out):
+    """Rotates x in place, as a fused kernel might: out is left as it came (zeros)."""
+    token = cuda.blockIdx.x
+    half = x.shape[2] // 2
+    head, p = cuda.threadIdx.x // half, cuda.threadIdx.x % half
+    pos = positions[token]
+    c, s = cos[pos, p], sin[pos, p]
+    a, b = float32(x[token, head, p]), float32(x[token, head, p + half])
+    x[token, head, p] = a * c - b * s
+    x[token, head, p + half] = b * c + a * s
+
+
 WRONG_ANSWERS = {
     "03.rope_neox": [neox_with_interleaved_pairs, neox_turns_backwards,
                      neox_token_index_as_position, neox_in_fp16],
     "03.rope_gptj": [gptj_with_rotate_half_pairs, gptj_turns_backwards],
     "03.llama3_inv_freq": [llama3_divides_every_pair, llama3_wavelength_without_two_pi,
                            llama3_blends_the_wrong_way],
+    "03.rope_kernel": [rope_kernel_interleaved_pairs, rope_kernel_turns_backwards,
+                       rope_kernel_token_index_as_position, rope_kernel_head_from_head_dim,
+                       rope_kernel_writes_into_x],
 }
 
 
@@ -125,3 +218,95 @@ def test_llama31_keeps_29_pairs_and_divides_the_slowest_by_8():
     plain = 500000.0 ** (-np.arange(0, 128, 2) / 128)
     assert int((speeds == plain).sum()) == 29   # wavelength < 8192 / 4 = 2048 positions
     assert speeds[-1] == plain[-1] / 8           # wavelength > 8192: divided by the factor
+
+
+def test_03_has_four_exercises_in_notebook_order():
+    from kvlab.exercises import EXERCISES
+
+    names = [n for n, ex in EXERCISES.items() if ex.notebook == "03_rope"]
+    assert names == ["03.rope_neox", "03.rope_gptj", "03.llama3_inv_freq", "03.rope_kernel"]
+
+
+def test_each_wrong_kernel_fails_on_the_case_made_for_it(capsys, pictures):
+    """The hand-picked cases are ordered so that each slip meets the first case that exposes it."""
+    first_failure = {
+        rope_kernel_writes_into_x: "position 0 turns nothing",
+        rope_kernel_interleaved_pairs: "one token, one head, at position 3",
+        rope_kernel_turns_backwards: "one token, one head, at position 3",
+        rope_kernel_token_index_as_position: "one token, one head, at position 3",
+        rope_kernel_head_from_head_dim: "two heads of 16 dims",
+    }
+    for kernel, label in first_failure.items():
+        assert get("03.rope_kernel").check(kernel) is False
+        out = capsys.readouterr().out
+        assert f"fails on case '{label}'" in out, (kernel, out)
+    assert len(pictures) == len(first_failure)  # each failure drew its picture
+
+
+def test_the_solution_kernel_is_bit_equal_in_the_simulator():
+    """So the checker's one-fp16-ulp tolerance (for a GPU's FMA) hides nothing here."""
+    from kvlab.exercises.rope import _launch_rope, _rope_reference
+
+    exercise = get("03.rope_kernel")
+    for case in exercise.cases():
+        got = _launch_rope(exercise.solution, case)[0]
+        want = _rope_reference(**case.kwargs)
+        assert got.dtype == np.float16 and np.array_equal(got.view(np.uint16),
+                                                          want.view(np.uint16)), case.label
+
+
+def test_the_kernel_cases_use_shuffled_positions_fp16_and_a_zeroed_out():
+    cases = get("03.rope_kernel").cases()
+    assert all(c.kwargs["x"].dtype == np.float16 and not c.kwargs["out"].any() for c in cases)
+    assert any(c.kwargs["x"].shape[1] > 1 for c in cases if not c.random)
+    assert any((c.kwargs["positions"] != np.arange(len(c.kwargs["positions"]))).any()
+               and len(c.kwargs["positions"]) > 1 for c in cases if not c.random)
+    for c in cases:  # the simulator runs every thread in Python: keep the launches small
+        tokens, heads, head_dim = c.kwargs["x"].shape
+        assert tokens * heads * head_dim // 2 <= 64
+
+
+def test_the_kernel_explanation_lists_the_wrong_rows_and_draws_both_kernels(capsys, pictures):
+    """A failing case draws which thread wrote each element of out, yours beside the solution's
+    (red outlines where they differ), after a line per (token, head) row that is wrong."""
+    import matplotlib.pyplot as plt
+
+    exercise = get("03.rope_kernel")
+    case = next(c for c in exercise.cases() if c.label == "two heads of 16 dims")
+    exercise.explain(rope_kernel_head_from_head_dim, case)
+    out = capsys.readouterr().out
+    assert "token 0 (position 3), head 1: dims 0-15" in out, out
+    assert not re.search(r"head 0: dims", out), out  # head 0 is right: it is written twice
+    assert "the indices are right" not in out
+    assert len(pictures) == 1
+    yours, solution = pictures[0].axes[:2]
+    assert (yours.get_title(), solution.get_title()) == ("your kernel", "the solution")
+    assert "writes to out" in pictures[0].get_suptitle()
+    outlined = [p for p in yours.patches if isinstance(p, plt.Rectangle)]
+    assert len(outlined) == 3 * 16 * 2  # every element of head 0 (a race) and head 1 (untouched)
+
+
+def test_a_kernel_that_does_not_widen_to_float32_by_hand_passes_too():
+    """x's fp16 values times the float32 tables already compute in float32."""
+    @cuda.jit
+    def plain(x, cos, sin, positions, out):
+        token = cuda.blockIdx.x
+        half = x.shape[2] // 2
+        head, p = cuda.threadIdx.x // half, cuda.threadIdx.x % half
+        c, s = cos[positions[token], p], sin[positions[token], p]
+        a, b = x[token, head, p], x[token, head, p + half]
+        out[token, head, p] = a * c - b * s
+        out[token, head, p + half] = b * c + a * s
+
+    assert get("03.rope_kernel").check(plain, quiet=True) is True
+
+
+def test_a_kernel_with_the_right_indices_is_told_to_look_at_its_values(capsys, pictures):
+    """The sign slip writes every element from the right thread: the picture alone shows no red."""
+    exercise = get("03.rope_kernel")
+    case = next(c for c in exercise.cases() if c.label == "one token, one head, at position 3")
+    exercise.explain(rope_kernel_turns_backwards, case)
+    out = capsys.readouterr().out
+    assert "token 0 (position 3), head 0: dims 0-7" in out
+    assert "the indices are right, the values are not" in out
+    assert len(pictures) == 1

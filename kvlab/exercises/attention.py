@@ -1,5 +1,6 @@
 """Exercises of notebook 05 (decode attention): the online-softmax update, the log-sum-exp merge
-of split-K partials, which positions a query may see, and a decode kernel as a puzzle.
+of split-K partials, which positions a query may see, a decode kernel as a puzzle, and a batch's
+decode step as whole-tensor torch ops.
 
 Each is checked against :mod:`kvlab.ref.attention`. The online update is run the way a kernel runs
 it, tile after tile, and the state after every tile is compared with the same quantities computed
@@ -338,4 +339,134 @@ register(Exercise(
     explain=_explain_decode,
     kernel=True,
     rtol=1e-5, atol=1e-5,
+))
+
+
+# --- 05.paged_decode_torch: the batch at once, in torch -----------------------------------------
+#
+# The learner writes one decode step of a whole batch as whole-tensor torch ops: no thread mapping
+# and no Python loop over sequences. Every sequence is padded to the longest context and the
+# positions past its own length are masked, the way kvlab's torch op works (without its tiles).
+
+def paged_decode_torch_solution(q, k_pool, v_pool, block_tables, context_lens, scale):
+    """float32 ``[S, Hq, D]``: one decode row per sequence. q: float32 ``[S, Hq, D]``; pools:
+    float16 ``[num_blocks, block_size, Hkv, D]``; block_tables: int32 ``[S, max_blocks]`` (-1
+    past a sequence's blocks); context_lens: int32 ``[S]``; scale: float. All torch tensors."""
+    import torch
+
+    num_seqs, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_pool.shape[1], k_pool.shape[2]
+    group = num_q_heads // num_kv_heads
+    j = torch.arange(int(context_lens.max()), device=q.device)     # every position, padded
+    visible = j < context_lens[:, None].long()                     # [S, L]
+    slots = block_tables[:, j // block_size].long() * block_size + j % block_size
+    slots = torch.where(visible, slots, 0)                         # never a -1 (padding) entry
+    k = k_pool.view(-1, num_kv_heads, head_dim)[slots].float()     # [S, L, Hkv, D]
+    v = v_pool.view(-1, num_kv_heads, head_dim)[slots].float()
+    v = torch.where(visible[:, :, None, None], v, 0.0)             # 0 x a stale NaN is NaN
+    qg = q.view(num_seqs, num_kv_heads, group, head_dim)           # query head h reads h // group
+    scores = torch.einsum("skgd,slkd->skgl", qg, k) * scale        # [S, Hkv, G, L]
+    scores = torch.where(visible[:, None, None, :], scores, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    out = torch.einsum("skgl,slkd->skgd", weights, v)
+    return out.reshape(num_seqs, num_q_heads, head_dim)
+
+
+def paged_decode_torch_reference(q, k_pool, v_pool, block_tables, context_lens, scale):
+    """``kvlab.ref.attention.paged_decode_attention`` for a decode batch (one row a sequence)."""
+    starts = np.arange(len(context_lens) + 1, dtype=np.int32)
+    return ref.paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, starts,
+                                      scale=scale)
+
+
+def _run_paged_decode_torch(fn: Callable, case: Case) -> Any:
+    """NumPy arrays in for the reference; torch tensors (CPU) in for the learner's function, and
+    its result back as NumPy."""
+    if fn is paged_decode_torch_reference:
+        return fn(**copy_args(case.kwargs))
+    import torch
+
+    args = {name: torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
+            for name, value in case.kwargs.items()}
+    got = fn(**args)
+    return got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else got
+
+
+def _explain_paged_decode_torch(fn: Callable, case: Case) -> None:
+    """Sequence by sequence: what it may see, and how far the answer is off there."""
+    kwargs = case.kwargs
+    try:
+        got = np.asarray(_run_paged_decode_torch(fn, case), dtype=np.float64)
+    except Exception:
+        return
+    expected = _run_paged_decode_torch(paged_decode_torch_reference, case)
+    if got.shape != expected.shape:
+        return
+    block_size = kwargs["k_pool"].shape[1]
+    print("  sequence by sequence:")
+    for seq, length in enumerate(kwargs["context_lens"]):
+        blocks = kwargs["block_tables"][seq][:-(-int(length) // block_size)].tolist()
+        diff = np.abs(got[seq] - expected[seq])
+        verdict = ("NaN in yours" if np.isnan(got[seq]).any()
+                   else f"largest |yours - expected| = {np.nanmax(diff):.2g}")
+        positions = f"{length} position{'s' if length != 1 else ''}"
+        print(f"    {seq}: {positions} in blocks {blocks} -> {verdict}")
+    if np.isnan(got).any():
+        print("  A position a sequence does not see can still reach its result: a weight of 0 "
+              "times a stale NaN in V is NaN, and so is a NaN score plus -inf.")
+
+
+def _paged_decode_torch_cases() -> list[Case]:
+    def case(label, tables, lens, hq=2, hkv=2, d=8, block_size=4, num_blocks=8, q_gain=1.0,
+             seed=0, stale_nan=False, random=False):
+        rng = np.random.default_rng(seed)
+        width = max(len(t) for t in tables)
+        block_tables = np.full((len(tables), width), -1, np.int32)  # -1: no block there
+        for seq, table in enumerate(tables):
+            block_tables[seq, :len(table)] = table
+        k_pool = rng.standard_normal((num_blocks, block_size, hkv, d)).astype(np.float16)
+        v_pool = rng.standard_normal((num_blocks, block_size, hkv, d)).astype(np.float16)
+        if stale_nan:  # what a freed sequence left: in the free blocks, and past each end
+            stale = np.ones((num_blocks, block_size), bool)
+            for table, length in zip(tables, lens):
+                stale[table] = False
+                stale[table[-1], length % block_size or block_size:] = True
+            k_pool[stale] = v_pool[stale] = np.nan
+        return Case(label, dict(
+            q=(q_gain * rng.standard_normal((len(tables), hq, d))).astype(np.float32),
+            k_pool=k_pool, v_pool=v_pool, block_tables=block_tables,
+            context_lens=np.asarray(lens, np.int32), scale=float(1 / np.sqrt(d))), random=random)
+
+    cases = [
+        case("one sequence, 6 positions in two blocks of a shuffled table", [[5, 2]], [6]),
+        case("a ragged batch: 3, 9 and 1 positions", [[1], [4, 0, 6], [3]], [3, 9, 1], seed=1),
+        case("GQA: 4 query heads share 2 K/V heads", [[2, 7]], [7], hq=4, seed=2),
+        case("stale NaN in the free blocks and past each sequence's end", [[6, 1], [3]], [5, 2],
+             seed=3, stale_nan=True),
+        case("large scores (q x 100): softmax must subtract the max", [[0, 4]], [8], q_gain=100.0,
+             seed=4),
+    ]
+    rng = np.random.default_rng(5)
+    for i in range(3):  # sequences may share blocks (a shared prefix): reading is all they do
+        lens = rng.integers(1, 13, size=3)
+        tables = [rng.choice(8, size=-(-int(n) // 4), replace=False).tolist() for n in lens]
+        cases.append(case(f"random {i}", tables, lens.tolist(), hq=4, hkv=int(rng.choice([1, 2])),
+                          seed=10 + i, random=True))
+    return cases
+
+
+register(Exercise(
+    name="05.paged_decode_torch", notebook=NOTEBOOK, section="4 As MPS ops",
+    signature="paged_decode_torch(q, k_pool, v_pool, block_tables, context_lens, scale) -> out  "
+              "# torch tensors; out float32 [S, Hq, D]",
+    hint="positions j = arange(max length); slot = block_tables[:, j // block_size] * block_size "
+         "+ j % block_size, and a mask j < context_len (send masked slots to 0); index the pools "
+         "seen as [slots, Hkv, D]; query head h reads K/V head h // (Hq // Hkv); -inf where "
+         "masked, softmax, and zero V's masked rows too.",
+    solution=paged_decode_torch_solution,
+    reference=paged_decode_torch_reference,
+    cases=_paged_decode_torch_cases,
+    run=_run_paged_decode_torch,
+    explain=_explain_paged_decode_torch,
+    rtol=1e-4, atol=1e-5,
 ))

@@ -1,17 +1,29 @@
-"""Exercises of notebook 02 (quantization): the INT8 cache's scale rule, and one FP8 byte by hand.
+"""Exercises of notebook 02 (quantization): the INT8 cache's scale rule, one FP8 byte by hand, and
+the block reduction that finds a vector's scale on a GPU (a kernel puzzle).
 
 Each exercise is checked against :mod:`kvlab.ref.quant`, on edge cases (an all-zero vector, whose
-scale is the 1e-8 floor, and a vector under the floor, whose codes stay small) and on cases picked so that the usual slips fail: exact ties (round half to
-even), vectors of very different size (one scale per (token, KV head), not per tensor), codes from
-the fp16 scale instead of the float32 one, fp16 arithmetic where float32 is meant, and FP8 values in
-the subnormal range, on a mantissa tie, and past 448 (saturation).
+scale is the 1e-8 floor, and a vector under the floor, whose codes stay small) and on cases picked
+so that the usual slips fail: exact ties (round half to even), vectors of very different size (one
+scale per (token, KV head), not per tensor), codes from the fp16 scale instead of the float32 one,
+fp16 arithmetic where float32 is meant, and FP8 values in the subnormal range, on a mantissa tie,
+and past 448 (saturation). The kernel puzzle runs in Numba's CUDA simulator under the access
+tracer: its cases put the largest |x| where each usual slip of a reduction misses it (a negative
+value, the last element, the tail of a head_dim that is not a multiple of the block, a thread the
+tree reaches only at its last step).
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 
-from kvlab.exercises.core import Case, Exercise, register
+from kvlab.backends import cuda_mode
+from kvlab.exercises.core import Case, Exercise, copy_args, register
 from kvlab.ref import quant as ref
+from kvlab.trace import launch_traced
+
+cuda_mode()  # decide GPU or simulator before numba is imported (kvlab.backends owns that)
+from numba import cuda  # noqa: E402
 
 NOTEBOOK = "02_quantization"
 SECTION_INT8 = "2.1 INT8 with one scale per (token, KV head)"
@@ -163,4 +175,195 @@ register(Exercise(
     solution=fp8_e4m3_encode_solution,
     reference=_fp8_reference,
     cases=_fp8_cases,
+))
+
+
+# --- 02.scale_kernel: a kernel puzzle, the block reduction ---------------------------------------
+#
+# The learner writes ``scale_kernel(x, scales)``: x float32 ``[T, Hkv, D]``, scales float16
+# ``[T, Hkv]``, launched ``scale_kernel[(T, Hkv), THREADS]``. Thread block (t, h) owns x[t, h, :]:
+# each thread takes max |x| over its strided elements, the partials meet in shared memory, a tree
+# folds them (w = THREADS/2, ..., 1, a barrier after each step), and thread 0 stores the vector's
+# scale max(amax, 1e-8) / 127 as fp16: the scales kvlab.ref.quant.quantize(x, "int8") returns.
+# A failure draws which thread of each vector's own block read each element of x (yours beside the
+# solution's) and prints the solution's tree, step by step, for the first vector that differs.
+#
+# The fp16 store hides the 1e-8 floor: 1e-8 / 127 is below fp16's smallest subnormal, so an
+# all-zero vector stores 0 with or without it (the floor shows in the codes: 02.quantize_int8).
+
+THREADS = 8  # threads per block in this puzzle: a power of two, below every case's head_dim
+
+
+@cuda.jit
+def scale_kernel_solution(x, scales):
+    token = cuda.blockIdx.x                      # thread block (token, head) owns x[token, head, :]
+    head = cuda.blockIdx.y
+    tid = cuda.threadIdx.x
+    local = np.float32(0)                        # 1. this thread's max |x| over its elements:
+    for d in range(tid, x.shape[2], THREADS):    #    tid, tid + THREADS, tid + 2 * THREADS, ...
+        local = max(local, abs(x[token, head, d]))
+    partial = cuda.shared.array(THREADS, np.float32)
+    partial[tid] = local                         # 2. every partial into shared memory
+    cuda.syncthreads()                           #    all written before any is read
+    width = THREADS // 2                         # 3. the tree: w = 4, 2, 1 for 8 threads
+    while width > 0:
+        if tid < width:
+            partial[tid] = max(partial[tid], partial[tid + width])
+        cuda.syncthreads()                       #    the next step reads what this one wrote
+        width //= 2
+    if tid == 0:                                 # 4. partial[0] is the vector's amax
+        scales[token, head] = max(partial[0], np.float32(1e-8)) / np.float32(127)  # -> fp16
+
+
+def _scale_reference(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The fp16 scales ``kvlab.ref.quant.quantize(x, "int8")`` stores (``scales`` is not read)."""
+    return ref.quantize(x, "int8")[1]
+
+
+def _launch_scale(kernel: Callable, case: Case):
+    """Launch ``kernel`` traced: grid = (tokens, heads), block = THREADS threads.
+    Returns ``(scales after the launch, the AccessLog)``."""
+    tokens, heads, _ = case.kwargs["x"].shape
+    after, log = launch_traced(kernel, (tokens, heads), THREADS, **copy_args(case.kwargs))
+    return after["scales"], log
+
+
+def _run_scale(fn: Callable, case: Case) -> Any:
+    if fn is _scale_reference:
+        return _scale_reference(**copy_args(case.kwargs))
+    return _launch_scale(fn, case)[0]
+
+
+def _reads_by_own_block(log) -> tuple[np.ndarray, int]:
+    """``(owners, foreign)``: owners is int ``x``'s shape, the threadIdx.x of the thread of block
+    (t, h) that read x[t, h, d] (-1: none of that block, -2: two of its threads); foreign counts
+    the reads of x made by a block that does not own the vector."""
+    owners = np.full(log.shapes["x"], -1, dtype=np.int64)
+    foreign = 0
+    for block, thread, element in log.accesses("x", "read"):
+        if tuple(block[:2]) != tuple(element[:2]):
+            foreign += 1
+            continue
+        owners[element] = thread[0] if owners[element] in (-1, thread[0]) else -2
+    return owners, foreign
+
+
+def _print_tree(x: np.ndarray, token: int, head: int, yours: Any) -> None:
+    """The solution's reduction of x[token, head, :], step by step (in NumPy, as the kernel
+    does it: a max is exact in any order)."""
+    vector = np.abs(x[token, head].astype(np.float32))
+    partial = np.array([vector[i::THREADS].max(initial=0) for i in range(THREADS)], np.float32)
+
+    def show(values: np.ndarray) -> str:
+        return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+    largest = int(np.argmax(vector))
+    print(f"  the solution's reduction of x[{token}, {head}, :] ({vector.size} elements, "
+          f"{THREADS} threads): the largest |x|, {vector[largest]:.4g}, is element {largest}, "
+          f"read by thread {largest % THREADS}")
+    print(f"    partials     {show(partial)}   thread i: max |x| of elements i, i + {THREADS}, ...")
+    width = THREADS // 2
+    while width > 0:
+        partial[:width] = np.maximum(partial[:width], partial[width:2 * width])
+        print(f"    after w = {width}  {show(partial[:width])}")
+        width //= 2
+    scale = np.maximum(partial[0], ref.AMAX_FLOOR) / np.float32(127)
+    print(f"    amax = partial[0] = {partial[0]:.6g}; scale = max(amax, 1e-8) / 127 = {scale:.6g}"
+          f" -> fp16 {str(np.float16(scale))}; yours: {str(yours)}")
+
+
+def _explain_scale(fn: Callable, case: Case) -> None:
+    """Draw which thread read each element of x (yours beside the solution's; gaps: read by no
+    thread of the vector's block), then print the solution's tree for the first vector whose scale
+    differs (none when your kernel raised: the verdict says where)."""
+    import matplotlib.pyplot as plt
+
+    from kvlab.plot.trace import plot_access_comparison
+
+    results, logs = [], []
+    for kernel in (fn, scale_kernel_solution):
+        try:
+            scales, log = _launch_scale(kernel, case)
+        except Exception as error:  # draw what the kernel did before it failed
+            scales, log = None, getattr(error, "access_log", None)
+        results.append(scales)
+        logs.append(log)
+    if None in logs:
+        print("  (no access picture: kernels run untraced on a real GPU)")
+    else:
+        (yours, foreign), (reference, _) = (_reads_by_own_block(log) for log in logs)
+        if foreign:
+            print(f"  {foreign} reads of x came from a thread block that does not own the vector "
+                  f"(block (t, h) = (blockIdx.x, blockIdx.y) owns x[t, h, :])")
+        print("  the picture: a row per vector x[t, h, :]; each element shows threadIdx.x of the "
+              "thread of block (t, h) that read it (grey: none did)")
+        plot_access_comparison(yours, reference, "reads of x")
+        plt.show()
+    got = results[0]
+    if got is None:
+        return  # your kernel raised: the verdict says where
+    expected = _scale_reference(**copy_args(case.kwargs))
+    differs = np.argwhere(expected != got) if got.shape == expected.shape else []
+    if len(differs):
+        token, head = (int(i) for i in differs[0])
+        _print_tree(case.kwargs["x"], token, head, got[token, head])
+
+
+def _scale_case(label: str, x, random: bool = False) -> Case:
+    x = np.asarray(x, np.float32)
+    return Case(label, dict(x=x, scales=np.zeros(x.shape[:2], np.float16)), random=random)
+
+
+def _one_vector(head_dim: int, index: int, value: float, seed: int) -> np.ndarray:
+    """``[1, 1, head_dim]``: values in (-1, 1), and ``value`` (the largest |x|) at ``index``."""
+    x = np.random.default_rng(seed).uniform(-1, 1, head_dim).astype(np.float32)
+    x[index] = value
+    return x.reshape(1, 1, head_dim)
+
+
+def _scale_kernel_cases() -> list[Case]:
+    """Small: the simulator runs every thread of every block as a Python thread. Each
+    hand-picked case puts the largest |x| where one usual slip misses it."""
+    rng = np.random.default_rng(6)
+    two_heads = rng.uniform(-1, 1, (1, 2, 12)).astype(np.float32)
+    two_heads[0, 0] = 0.0
+    two_heads[0, 1, 9] = 3.0
+    cases = [
+        _scale_case("one token, one head of 16: the largest |x| is negative (-4 at index 0)",
+                    _one_vector(16, 0, -4.0, seed=1)),
+        _scale_case("the largest |x| at index 4: thread 4's partial, folded into partial[0] at "
+                    "w = 4", _one_vector(16, 4, 2.0, seed=2)),
+        _scale_case("the largest |x| at index 6: thread 6 -> partial[2] at w = 4 -> partial[0] "
+                    "at w = 2", _one_vector(16, 6, -2.0, seed=3)),
+        _scale_case("the largest |x| at index 1: thread 1's partial reaches partial[0] only at "
+                    "the last step, w = 1", _one_vector(16, 1, 2.0, seed=4)),
+        _scale_case("the largest |x| in the last element, index 15 (thread 7's second turn)",
+                    _one_vector(16, 15, -2.5, seed=5)),
+        _scale_case("head_dim 17, not a multiple of 8: the largest |x| in the last element, "
+                    "index 16 (thread 0's third turn)", _one_vector(17, 16, 3.0, seed=6)),
+        _scale_case("two heads, head 0 all zeros: its scale 1e-8 / 127 is fp16 0", two_heads),
+        _scale_case("three tokens × two heads of very different size: one scale each",
+                    _vectors(rng, 3, 2, 10)),
+    ]
+    for i in range(2):
+        head_dim = int(rng.integers(THREADS + 1, 3 * THREADS))
+        cases.append(_scale_case(f"random {i}", _vectors(rng, 2, 2, head_dim), random=True))
+    return cases
+
+
+register(Exercise(
+    name="02.scale_kernel", notebook=NOTEBOOK, section="3 As a Numba CUDA kernel",
+    signature="@cuda.jit\ndef scale_kernel(x, scales): ...  "
+              "# grid = (num_tokens, num_kv_heads), block = THREADS threads",
+    hint="block (blockIdx.x, blockIdx.y) owns x[t, h, :]; thread i: max |x| of elements i, "
+         "i + THREADS, ... into partial[i]; barrier; w = THREADS // 2, ..., 1: threads i < w take "
+         "max(partial[i], partial[i + w]), a barrier after each step; thread 0 stores "
+         "max(partial[0], 1e-8) / 127.",
+    solution=scale_kernel_solution,
+    reference=_scale_reference,
+    cases=_scale_kernel_cases,
+    run=_run_scale,
+    explain=_explain_scale,
+    kernel=True,
+    rtol=0.0, atol=0.0,  # the fp16 scale is exact: any difference is a different amax
 ))

@@ -1,17 +1,26 @@
-"""Exercises of notebook 03 (RoPE): the two rotations, rotate-half and interleaved, and Llama 3.1's
-scaled frequencies.
+"""Exercises of notebook 03 (RoPE): the two rotations, rotate-half and interleaved, Llama 3.1's
+scaled frequencies, and the rotate-half rotation as a kernel puzzle.
 
 Each exercise is checked against :mod:`kvlab.ref.rope`. The cases are picked so that the usual
 slips fail: positions out of order (token t is not at position t), the other style's pairs, the
 sine's sign, fp16 inputs (rotate in float32, round once), and Llama 3.1 configurations with pairs
-in all three of its bands (kept, divided by the factor, and the smooth ramp between).
+in all three of its bands (kept, divided by the factor, and the smooth ramp between). The kernel
+puzzle runs in Numba's CUDA simulator under the access tracer, so a wrong index shows up as a
+wrong picture.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 
-from kvlab.exercises.core import Case, Exercise, register
+from kvlab.backends import cuda_mode
+from kvlab.exercises.core import Case, Exercise, copy_args, register
 from kvlab.ref import rope as ref
+from kvlab.trace import launch_traced
+
+cuda_mode()  # decide GPU or simulator before numba is imported (kvlab.backends owns that)
+from numba import cuda, float32  # noqa: E402
 
 NOTEBOOK = "03_rope"
 SECTION_ROTATION = "2.2 Rotating a head: rotate-half and interleaved"
@@ -158,4 +167,154 @@ register(Exercise(
     reference=_llama3_reference,
     cases=_llama3_cases,
     rtol=1e-9, atol=0.0,
+))
+
+
+# --- 03.rope_kernel: a kernel puzzle ----------------------------------------------------------
+#
+# The learner writes a Numba CUDA kernel ``rope_kernel(x, cos, sin, positions, out)``: rotate-half
+# RoPE of the whole head, launched with one block per token and one thread per (head, pair). It
+# runs in the simulator under the access tracer; a failure draws which thread wrote each element
+# of ``out``, beside the solution.
+
+@cuda.jit
+def rope_kernel_solution(x, cos, sin, positions, out):
+    token = cuda.blockIdx.x                     # one block per token
+    half = x.shape[2] // 2                      # pairs per head
+    head = cuda.threadIdx.x // half             # one thread per (head, pair)
+    p = cuda.threadIdx.x % half                 # rotate-half: pair p is dims (p, p + half)
+    pos = positions[token]                      # the token's position, not its index
+    c = cos[pos, p]
+    s = sin[pos, p]
+    a = float32(x[token, head, p])              # widen fp16 once: the arithmetic is float32
+    b = float32(x[token, head, p + half])
+    out[token, head, p] = a * c - b * s         # the store rounds once, to out's dtype
+    out[token, head, p + half] = b * c + a * s
+
+
+# Bit-equal in the simulator. On a GPU the compiler may contract a * c - b * s into one FMA (one
+# rounding fewer), so an element may round to the neighbouring fp16 value: one fp16 ulp is at most
+# 2**-10 of the value, hence rtol 1e-3 (and atol for results that cancel to about 0).
+_KERNEL_RTOL, _KERNEL_ATOL = 1e-3, 1e-5
+
+
+def _rope_reference(x, cos, sin, positions, out):
+    """kvlab's rotation (``out`` is the kernel's output buffer: the reference makes its own)."""
+    return ref.apply_rope(x, cos, sin, positions, "neox")
+
+
+def _launch_rope(kernel: Callable, case: Case):
+    """Launch ``kernel`` on the case in the simulator, traced: grid = tokens, block = heads ×
+    pairs. Returns ``(out after the launch, the AccessLog)``."""
+    tokens, heads, head_dim = case.kwargs["x"].shape
+    after, log = launch_traced(kernel, tokens, heads * (head_dim // 2), **copy_args(case.kwargs))
+    return after["out"], log
+
+
+def _run_rope(fn: Callable, case: Case) -> Any:
+    """``out`` after ``fn`` ran: the NumPy reference is called, a kernel is launched."""
+    if fn is _rope_reference:
+        return fn(**copy_args(case.kwargs))
+    return _launch_rope(fn, case)[0]
+
+
+def _runs(indices: np.ndarray) -> str:
+    """Sorted indices as runs: ``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    runs: list[list[int]] = []
+    for i in indices.tolist():
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def _print_wrong_elements(got: np.ndarray, expected: np.ndarray, positions: np.ndarray,
+                          limit: int = 6) -> None:
+    """One line per (token, head) whose output differs: the dims that do."""
+    wrong = ~np.isclose(got.astype(np.float64), expected.astype(np.float64), rtol=_KERNEL_RTOL,
+                        atol=_KERNEL_ATOL)
+    groups = [(t, h) for t in range(wrong.shape[0]) for h in range(wrong.shape[1])
+              if wrong[t, h].any()]
+    if not groups:
+        return
+    print("  where out differs (token, head: the dims that do):")
+    for t, h in groups[:limit]:
+        print(f"    token {t} (position {int(positions[t])}), head {h}: "
+              f"dims {_runs(np.flatnonzero(wrong[t, h]))}")
+    if len(groups) > limit:
+        print(f"    ... and {len(groups) - limit} more (token, head) rows")
+
+
+def _explain_rope(fn: Callable, case: Case) -> None:
+    """Say which (token, head) rows of ``out`` are wrong, and draw which thread wrote each element
+    of ``out``: yours beside the solution's."""
+    import matplotlib.pyplot as plt
+
+    from kvlab.plot.trace import plot_access_comparison
+
+    logs = []
+    for kernel in (fn, rope_kernel_solution):
+        try:
+            got, log = _launch_rope(kernel, case)
+            if kernel is fn:
+                _print_wrong_elements(got, _run_rope(_rope_reference, case),
+                                      case.kwargs["positions"])
+            logs.append(log)
+        except Exception as error:  # draw what the kernel did before it failed
+            logs.append(getattr(error, "access_log", None))
+    if None in logs:
+        print("  (no access picture: kernels run untraced on a real GPU)")
+        return
+    yours, reference = (log.owner_map("out", "write") for log in logs)
+    if np.array_equal(yours, reference):
+        print("  each element of out was written by the thread that should write it: the indices "
+              "are right, the values are not (the sign? the table row?)")
+    plot_access_comparison(yours, reference, "writes to out")
+    plt.show()
+
+
+def _rope_kernel_case(label: str, positions, heads: int = 1, head_dim: int = 8, seed: int = 0,
+                      random: bool = False) -> Case:
+    """fp16 x (the cache's dtype), float32 tables, int32 positions, a zeroed fp16 ``out``."""
+    rng = np.random.default_rng(seed)
+    positions = np.asarray(positions, np.int32)
+    cos, sin = ref.rope_tables(int(positions.max()) + 1, head_dim, 10000.0)
+    x = (2 * rng.standard_normal((len(positions), heads, head_dim))).astype(np.float16)
+    return Case(label, dict(x=x, cos=cos, sin=sin, positions=positions,
+                            out=np.zeros_like(x)), random=random)
+
+
+def _rope_kernel_cases() -> list[Case]:
+    """Few and tiny: the simulator runs every thread as Python (at most 4 tokens × 16 threads)."""
+    cases = [
+        _rope_kernel_case("position 0 turns nothing", [0], head_dim=4),
+        _rope_kernel_case("one token, one head, at position 3", [3], seed=1),
+        _rope_kernel_case("positions out of order: token t is not at position t", [5, 2, 9, 0],
+                          seed=2),
+        _rope_kernel_case("two heads of 16 dims", [3, 1, 4], heads=2, head_dim=16, seed=3),
+    ]
+    rng = np.random.default_rng(8)
+    for i in range(3):
+        tokens = int(rng.integers(1, 5))
+        cases.append(_rope_kernel_case(
+            f"random {i}", rng.permutation(64)[:tokens], heads=int(rng.integers(1, 3)),
+            head_dim=int(rng.choice([4, 8, 16])), seed=20 + i, random=True))
+    return cases
+
+
+register(Exercise(
+    name="03.rope_kernel", notebook=NOTEBOOK, section="3 As a Numba CUDA kernel",
+    signature="@cuda.jit\ndef rope_kernel(x, cos, sin, positions, out): ...  "
+              "# grid = tokens, block = heads * (head_dim // 2) threads",
+    hint="token = blockIdx.x; thread t handles head t // (D/2), pair p = t % (D/2), dims p and "
+         "p + D/2; c, s = cos[positions[token], p], sin[positions[token], p]; in float32 write "
+         "a c - b s and b c + a s into out.",
+    solution=rope_kernel_solution,
+    reference=_rope_reference,
+    cases=_rope_kernel_cases,
+    run=_run_rope,
+    rtol=_KERNEL_RTOL, atol=_KERNEL_ATOL,  # one fp16 ulp, for a GPU's FMA (see above)
+    explain=_explain_rope,
+    kernel=True,
 ))
