@@ -19,7 +19,9 @@ verdict for the unfilled stub and never raises, so a notebook with stubs still r
    through the editor (select all, then keys), the stub and its checker cell are run with
    Shift+Enter, and the checker prints its verdict: a wrong answer first where one is scripted
    (``LEARNER_TRIES``: ✗ naming the failing case, and what the checker explains, a figure for a
-   kernel), then a right one, or ``solution(name)``'s for the notebook's first exercise (✓);
+   kernel), then a right one (in 01 a kernel typed line by line, which must also compile for a
+   GPU from the notebook's own source), or ``solution(name)``'s for the notebook's first
+   exercise (✓);
 6. the browser console has no errors (level SEVERE).
 
 It saves a screenshot of each notebook (and of each explorer after its move) under build/browser/,
@@ -122,9 +124,11 @@ return panel.content.widgets.filter((cell) => cell.model.type === 'code').map((c
 });
 """
 
-# What a learner types into a stub cell, and what its checker must then print, by exercise: one
-# line each, as typed (the editor closes brackets and quotes itself and steps over the closing
-# ones). A notebook not listed gets its first exercise answered with solution(name).
+# What a learner types into a stub cell, and what its checker must then print, by exercise. Typed
+# as a learner types: the editor closes brackets and quotes itself (and steps over the closing
+# ones) and indents a new line as the line before, one level more after a colon, so an answer's
+# lines are typed without their indentation, which may therefore never decrease. A notebook not
+# listed gets its first exercise answered with solution(name).
 LEARNER_TRIES = {
     "01_paging": [
         ("01.slot_mapping",
@@ -137,6 +141,18 @@ LEARNER_TRIES = {
         ("01.write_kv_kernel",
          "write_kv_kernel = cuda.jit(lambda k, v, k_pool, v_pool, slots: None)",
          ["✗ 01.write_kv_kernel: fails on case", "image/png"]),
+        ("01.write_kv_kernel",  # typed line by line: the editor indents after each colon
+         "@cuda.jit\n"
+         "def write_kv_kernel(k, v, k_pool, v_pool, slots):\n"
+         "    token = cuda.blockIdx.x\n"
+         "    slot = slots[token]\n"
+         "    if slot >= 0:\n"
+         "        head = cuda.threadIdx.x // k.shape[2]\n"
+         "        dim = cuda.threadIdx.x % k.shape[2]\n"
+         "        block, offset = slot // k_pool.shape[1], slot % k_pool.shape[1]\n"
+         "        k_pool[block, offset, head, dim] = k[token, head, dim]\n"
+         "        v_pool[block, offset, head, dim] = v[token, head, dim]",
+         ["✓ 01.write_kv_kernel", "and it compiles for a GPU"]),
     ],
     "03_rope": [
         ("03.rope_kernel", "rope_kernel = cuda.jit(lambda x, cos, sin, positions, out: None)",
@@ -279,7 +295,9 @@ def _try_an_answer(driver, stub: int, answer: str) -> dict:
     editor = driver.execute_script(JS_SELECT_CELL, stub)
     editor.click()
     keys = ActionChains(driver)
-    keys.key_down(Keys.CONTROL).send_keys("a").key_up(Keys.CONTROL).send_keys(answer)
+    keys.key_down(Keys.CONTROL).send_keys("a").key_up(Keys.CONTROL)
+    for number, line in enumerate(answer.split("\n")):
+        keys.send_keys(Keys.ENTER if number else "", line.lstrip())  # the editor indents
     keys.key_down(Keys.SHIFT).send_keys(Keys.ENTER).send_keys(Keys.ENTER).key_up(Keys.SHIFT)
     keys.perform()
 

@@ -16,10 +16,19 @@ a wrong number. Only the simulator can do this: a real GPU never runs Python, so
 
 Element positions are recorded as flat indices into the whole array (row-major), so a view such as
 ``k_pool[block, slot]`` still reports the elements of the pool it touched.
+
+The tracer also counts each thread's barriers (``cuda.syncthreads()``). The simulator releases a
+block's threads once every live thread waits at *a* barrier, so a barrier inside a branch that only
+some threads take runs there as if it were right; on a GPU it is undefined (the CUDA Programming
+Guide allows a barrier in conditional code only when the condition is the same for the whole
+block). A traced launch whose threads of one block reached different numbers of barriers raises
+:class:`DivergentBarrierError`.
 """
 from __future__ import annotations
 
 import threading
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -37,12 +46,36 @@ class AccessLog:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     grid_dim: tuple[int, ...] = (1, 1, 1)    # set by launch_traced, for numbering threads
     block_dim: tuple[int, ...] = (1, 1, 1)
+    # cuda.syncthreads() calls by (block index, thread index); a thread that made none is absent
+    barriers: Counter = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, kind: str, elements: np.ndarray) -> None:
         block, thread = _current_thread_ids()
         with self._lock:
             self.records.extend((name, kind, block, thread, int(e)) for e in elements.ravel())
+
+    def add_barrier(self, block: tuple[int, ...], thread: tuple[int, ...]) -> None:
+        with self._lock:
+            self.barriers[block, thread] += 1
+
+    def divergent_barriers(self) -> str | None:
+        """None when, in every block, every thread reached the same number of barriers; else a
+        sentence naming the first block that did not and how many each of its threads reached."""
+        for block in np.ndindex(*self.grid_dim):
+            counts = {thread: self.barriers[block, thread]
+                      for thread in np.ndindex(*self.block_dim)}
+            if len(set(counts.values())) > 1:
+                by_count: dict[int, list[int]] = {}
+                for thread, n in counts.items():
+                    by_count.setdefault(n, []).append(_linear(thread, self.block_dim))
+                parts = "; ".join(f"thread{'s' if len(ids) > 1 else ''} {index_runs(ids)}: {n}"
+                                  for n, ids in sorted(by_count.items(), key=lambda c: c[1]))
+                return (f"the threads of block {block} reached cuda.syncthreads() different "
+                        f"numbers of times ({parts}). Every thread of a block must reach each "
+                        f"barrier: one inside a branch or loop that only some threads take is "
+                        f"undefined on a GPU, though the simulator lets it pass")
+        return None
 
     def accesses(self, name: str, kind: str | None = None
                  ) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
@@ -67,6 +100,39 @@ class AccessLog:
                 tid = _linear(block, self.grid_dim) * per_block + _linear(thread, self.block_dim)
                 owners[element] = tid if owners[element] in (-1, tid) else -2
         return owners.reshape(self.shapes[name])
+
+
+def index_runs(ids: Any) -> str:
+    """Indices as sorted runs: ``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    runs: list[list[int]] = []
+    for i in sorted(int(i) for i in ids):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+class DivergentBarrierError(RuntimeError):
+    """The threads of one block reached ``cuda.syncthreads()`` different numbers of times."""
+
+
+@contextmanager
+def _counting_barriers(log: AccessLog):
+    """While open, every simulated thread's ``cuda.syncthreads()`` is counted in ``log``."""
+    from numba.cuda.simulator.kernel import BlockThread
+
+    original = BlockThread.syncthreads
+
+    def syncthreads(thread):
+        log.add_barrier(tuple(thread.blockIdx), tuple(thread.threadIdx))
+        original(thread)
+
+    BlockThread.syncthreads = syncthreads
+    try:
+        yield
+    finally:
+        BlockThread.syncthreads = original
 
 
 def _linear(index: tuple[int, ...], dims: tuple[int, ...]) -> int:
@@ -138,7 +204,9 @@ def launch_traced(kernel: Callable, grid: Any, block: Any, **arrays: Any
 
     Arguments are passed in the order given; scalars pass through untraced. The caller's arrays
     are copied first, so they are left as they were. When the kernel raises (an index out of
-    range, say), the exception carries the accesses made until then as ``error.access_log``.
+    range, say), the exception carries the accesses made until then as ``error.access_log``; so
+    does the :class:`DivergentBarrierError` raised when the threads of a block reached different
+    numbers of barriers.
     On a real GPU nothing can be traced (the
     kernel runs compiled code, not Python): the kernel runs on copies and the log is None.
     """
@@ -153,7 +221,11 @@ def launch_traced(kernel: Callable, grid: Any, block: Any, **arrays: Any
     args = {name: TracedArray(value, name, log) if isinstance(value, np.ndarray) else value
             for name, value in copies.items()}
     try:
-        kernel[grid, block](*args.values())
+        with _counting_barriers(log):
+            kernel[grid, block](*args.values())
+        divergent = log.divergent_barriers()
+        if divergent:
+            raise DivergentBarrierError(divergent)
     except Exception as error:  # keep what was recorded up to the fault: it shows where it went
         error.access_log = log
         raise

@@ -161,3 +161,19 @@ def test_an_odd_result_gets_no_walk_and_check_never_raises(capsys):
                 lambda **k: [28, 99], lambda **k: "28"):
         assert check("01.slot_mapping", odd) is None
         assert "token by token" not in capsys.readouterr().out
+
+
+def test_a_kernel_stub_on_a_gpu_still_says_not_implemented(monkeypatch, capsys):
+    """A GPU runs `raise NotImplementedError` in a kernel as a silent exit: the checker reads the
+    stub's source there instead of calling it (the cases would only say 'fails on case')."""
+    from types import SimpleNamespace
+
+    import kvlab.backends
+
+    def kernel_stub(k, v, k_pool, v_pool, slots):
+        raise NotImplementedError("hint: ...")
+
+    monkeypatch.setattr(kvlab.backends, "cuda_mode", lambda: "gpu")
+    as_compiled = SimpleNamespace(py_func=kernel_stub, __getitem__=None)  # what cuda.jit returns
+    assert get("01.write_kv_kernel").check(as_compiled) is False
+    assert capsys.readouterr().out.startswith("✗ 01.write_kv_kernel: not implemented yet")

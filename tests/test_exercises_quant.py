@@ -202,6 +202,27 @@ def scale_from_thread_0_alone(x, scales):
         scales[token, head] = max(local, np.float32(1e-8)) / np.float32(127)
 
 
+@cuda.jit
+def scale_barrier_inside_the_if(x, scales):
+    """The tree's barrier inside `if tid < width`: threads that skip a step skip its barrier too
+    (undefined on a GPU; the simulator would run it to the right answer, the tracer refuses it)."""
+    token, head, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    local = np.float32(0)
+    for d in range(tid, x.shape[2], THREADS):
+        local = max(local, abs(x[token, head, d]))
+    partial = cuda.shared.array(THREADS, np.float32)
+    partial[tid] = local
+    cuda.syncthreads()
+    width = THREADS // 2
+    while width > 0:
+        if tid < width:
+            partial[tid] = max(partial[tid], partial[tid + width])
+            cuda.syncthreads()
+        width //= 2
+    if tid == 0:
+        scales[token, head] = max(partial[0], np.float32(1e-8)) / np.float32(127)
+
+
 WRONG_ANSWERS = {
     "02.quantize_int8": [one_scale_per_tensor, rounds_half_away_from_zero,
                          codes_from_the_fp16_scale, keeps_float32_scales, drops_the_floor],
@@ -210,7 +231,7 @@ WRONG_ANSWERS = {
                            fp8_uses_the_fnuz_bias],
     "02.scale_kernel": [scale_from_max_not_abs, scale_from_thread_0_alone, scale_tree_the_wrong_way,
                         scale_tree_stops_a_step_early, scale_without_the_stride,
-                        scale_with_whole_turns_only],
+                        scale_with_whole_turns_only, scale_barrier_inside_the_if],
 }
 
 
@@ -317,3 +338,11 @@ def test_a_scale_kernel_that_raises_still_gets_a_picture(learner_view, monkeypat
     assert "your function raised IndexError" in out and "no picture" not in out
     assert len(shown) == 1 and "partials" not in out  # no tree: the kernel never finished
     plt.close("all")
+
+
+def test_a_barrier_inside_the_if_is_named(learner_view, capsys):
+    """The simulator gets the right scale from it; the checker still says what is wrong."""
+    assert get("02.scale_kernel").check(scale_barrier_inside_the_if) is False
+    out = capsys.readouterr().out
+    assert "DivergentBarrierError" in out and "(thread 0: 4; thread 1: 3; threads 2-3: 2; " \
+        "threads 4-7: 1)" in out

@@ -65,3 +65,34 @@ def test_plot_marks_races_and_differences():
     assert len(fig.axes[0].patches) == 1  # the one differing cell is outlined
     with pytest.raises(ValueError, match="integer"):
         plot_accesses(np.zeros((2, 2)))
+
+
+@cuda.jit
+def barrier_in_a_branch(out):
+    """Threads 0-1 of each block of 4 pass two barriers, threads 2-3 one: the simulator lets it
+    run to the end, a GPU would not promise to."""
+    i = cuda.threadIdx.x
+    cuda.syncthreads()
+    if i < 2:
+        cuda.syncthreads()
+    out[cuda.blockIdx.x * 4 + i] = i
+
+
+@cuda.jit
+def barrier_for_all(out):
+    i = cuda.threadIdx.x
+    if i < 2:
+        out[cuda.blockIdx.x * 4 + i] = i
+    cuda.syncthreads()
+
+
+def test_a_barrier_some_threads_skip_is_refused_naming_them():
+    from kvlab.trace import DivergentBarrierError
+
+    message = (r"block \(0, 0, 0\) reached cuda.syncthreads\(\) different numbers of times "
+               r"\(threads 0-1: 2; threads 2-3: 1\)")
+    with pytest.raises(DivergentBarrierError, match=message) as err:
+        launch_traced(barrier_in_a_branch, 2, 4, out=np.zeros(8, np.int32))
+    assert len(err.value.access_log.accesses("out", "write")) == 8  # it ran to the end
+    _, log = launch_traced(barrier_for_all, 2, 4, out=np.zeros(8, np.int32))
+    assert log.barriers[(1, 0, 0), (3, 0, 0)] == 1 and log.divergent_barriers() is None

@@ -16,10 +16,12 @@ Why tiles: a sequence's keys are scattered over the pool, so they must be copied
 can read them contiguously. Copying the whole context first (and widening it to float32) writes
 and re-reads twice the pool's bytes; a tile small enough to stay in the CPU's caches
 (:data:`TILE_BYTES`) is read from the pool once and consumed while it is still there. On this
-project's 2-core CPU that is the difference between 1.3 s and 20-27 ms for 4 x 4096 cached tokens
-(32 q / 8 kv heads of 128, fp16 pool): as fast as torch's own SDPA on the same K/V already laid
-out contiguously in float32, in the same process (``python -m kvlab bench --backend torch --size
-medium``: 1.00x; on a busy CPU the many small ops of the tiles suffer more than SDPA's one).
+project's 2-core CPU, for 4 x 4096 cached tokens (32 q / 8 kv heads of 128, fp16 pool in shuffled
+blocks of 16), tiles measured 1.2-2.1x faster than one gather of the whole context followed by one
+softmax (exercise 05.paged_decode_torch's solution; two runs, 1 and 2 threads, side by side), and
+as fast as torch's own SDPA on the same K/V already laid out contiguously in float32, in the same
+process (``python -m kvlab bench --backend torch --size medium``: 1.00-1.01x; on a busy CPU the
+many small ops of the tiles suffer more than SDPA's one).
 
 Ragged batches pad every sequence to the longest context and the most query rows; a key past a
 sequence's length is masked (its V row zeroed: a stale NaN there must not reach ``0 * NaN``), a

@@ -411,14 +411,18 @@ def _explain_paged_decode_torch(fn: Callable, case: Case) -> None:
                    else f"largest |yours - expected| = {np.nanmax(diff):.2g}")
         positions = f"{length} position{'s' if length != 1 else ''}"
         print(f"    {seq}: {positions} in blocks {blocks} -> {verdict}")
-    if np.isnan(got).any():
-        print("  A position a sequence does not see can still reach its result: a weight of 0 "
-              "times a stale NaN in V is NaN, and so is a NaN score plus -inf.")
+    if not np.isfinite(got).all():
+        if np.isnan(kwargs["k_pool"]).any() or np.isnan(kwargs["v_pool"]).any():
+            print("  A position a sequence does not see can still reach its result: a weight of 0 "
+                  "times a stale NaN in V is NaN, and so is a NaN score plus -inf.")
+        else:
+            print("  No pool holds a NaN here: an exp overflowed? softmax must subtract each "
+                  "row's max first (torch.softmax does).")
 
 
 def _paged_decode_torch_cases() -> list[Case]:
     def case(label, tables, lens, hq=2, hkv=2, d=8, block_size=4, num_blocks=8, q_gain=1.0,
-             seed=0, stale_nan=False, random=False):
+             seed=0, stale_nan=False, scale=None, random=False):
         rng = np.random.default_rng(seed)
         width = max(len(t) for t in tables)
         block_tables = np.full((len(tables), width), -1, np.int32)  # -1: no block there
@@ -435,7 +439,8 @@ def _paged_decode_torch_cases() -> list[Case]:
         return Case(label, dict(
             q=(q_gain * rng.standard_normal((len(tables), hq, d))).astype(np.float32),
             k_pool=k_pool, v_pool=v_pool, block_tables=block_tables,
-            context_lens=np.asarray(lens, np.int32), scale=float(1 / np.sqrt(d))), random=random)
+            context_lens=np.asarray(lens, np.int32),
+            scale=float(1 / np.sqrt(d)) if scale is None else scale), random=random)
 
     cases = [
         case("one sequence, 6 positions in two blocks of a shuffled table", [[5, 2]], [6]),
@@ -445,6 +450,8 @@ def _paged_decode_torch_cases() -> list[Case]:
              seed=3, stale_nan=True),
         case("large scores (q x 100): softmax must subtract the max", [[0, 4]], [8], q_gain=100.0,
              seed=4),
+        case("head_dim 16 and the model's own scale 0.3 (not 1 / sqrt(head_dim))", [[3]], [4],
+             d=16, scale=0.3, seed=5),
     ]
     rng = np.random.default_rng(5)
     for i in range(3):  # sequences may share blocks (a shared prefix): reading is all they do

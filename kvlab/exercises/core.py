@@ -5,7 +5,9 @@ answer must match (``reference``), and the inputs it is tried on (``cases``: han
 first, then seeded random ones). ``check(fn)`` runs ``fn`` and the reference on every case and
 prints a short verdict: ✓ with the number of cases, or the first failing case (its inputs, what was
 expected, what came back, where they differ) and a hint. It returns True or False and never
-raises, so a notebook still runs top to bottom while a stub is unfilled.
+raises, so a notebook still runs top to bottom while a stub is unfilled. A kernel puzzle's kernel
+that passes every case in the simulator is then compiled for a real GPU
+(:mod:`kvlab.exercises.gpu_compile`): the simulator runs any Python, a GPU only what a kernel may do.
 
 The solution swap: with the environment variable ``KVLAB_SOLUTIONS=1`` (the repo-root conftest.py
 sets it, so ``make test`` runs every notebook that way) ``check`` checks the exercise's reference
@@ -115,6 +117,21 @@ def _short(value: Any, limit: int = 220) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def _kernel_stub_on_a_gpu(kernel: Any) -> bool:
+    """Whether ``kernel`` is still its stub, where a stub cannot say so itself: a GPU compiles
+    ``raise NotImplementedError`` in a kernel to a silent exit (Numba checks a kernel's exceptions
+    only with ``debug=True``), so there the source is read. The simulator raises it as Python."""
+    from kvlab.backends import cuda_mode
+
+    if cuda_mode() != "gpu":
+        return False
+    function = getattr(kernel, "py_func", None)
+    try:
+        return function is not None and "raise NotImplementedError" in inspect.getsource(function)
+    except (OSError, TypeError):  # no source to read (a kernel built by exec, say)
+        return False
+
+
 @dataclass(frozen=True)
 class Exercise:
     """One exercise: what the learner writes, what it must match, and what it is tried on.
@@ -159,6 +176,9 @@ class Exercise:
         if not callable(fn) and not self.kernel:
             say(f"✗ {self.name}: expected a function {self.signature}, got {_short(fn)}")
             return False
+        if self.kernel and _kernel_stub_on_a_gpu(fn):
+            say(f"✗ {self.name}: not implemented yet.\n  Hint: {self.hint}")
+            return False
         cases = self.cases()
         for case in cases:
             expected = self.run(self.reference, case)
@@ -175,9 +195,30 @@ class Exercise:
                 return self._fail(say, fn, case, message, expected, got)
         hand = sum(not c.random for c in cases)
         note = " (reference solution swapped in: KVLAB_SOLUTIONS=1)" if swapped else ""
+        compiled = self._compile_for_gpu(fn, cases[0])
+        if compiled is not None and compiled.ok is False:
+            say(f"✗ {self.name}: your kernel passes all {len(cases)} cases in the simulator, but "
+                f"a GPU's compiler refuses it (the simulator runs any Python; a kernel may use "
+                f"numbers, array elements, cuda.* and math functions, and local or shared arrays "
+                f"of a constant size):\n  {compiled.message}\n  Hint: {self.hint}")
+            return False
+        if compiled is not None:
+            note += (" and it compiles for a GPU (PTX for sm_90)" if compiled.ok else
+                     f"; not compiled for a GPU: {compiled.message}")
         say(f"✓ {self.name}: all {len(cases)} cases pass ({hand} hand-picked, "
             f"{len(cases) - hand} random){note}")
         return True
+
+    def _compile_for_gpu(self, fn: Callable, case: Case) -> Any:
+        """For a kernel puzzle run in the simulator, what a GPU's compiler makes of the kernel
+        (:mod:`kvlab.exercises.gpu_compile`); None otherwise (on a GPU it compiled to run)."""
+        from kvlab.backends import cuda_mode
+
+        if not self.kernel or cuda_mode() == "gpu":
+            return None
+        from kvlab.exercises.gpu_compile import compile_for_gpu
+
+        return compile_for_gpu(fn, case.kwargs)
 
     def _fail(self, say, fn, case: Case, message: str, expected: Any = None,
               got: Any = None) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 from kvlab.backends import cuda_mode
 from kvlab.exercises.core import Case, Exercise, copy_args, register
 from kvlab.ref import rope as ref
-from kvlab.trace import launch_traced
+from kvlab.trace import index_runs, launch_traced
 
 cuda_mode()  # decide GPU or simulator before numba is imported (kvlab.backends owns that)
 from numba import cuda, float32  # noqa: E402
@@ -218,17 +218,6 @@ def _run_rope(fn: Callable, case: Case) -> Any:
     return _launch_rope(fn, case)[0]
 
 
-def _runs(indices: np.ndarray) -> str:
-    """Sorted indices as runs: ``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
-    runs: list[list[int]] = []
-    for i in indices.tolist():
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
-
-
 def _print_wrong_elements(got: np.ndarray, expected: np.ndarray, positions: np.ndarray,
                           limit: int = 6) -> None:
     """One line per (token, head) whose output differs: the dims that do."""
@@ -241,7 +230,7 @@ def _print_wrong_elements(got: np.ndarray, expected: np.ndarray, positions: np.n
     print("  where out differs (token, head: the dims that do):")
     for t, h in groups[:limit]:
         print(f"    token {t} (position {int(positions[t])}), head {h}: "
-              f"dims {_runs(np.flatnonzero(wrong[t, h]))}")
+              f"dims {index_runs(np.flatnonzero(wrong[t, h]))}")
     if len(groups) > limit:
         print(f"    ... and {len(groups) - limit} more (token, head) rows")
 
@@ -269,17 +258,23 @@ def _explain_rope(fn: Callable, case: Case) -> None:
     yours, reference = (log.owner_map("out", "write") for log in logs)
     if np.array_equal(yours, reference):
         print("  each element of out was written by the thread that should write it: the indices "
-              "are right, the values are not (the sign? the table row?)")
+              "are right, the values are not (the sign? the table row? arithmetic in fp16?)")
     plot_access_comparison(yours, reference, "writes to out")
     plt.show()
 
 
+# Llama 3.1's RoPE scaling (its config.json's rope_scaling), for tables no formula of theta gives
+LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 def _rope_kernel_case(label: str, positions, heads: int = 1, head_dim: int = 8, seed: int = 0,
+                      theta: float = 10000.0, scaling: dict | None = None,
                       random: bool = False) -> Case:
     """fp16 x (the cache's dtype), float32 tables, int32 positions, a zeroed fp16 ``out``."""
     rng = np.random.default_rng(seed)
     positions = np.asarray(positions, np.int32)
-    cos, sin = ref.rope_tables(int(positions.max()) + 1, head_dim, 10000.0)
+    cos, sin = ref.rope_tables(int(positions.max()) + 1, head_dim, theta, scaling)
     x = (2 * rng.standard_normal((len(positions), heads, head_dim))).astype(np.float16)
     return Case(label, dict(x=x, cos=cos, sin=sin, positions=positions,
                             out=np.zeros_like(x)), random=random)
@@ -293,6 +288,9 @@ def _rope_kernel_cases() -> list[Case]:
         _rope_kernel_case("positions out of order: token t is not at position t", [5, 2, 9, 0],
                           seed=2),
         _rope_kernel_case("two heads of 16 dims", [3, 1, 4], heads=2, head_dim=16, seed=3),
+        _rope_kernel_case("Llama 3.1's tables (theta 500,000, scaled): read them, do not "
+                          "recompute the angles", [700, 5, 3000], seed=4, theta=500000.0,
+                          scaling=LLAMA31_SCALING),
     ]
     rng = np.random.default_rng(8)
     for i in range(3):
