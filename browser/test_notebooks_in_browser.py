@@ -291,6 +291,8 @@ def _try_an_answer(driver, stub: int, answer: str) -> dict:
     """As a learner: replace the stub cell's text by typing ``answer``, then Shift+Enter twice
     (the stub, then its checker); returns the checker cell's result once the kernel is idle, and
     what the stub cell printed (``stub_text``)."""
+    indents = [len(line) - len(line.lstrip()) for line in answer.split("\n")]
+    assert indents == sorted(indents), f"typed answers may not dedent (see LEARNER_TRIES): {answer}"
     before = driver.execute_script(JS_CELL_RESULT, stub + 1)["count"]
     editor = driver.execute_script(JS_SELECT_CELL, stub)
     editor.click()

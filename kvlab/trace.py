@@ -17,17 +17,19 @@ a wrong number. Only the simulator can do this: a real GPU never runs Python, so
 Element positions are recorded as flat indices into the whole array (row-major), so a view such as
 ``k_pool[block, slot]`` still reports the elements of the pool it touched.
 
-The tracer also counts each thread's barriers (``cuda.syncthreads()``). The simulator releases a
-block's threads once every live thread waits at *a* barrier, so a barrier inside a branch that only
-some threads take runs there as if it were right; on a GPU it is undefined (the CUDA Programming
-Guide allows a barrier in conditional code only when the condition is the same for the whole
-block). A traced launch whose threads of one block reached different numbers of barriers raises
-:class:`DivergentBarrierError`.
+The tracer also records the barriers each thread reaches (``cuda.syncthreads()`` and its
+``_count``/``_and``/``_or`` forms), by the line of the kernel that calls them. The simulator
+releases a block's threads once every live thread waits at *a* barrier, so a barrier inside a
+branch that only some threads take runs there as if it were right; the CUDA Programming Guide
+allows a barrier in conditional code only when the condition is the same for the whole block. A
+traced launch in which the threads of one block reached different barriers (other lines, or
+other numbers of them) raises :class:`DivergentBarrierError`.
 """
 from __future__ import annotations
 
+import sys
 import threading
-from collections import Counter
+from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -46,8 +48,9 @@ class AccessLog:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     grid_dim: tuple[int, ...] = (1, 1, 1)    # set by launch_traced, for numbering threads
     block_dim: tuple[int, ...] = (1, 1, 1)
-    # cuda.syncthreads() calls by (block index, thread index); a thread that made none is absent
-    barriers: Counter = field(default_factory=Counter)
+    # the barriers each thread reached, in order, by (block index, thread index): the function
+    # and line that called each, ("scale_kernel", 12); a thread that reached none is absent
+    barriers: dict = field(default_factory=lambda: defaultdict(list))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, kind: str, elements: np.ndarray) -> None:
@@ -55,26 +58,32 @@ class AccessLog:
         with self._lock:
             self.records.extend((name, kind, block, thread, int(e)) for e in elements.ravel())
 
-    def add_barrier(self, block: tuple[int, ...], thread: tuple[int, ...]) -> None:
+    def add_barrier(self, block: tuple[int, ...], thread: tuple[int, ...],
+                    site: tuple[str, int]) -> None:
         with self._lock:
-            self.barriers[block, thread] += 1
+            self.barriers[block, thread].append(site)
 
     def divergent_barriers(self) -> str | None:
-        """None when, in every block, every thread reached the same number of barriers; else a
-        sentence naming the first block that did not and how many each of its threads reached."""
+        """None when, in every block, every thread reached the same barriers in the same order;
+        else a sentence naming the first block whose threads did not, and what each reached."""
         for block in np.ndindex(*self.grid_dim):
-            counts = {thread: self.barriers[block, thread]
-                      for thread in np.ndindex(*self.block_dim)}
-            if len(set(counts.values())) > 1:
-                by_count: dict[int, list[int]] = {}
-                for thread, n in counts.items():
-                    by_count.setdefault(n, []).append(_linear(thread, self.block_dim))
-                parts = "; ".join(f"thread{'s' if len(ids) > 1 else ''} {index_runs(ids)}: {n}"
-                                  for n, ids in sorted(by_count.items(), key=lambda c: c[1]))
-                return (f"the threads of block {block} reached cuda.syncthreads() different "
-                        f"numbers of times ({parts}). Every thread of a block must reach each "
-                        f"barrier: one inside a branch or loop that only some threads take is "
-                        f"undefined on a GPU, though the simulator lets it pass")
+            by_path: dict[tuple[tuple[str, int], ...], list[int]] = {}
+            for thread in np.ndindex(*self.block_dim):
+                path = tuple(self.barriers.get((block, thread), ()))
+                by_path.setdefault(path, []).append(_linear(thread, self.block_dim))
+            if len(by_path) > 1:
+                functions = {function for path in by_path for function, _ in path}
+                parts = "; ".join(f"thread{'s' if len(ids) > 1 else ''} {index_runs(ids)}: "
+                                  f"{_barrier_path(path, len(functions) > 1)}"
+                                  for path, ids in sorted(by_path.items(), key=lambda p: p[1]))
+                where = f" of {functions.pop()}" if len(functions) == 1 else ""
+                return (f"the threads of block {block} reached different barriers{where} "
+                        f"({parts}). "
+                        f"Every thread of a block must reach the same barriers: one inside a "
+                        f"branch or loop that only some threads take, or after some threads "
+                        f"returned, breaks the CUDA Programming Guide's rule (a barrier's "
+                        f"condition must be the same for the whole block), though the simulator "
+                        f"lets it pass")
         return None
 
     def accesses(self, name: str, kind: str | None = None
@@ -114,25 +123,64 @@ def index_runs(ids: Any) -> str:
 
 
 class DivergentBarrierError(RuntimeError):
-    """The threads of one block reached ``cuda.syncthreads()`` different numbers of times."""
+    """The threads of one block reached different barriers (lines, or numbers of them)."""
+
+
+def _barrier_path(sites: tuple[tuple[str, int], ...], name_functions: bool) -> str:
+    """A thread's barriers, repeats folded: ``"line 9, line 14 x3"`` (``"none"``)."""
+    if not sites:
+        return "none"
+    folded: list[list] = []
+    for site in sites:
+        if folded and folded[-1][0] == site:
+            folded[-1][1] += 1
+        else:
+            folded.append([site, 1])
+    return ", ".join((f"{function} " if name_functions else "") + f"line {line}" +
+                     (f" x{n}" if n > 1 else "") for (function, line), n in folded)
+
+
+_SIMULATOR = ("numba", "threading.py", __file__)  # frames that are not the kernel's own
+
+
+def _calling_line() -> tuple[str, int]:
+    """Where the kernel (or its device function) called the barrier: the first frame outside
+    the simulator, as ``(function, line)`` (a notebook cell's line, or the file's)."""
+    frame = sys._getframe(2)
+    while frame is not None and any(part in frame.f_code.co_filename for part in _SIMULATOR):
+        frame = frame.f_back
+    return ("?", 0) if frame is None else (frame.f_code.co_name, frame.f_lineno)
 
 
 @contextmanager
-def _counting_barriers(log: AccessLog):
-    """While open, every simulated thread's ``cuda.syncthreads()`` is counted in ``log``."""
+def _recording_barriers(log: AccessLog):
+    """While open, every barrier a simulated thread reaches is recorded in ``log``, once: the
+    ``_count``/``_and``/``_or`` forms call ``syncthreads`` twice inside."""
     from numba.cuda.simulator.kernel import BlockThread
 
-    original = BlockThread.syncthreads
+    names = ("syncthreads", "syncthreads_count", "syncthreads_and", "syncthreads_or")
+    originals = {name: getattr(BlockThread, name) for name in names}
+    inside = threading.local()  # each simulated thread is a Python thread
 
-    def syncthreads(thread):
-        log.add_barrier(tuple(thread.blockIdx), tuple(thread.threadIdx))
-        original(thread)
+    def recorded(original):
+        def barrier(thread, *args):
+            if getattr(inside, "barrier", False):
+                return original(thread, *args)
+            log.add_barrier(tuple(thread.blockIdx), tuple(thread.threadIdx), _calling_line())
+            inside.barrier = True
+            try:
+                return original(thread, *args)
+            finally:
+                inside.barrier = False
+        return barrier
 
-    BlockThread.syncthreads = syncthreads
+    for name in names:
+        setattr(BlockThread, name, recorded(originals[name]))
     try:
         yield
     finally:
-        BlockThread.syncthreads = original
+        for name, original in originals.items():
+            setattr(BlockThread, name, original)
 
 
 def _linear(index: tuple[int, ...], dims: tuple[int, ...]) -> int:
@@ -206,9 +254,8 @@ def launch_traced(kernel: Callable, grid: Any, block: Any, **arrays: Any
     are copied first, so they are left as they were. When the kernel raises (an index out of
     range, say), the exception carries the accesses made until then as ``error.access_log``; so
     does the :class:`DivergentBarrierError` raised when the threads of a block reached different
-    numbers of barriers.
-    On a real GPU nothing can be traced (the
-    kernel runs compiled code, not Python): the kernel runs on copies and the log is None.
+    barriers. On a real GPU nothing can be traced (the kernel runs compiled code, not Python):
+    the kernel runs on copies and the log is None.
     """
     from kvlab.backends import cuda_mode
 
@@ -221,7 +268,7 @@ def launch_traced(kernel: Callable, grid: Any, block: Any, **arrays: Any
     args = {name: TracedArray(value, name, log) if isinstance(value, np.ndarray) else value
             for name, value in copies.items()}
     try:
-        with _counting_barriers(log):
+        with _recording_barriers(log):
             kernel[grid, block](*args.values())
         divergent = log.divergent_barriers()
         if divergent:

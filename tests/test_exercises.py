@@ -177,3 +177,42 @@ def test_a_kernel_stub_on_a_gpu_still_says_not_implemented(monkeypatch, capsys):
     as_compiled = SimpleNamespace(py_func=kernel_stub, __getitem__=None)  # what cuda.jit returns
     assert get("01.write_kv_kernel").check(as_compiled) is False
     assert capsys.readouterr().out.startswith("✗ 01.write_kv_kernel: not implemented yet")
+
+
+def test_launch_both_keeps_what_a_failing_kernel_did_and_says_when_there_is_no_picture(capsys):
+    from kvlab.exercises.core import launch_both
+    from kvlab.trace import AccessLog
+
+    recorded = AccessLog()
+
+    def launch(kernel):
+        if kernel == "traced fault":
+            error = IndexError("out of range")
+            error.access_log = recorded
+            raise error
+        if kernel == "untraced fault":
+            raise RuntimeError("no driver")
+        return "result", AccessLog()
+
+    runs = launch_both("traced fault", "solution", launch)
+    assert runs[0] == (None, recorded) and runs[1][0] == "result"
+    assert capsys.readouterr().out == ""
+    launch_both("untraced fault", "solution", launch)
+    assert "(no access picture: the kernel failed before the tracer saw an access)" in \
+        capsys.readouterr().out
+
+
+def test_a_finished_kernel_that_mentions_the_stub_is_not_taken_for_one(monkeypatch):
+    from types import SimpleNamespace
+
+    import kvlab.backends
+    from kvlab.exercises.core import _kernel_stub_on_a_gpu
+
+    def finished(k, v, k_pool, v_pool, slots):
+        # was: raise NotImplementedError("hint: ...")
+        if slots[0] < 0:
+            raise NotImplementedError  # in a branch: not the stub's body
+        k_pool[0, 0, 0, 0] = k[0, 0, 0]
+
+    monkeypatch.setattr(kvlab.backends, "cuda_mode", lambda: "gpu")
+    assert not _kernel_stub_on_a_gpu(SimpleNamespace(py_func=finished))

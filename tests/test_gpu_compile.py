@@ -1,8 +1,10 @@
 """A kernel puzzle's checker also asks a GPU's real compiler (kvlab.exercises.gpu_compile): the
 simulator runs any Python, so a kernel that passes every case there must still compile to PTX."""
+import re
+
 import numpy as np
 import pytest
-from numba import cuda
+from numba import cuda, float32
 
 from kvlab.backends import cuda_mode
 from kvlab.exercises import EXERCISES, SOLUTIONS_ENV, check
@@ -22,7 +24,8 @@ def test_every_puzzle_solution_compiles_for_a_gpu_and_says_so(name, capsys):
     exercise = EXERCISES[name]
     assert compile_for_gpu(exercise.solution, exercise.cases()[0].kwargs).ok is True
     check(name, exercise.solution)
-    assert "and it compiles for a GPU (PTX for sm_90)" in capsys.readouterr().out
+    compiled = r"and it compiles for a GPU \(PTX and ptxas for sm_90: \d+ registers a thread\)"
+    assert re.search(compiled, capsys.readouterr().out)
 
 
 @cuda.jit
@@ -70,36 +73,88 @@ def _magnitude(value):
     return abs(value)
 
 
-@cuda.jit
-def scale_through_a_helper(x, scales):
+@cuda.jit(device=True)
+def _device_magnitude(value):
+    return abs(value)
+
+
+def _serial_scale_kernel(magnitude):
     """Thread 0 alone (slow, but right), through a helper defined outside the kernel."""
+    @cuda.jit
+    def scale_through_a_helper(x, scales):
+        token, head = cuda.blockIdx.x, cuda.blockIdx.y
+        if cuda.threadIdx.x == 0:
+            amax = np.float32(0)
+            for d in range(x.shape[2]):
+                amax = max(amax, magnitude(x[token, head, d]))
+            scales[token, head] = max(amax, np.float32(1e-8)) / np.float32(127)
+    return scale_through_a_helper
+
+
+def test_a_device_helper_goes_with_the_kernel_and_a_python_one_is_refused(capsys):
+    """The learner's @cuda.jit(device=True) function is compiled with the kernel (here read from
+    the closure); a plain Python function cannot be called from a GPU kernel at all."""
+    assert EXERCISES["02.scale_kernel"].check(_serial_scale_kernel(_device_magnitude)) is True
+    assert "and it compiles for a GPU" in capsys.readouterr().out
+    assert EXERCISES["02.scale_kernel"].check(_serial_scale_kernel(_magnitude)) is False
+    assert "it calls magnitude, a plain Python function" in capsys.readouterr().out
+
+
+@cuda.jit
+def scale_by_numpy_on_a_slice(x, scales):
+    """Right in the simulator; a GPU kernel cannot call np.max on an array."""
     token, head = cuda.blockIdx.x, cuda.blockIdx.y
     if cuda.threadIdx.x == 0:
-        amax = np.float32(0)
-        for d in range(x.shape[2]):
-            amax = max(amax, _magnitude(x[token, head, d]))
+        amax = np.max(np.abs(x[token, head, :]))
         scales[token, head] = max(amax, np.float32(1e-8)) / np.float32(127)
 
 
-def test_what_cannot_be_sent_to_the_compiler_is_said_not_failed(capsys):
-    """A helper defined outside the kernel stays behind: the verdict passes and says so."""
-    assert EXERCISES["02.scale_kernel"].check(scale_through_a_helper) is True
-    assert "not compiled for a GPU: it uses _magnitude, defined outside the kernel" in \
-        capsys.readouterr().out
+@cuda.jit
+def scale_with_too_much_shared_memory(x, scales):
+    """Right in the simulator, and valid PTX; ptxas refuses 256 KiB of static shared memory."""
+    token, head = cuda.blockIdx.x, cuda.blockIdx.y
+    scratch = cuda.shared.array(1 << 16, np.float32)
+    if cuda.threadIdx.x == 0:
+        scratch[0] = np.float32(0)
+        for d in range(x.shape[2]):
+            scratch[0] = max(scratch[0], abs(x[token, head, d]))
+        scales[token, head] = max(scratch[0], np.float32(1e-8)) / np.float32(127)
 
 
-shape = (3, 4)  # a global that shares its name with an attribute the kernel below reads
+@pytest.mark.parametrize("kernel, complaint", [
+    (scale_by_numpy_on_a_slice, ">>> max(array(float32, 1d"),
+    (scale_with_too_much_shared_memory, "ptxas"),
+])
+def test_what_the_compiler_or_ptxas_refuses_is_refused(kernel, complaint, capsys):
+    assert EXERCISES["02.scale_kernel"].check(kernel) is False
+    out = capsys.readouterr().out
+    assert "a GPU's compiler refuses it" in out and complaint in out
 
 
 @cuda.jit
-def copy_what_fits(x, out):
-    i = cuda.threadIdx.x
-    if i < x.shape[0] and i < out.shape[0]:
-        out[i] = x[i]
+def scale_annotated_with_a_default(x: np.ndarray, scales: "np.ndarray", floor=1e-8):
+    """Annotations name np without the body using it; a parameter past the launch's takes its
+    default: both compile."""
+    token, head = cuda.blockIdx.x, cuda.blockIdx.y
+    if cuda.threadIdx.x == 0:
+        amax = 0.0
+        for d in range(x.shape[2]):
+            amax = max(amax, abs(x[token, head, d]))
+        scales[token, head] = max(float32(amax), float32(floor)) / float32(127)
 
 
-def test_an_attribute_name_is_not_taken_for_a_global():
-    """``x.shape`` reads no global ``shape`` (a notebook may have one): only loaded globals are
-    sent, so this kernel compiles."""
-    arrays = {"x": np.zeros(4, np.float32), "out": np.zeros(4, np.float32)}
-    assert compile_for_gpu(copy_what_fits, arrays).ok is True
+def test_annotations_and_defaults_do_not_stop_the_compile(capsys):
+    assert EXERCISES["02.scale_kernel"].check(scale_annotated_with_a_default) is True
+    assert "and it compiles for a GPU" in capsys.readouterr().out
+
+
+def test_a_kernel_without_source_gets_a_note_and_check_does_not_raise(capsys):
+    import inspect
+
+    from kvlab.exercises.paging import write_kv_kernel_solution
+
+    scope = {}
+    source = inspect.getsource(write_kv_kernel_solution.fn)
+    exec("import numpy as np\nfrom numba import cuda\n" + source, scope)  # no file to read back
+    assert EXERCISES["01.write_kv_kernel"].check(scope["write_kv_kernel_solution"]) is True
+    assert "not compiled for a GPU: its source could not be read" in capsys.readouterr().out

@@ -79,20 +79,49 @@ def barrier_in_a_branch(out):
 
 
 @cuda.jit
-def barrier_for_all(out):
+def a_barrier_on_each_side(out):
+    """As many barriers in every thread, but at two places: an if and an else."""
+    i = cuda.threadIdx.x
+    if i < 2:
+        cuda.syncthreads()
+    else:
+        cuda.syncthreads()
+    out[cuda.blockIdx.x * 4 + i] = i
+
+
+@cuda.jit
+def barriers_for_all(out):
     i = cuda.threadIdx.x
     if i < 2:
         out[cuda.blockIdx.x * 4 + i] = i
     cuda.syncthreads()
+    for _ in range(3):  # the same trip count in every thread
+        cuda.syncthreads_or(i)
+
+
+def _lines(function, text):
+    """The file lines of ``function``'s source that contain ``text``."""
+    import inspect
+
+    lines, first = inspect.getsourcelines(function.fn)
+    return [first + n for n, line in enumerate(lines) if text in line]
 
 
 def test_a_barrier_some_threads_skip_is_refused_naming_them():
     from kvlab.trace import DivergentBarrierError
 
-    message = (r"block \(0, 0, 0\) reached cuda.syncthreads\(\) different numbers of times "
-               r"\(threads 0-1: 2; threads 2-3: 1\)")
+    first, second = _lines(barrier_in_a_branch, "cuda.syncthreads()")
+    message = (rf"block \(0, 0, 0\) reached different barriers of barrier_in_a_branch "
+               rf"\(threads 0-1: line {first}, line {second}; threads 2-3: line {first}\)")
     with pytest.raises(DivergentBarrierError, match=message) as err:
         launch_traced(barrier_in_a_branch, 2, 4, out=np.zeros(8, np.int32))
     assert len(err.value.access_log.accesses("out", "write")) == 8  # it ran to the end
-    _, log = launch_traced(barrier_for_all, 2, 4, out=np.zeros(8, np.int32))
-    assert log.barriers[(1, 0, 0), (3, 0, 0)] == 1 and log.divergent_barriers() is None
+    with pytest.raises(DivergentBarrierError, match="threads 0-1: line .*; threads 2-3: line "):
+        launch_traced(a_barrier_on_each_side, 2, 4, out=np.zeros(8, np.int32))
+
+
+def test_uniform_barriers_pass_and_a_compound_one_counts_once():
+    _, log = launch_traced(barriers_for_all, 2, 4, out=np.zeros(8, np.int32))
+    assert log.divergent_barriers() is None
+    path = log.barriers[(1, 0, 0), (3, 0, 0)]
+    assert len(path) == 4 and len(set(path[1:])) == 1  # syncthreads_or: once each, not twice

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import Case, Exercise, copy_args, register
+from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both,
+                                  register)
 from kvlab.ref import attention as ref
 from kvlab.trace import launch_traced
 
@@ -284,22 +285,10 @@ def _first_block_reads(log) -> np.ndarray:
 
 def _explain_decode(fn: Callable, case: Case) -> None:
     """Draw which thread of head 0's block read each element of k_pool: yours, the solution's."""
-    import matplotlib.pyplot as plt
-
-    from kvlab.plot.trace import plot_access_comparison
-
-    logs = []
-    for kernel in (fn, decode_kernel_solution):
-        try:
-            logs.append(_launch_decode(kernel, case)[1])
-        except Exception as error:  # draw what the kernel did before it failed
-            logs.append(getattr(error, "access_log", None))
-    if None in logs:
-        print("  (no access picture: kernels run untraced on a real GPU)")
-        return
-    yours, reference = (_first_block_reads(log) for log in logs)
-    plot_access_comparison(yours, reference, "query head 0's reads of k_pool")
-    plt.show()
+    runs = launch_both(fn, decode_kernel_solution, lambda kernel: _launch_decode(kernel, case))
+    if all(log is not None for _, log in runs):
+        yours, reference = (_first_block_reads(log) for _, log in runs)
+        draw_accesses(yours, reference, "query head 0's reads of k_pool")
 
 
 def _decode_cases() -> list[Case]:

@@ -7,7 +7,8 @@ prints a short verdict: ✓ with the number of cases, or the first failing case 
 expected, what came back, where they differ) and a hint. It returns True or False and never
 raises, so a notebook still runs top to bottom while a stub is unfilled. A kernel puzzle's kernel
 that passes every case in the simulator is then compiled for a real GPU
-(:mod:`kvlab.exercises.gpu_compile`): the simulator runs any Python, a GPU only what a kernel may do.
+(:mod:`kvlab.exercises.gpu_compile`): the simulator runs any Python, a GPU only what a kernel
+may do.
 
 The solution swap: with the environment variable ``KVLAB_SOLUTIONS=1`` (the repo-root conftest.py
 sets it, so ``make test`` runs every notebook that way) ``check`` checks the exercise's reference
@@ -16,8 +17,10 @@ still executes every checker, so a notebook cannot silently break.
 """
 from __future__ import annotations
 
+import ast
 import inspect
 import os
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -60,6 +63,36 @@ def print_slot_walk(fn: Callable, case: Case, steps: list[str], expected: np.nda
         yours = got[row] if row < got.size else "missing"
         mark = "" if row < got.size and yours == slot else f"   <- yours: {yours}"
         print(f"    {row}: {step} -> slot {slot}{mark}")
+
+
+def launch_both(fn: Callable, solution: Callable, launch: Callable) -> list[tuple[Any, Any]]:
+    """For a kernel puzzle's picture: ``launch(kernel) -> (result, AccessLog)`` run on the
+    learner's kernel ``fn``, then on ``solution``. Returns the two ``(result, log)`` pairs; a
+    kernel that raised gets result None and, as its log, the accesses it made before it did.
+    Says why when a log is missing (no picture can be drawn then)."""
+    runs = []
+    for kernel in (fn, solution):
+        try:
+            runs.append(launch(kernel))
+        except Exception as error:  # draw what the kernel did before it failed
+            runs.append((None, getattr(error, "access_log", None)))
+    if any(log is None for _, log in runs):
+        from kvlab.backends import cuda_mode
+
+        why = ("kernels run untraced on a real GPU" if cuda_mode() == "gpu" else
+               "the kernel failed before the tracer saw an access")
+        print(f"  (no access picture: {why})")
+    return runs
+
+
+def draw_accesses(yours: np.ndarray, reference: np.ndarray, title: str) -> None:
+    """Show two owner maps side by side (:func:`kvlab.plot.trace.plot_access_comparison`)."""
+    import matplotlib.pyplot as plt
+
+    from kvlab.plot.trace import plot_access_comparison
+
+    plot_access_comparison(yours, reference, title)
+    plt.show()
 
 
 def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
@@ -127,9 +160,12 @@ def _kernel_stub_on_a_gpu(kernel: Any) -> bool:
         return False
     function = getattr(kernel, "py_func", None)
     try:
-        return function is not None and "raise NotImplementedError" in inspect.getsource(function)
-    except (OSError, TypeError):  # no source to read (a kernel built by exec, say)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):  # no source to read (a kernel built by exec, say)
         return False
+    body = next((node.body for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)), [])
+    return any(isinstance(statement, ast.Raise) and "NotImplementedError" in ast.unparse(statement)
+               for statement in body)  # a statement of the body, not a comment or a branch
 
 
 @dataclass(frozen=True)
@@ -199,11 +235,12 @@ class Exercise:
         if compiled is not None and compiled.ok is False:
             say(f"✗ {self.name}: your kernel passes all {len(cases)} cases in the simulator, but "
                 f"a GPU's compiler refuses it (the simulator runs any Python; a kernel may use "
-                f"numbers, array elements, cuda.* and math functions, and local or shared arrays "
-                f"of a constant size):\n  {compiled.message}\n  Hint: {self.hint}")
+                f"numbers, array elements, cuda.* and math functions, device functions, and "
+                f"local or shared arrays of a constant size):\n  {compiled.message}")
             return False
         if compiled is not None:
-            note += (" and it compiles for a GPU (PTX for sm_90)" if compiled.ok else
+            note += (f" and it compiles for a GPU (PTX and ptxas for sm_90: {compiled.registers} "
+                     f"registers a thread)" if compiled.ok else
                      f"; not compiled for a GPU: {compiled.message}")
         say(f"✓ {self.name}: all {len(cases)} cases pass ({hand} hand-picked, "
             f"{len(cases) - hand} random){note}")
@@ -216,9 +253,12 @@ class Exercise:
 
         if not self.kernel or cuda_mode() == "gpu":
             return None
-        from kvlab.exercises.gpu_compile import compile_for_gpu
+        from kvlab.exercises.gpu_compile import GpuCompile, compile_for_gpu
 
-        return compile_for_gpu(fn, case.kwargs)
+        try:
+            return compile_for_gpu(fn, case.kwargs)
+        except Exception as error:  # a help, like the explanations: it must not break check()
+            return GpuCompile(None, f"{type(error).__name__}: {error}")
 
     def _fail(self, say, fn, case: Case, message: str, expected: Any = None,
               got: Any = None) -> bool:

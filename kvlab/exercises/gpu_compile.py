@@ -7,11 +7,15 @@ simulator, its checker hands the kernel's source to Numba's real compiler (NVVM,
 ``sm_90``), which needs no GPU but does need a process of its own: ``numba.cuda.compile_ptx`` does
 not exist where the simulator was imported (``kvlab.kernels.cuda.ptx`` works the same way).
 
-What travels to that process: the kernel's source (its decorators dropped), the global names it
-uses that can be rebuilt there (modules such as ``np``, ``math`` and ``cuda``, Numba types such as
-``float32``, NumPy scalar types, and numbers such as ``THREADS``), and the types of the case's
-arguments. A kernel that uses anything else (a device function of the learner's, say) is not
-compiled, and :func:`compile_for_gpu` says why (as it does when the compiler asks for a GPU driver).
+What travels to that process: the kernel's source (its decorators dropped), the global and
+closure names it uses that can be rebuilt there (modules such as ``np``, ``math`` and ``cuda``, a
+module's functions such as ``exp`` from ``math``, Numba types such as ``float32``, NumPy scalar
+types, numbers such as ``THREADS``, and the learner's own ``@cuda.jit(device=True)`` functions,
+by their source), and the types of the case's arguments. The PTX then goes through ptxas
+(:func:`kvlab.kernels.cuda.ptx.ptxas_resources`), which refuses what PTX still allows: more
+static shared memory than a block may have, say. A kernel that uses anything else is not
+compiled, and :func:`compile_for_gpu` says why; so is one whose compile fails for a reason that
+is not the compiler's verdict on the kernel (no source to read, no NVVM library).
 """
 from __future__ import annotations
 
@@ -32,43 +36,80 @@ import numpy as np
 CC = (9, 0)  # the architecture compiled for (an H100/H200); any recent one would do
 TIMEOUT_S = 180
 
-# Runs in the compiling process: rebuild the globals, define the kernel, type the arguments.
+# Runs in the compiling process: rebuild the globals, define the functions, type the arguments,
+# compile to PTX, run ptxas. It prints one JSON line: ok true / false (the compiler's verdict on
+# the kernel) / null (something else failed: not a verdict).
 _COMPILER = r"""
 import importlib, json, sys
+from types import SimpleNamespace
 import numpy as np
 import numba
-from numba import types
+import numba.cuda.dispatcher
+from numba import cuda, types
+from numba.core.errors import NumbaError
 from numba.cuda import compile_ptx
+from numba.cuda.cudadrv.error import NvvmSupportError
 
 job = json.load(sys.stdin)
+cc = tuple(job["cc"])
+# Typing some calls makes Numba compile a device function for "the current device"; with no GPU
+# that would ask the driver, so the device is the architecture compiled for.
+numba.cuda.dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
+
+def say(ok, **more):
+    print(json.dumps({"ok": ok, **more}))
+    sys.exit(0)
+
 scope = {}
-for name, kind, value in job["globals"]:
-    if kind == "module":
-        scope[name] = importlib.import_module(value)
-    elif kind == "numba_type":
-        scope[name] = getattr(types, value)
-    elif kind == "numpy_type":
-        scope[name] = getattr(np, value)
-    else:
-        scope[name] = value
 try:
-    exec(compile(job["source"], "<your kernel>", "exec"), scope)
+    for name, kind, value in job["globals"]:
+        if kind == "module":
+            scope[name] = importlib.import_module(value)
+        elif kind == "attribute":
+            scope[name] = getattr(importlib.import_module(value[0]), value[1])
+        elif kind == "numba_type":
+            scope[name] = getattr(types, value)
+        elif kind == "device":  # [the name its def gives it, its source]
+            exec(compile("from __future__ import annotations\n" + value[1], "<your " + name + ">",
+                         "exec"), scope)
+            scope[name] = cuda.jit(device=True)(scope[value[0]])
+        else:
+            scope[name] = value
+    exec(compile("from __future__ import annotations\n" + job["source"], "<your kernel>", "exec"),
+         scope)
     argument_types = [numba.typeof(np.zeros(a["shape"], a["dtype"])) if a["kind"] == "array"
                       else getattr(types, a["type"]) for a in job["args"]]
-    compile_ptx(scope[job["name"]], types.void(*argument_types), cc=tuple(job["cc"]))
-    print(json.dumps({"ok": True}))
+    argument_types += [types.Omitted(d) for d in job["defaults"]]
 except Exception as error:
-    print(json.dumps({"ok": False, "error": f"{type(error).__name__}: {error}"}))
+    say(None, error=f"{type(error).__name__}: {error}")
+try:
+    ptx, _ = compile_ptx(scope[job["name"]], types.void(*argument_types), cc=cc)
+except NvvmSupportError as error:
+    say(None, error=f"{type(error).__name__}: {error}")
+except NumbaError as error:
+    say(False, error=f"{type(error).__name__}: {error}")
+except Exception as error:
+    say(None, error=f"{type(error).__name__}: {error}")
+try:
+    from kvlab.kernels.cuda.ptx import ptxas_resources
+    registers = ptxas_resources(ptx, cc)["registers"]
+except RuntimeError as error:  # ptxas's refusal
+    say(False, error=f"ptxas: {error}")
+except Exception as error:
+    say(None, error=f"{type(error).__name__}: {error}")
+say(True, registers=registers)
 """
 
 
 @dataclass(frozen=True)
 class GpuCompile:
-    """What the real compiler said: ``ok`` True (it compiled), False (it refused: ``message`` is
-    its complaint) or None (it could not be asked: ``message`` says why)."""
+    """What the real compiler said: ``ok`` True (it compiled, and ptxas allocated ``registers``
+    per thread), False (it refused: ``message`` is its complaint) or None (it could not be
+    asked: ``message`` says why)."""
 
     ok: bool | None
     message: str = ""
+    registers: int = 0
 
 
 def _python_function(kernel: Any) -> Callable | None:
@@ -77,9 +118,11 @@ def _python_function(kernel: Any) -> Callable | None:
 
 
 def _source(function: Callable) -> str:
-    """The function's ``def``, dedented, without its decorators."""
+    """The function's ``def``, dedented, without its decorators (OSError: no source to read)."""
     lines = textwrap.dedent(inspect.getsource(function)).splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("def "))
+    start = next((i for i, line in enumerate(lines) if line.startswith("def ")), None)
+    if start is None:
+        raise OSError("its source has no def line")
     return "\n".join(lines[start:]) + "\n"
 
 
@@ -93,30 +136,69 @@ def _global_names(code: types.CodeType) -> set[str]:
     return names
 
 
-def _portable_globals(function: Callable) -> tuple[list[tuple[str, str, Any]], list[str]]:
-    """``(globals the compiling process can rebuild, names it cannot)``, for the global names the
-    function's code uses."""
+def _names_used(function: Callable) -> dict[str, Any]:
+    """The globals and closure variables ``function`` reads, by name (builtins left out)."""
+    used = {name: function.__globals__[name] for name in _global_names(function.__code__)
+            if name in function.__globals__}
+    cells = function.__closure__ or ()
+    for name, cell in zip(function.__code__.co_freevars, cells):
+        try:
+            used[name] = cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            pass
+    return used
+
+
+def _portable(name: str, value: Any, sent: set[int]) -> list[tuple[str, str, Any]] | None:
+    """How the compiling process rebuilds ``value`` (a device function: its own names first),
+    or None when it cannot."""
     import numba
 
-    portable, foreign = [], []
-    for name in sorted(_global_names(function.__code__)):
-        if name not in function.__globals__:
-            continue  # a builtin (range, max, abs)
-        value = function.__globals__[name]
-        if isinstance(value, types.ModuleType):
-            portable.append((name, "module", value.__name__))
-        elif isinstance(value, numba.core.types.Type) and getattr(numba.types, str(value),
-                                                                  None) is value:
-            portable.append((name, "numba_type", str(value)))
-        elif isinstance(value, type) and getattr(np, value.__name__, None) is value:
-            portable.append((name, "numpy_type", value.__name__))
-        elif isinstance(value, (bool, int, float)) and not isinstance(value, np.generic):
-            portable.append((name, "value", value))
-        elif isinstance(value, np.generic):
-            portable.append((name, "value", value.item()))
-        else:
-            foreign.append(name)
-    return portable, foreign
+    if isinstance(value, types.ModuleType):
+        return [(name, "module", value.__name__)]
+    if isinstance(value, numba.core.types.Type) and getattr(numba.types, str(value), None) is value:
+        return [(name, "numba_type", str(value))]
+    if isinstance(value, (bool, int, float)):
+        return [(name, "value", value)]
+    if isinstance(value, np.generic):
+        return [(name, "value", value.item())]
+    if getattr(value, "_device", False) and _python_function(value) is not None:
+        function = _python_function(value)
+        if id(function) in sent:
+            return []
+        sent.add(id(function))
+        needs = _portable_names(function, sent)
+        if needs is None:
+            return None
+        return needs + [(name, "device", [function.__name__, _source(function)])]
+    module = getattr(value, "__module__", None)
+    attribute = getattr(value, "__name__", None)
+    if isinstance(value, types.FunctionType) and not getattr(value, "_device", False):
+        raise _PlainFunction(name)  # a kernel calls device functions only
+    if (module and attribute and not module.startswith("__")
+            and getattr(sys.modules.get(module), attribute, None) is value):
+        return [(name, "attribute", [module, attribute])]  # math.exp, np.float32, np.exp
+    return None
+
+
+def _portable_names(function: Callable, sent: set[int]) -> list[tuple[str, str, Any]] | None:
+    """Everything ``function`` reads, as the compiling process rebuilds it; None when something
+    cannot be (its name is then in the exception's message)."""
+    out = []
+    for name, value in sorted(_names_used(function).items()):
+        rebuilt = _portable(name, value, sent)
+        if rebuilt is None:
+            raise _CannotSend(name)
+        out += rebuilt
+    return out
+
+
+class _CannotSend(Exception):
+    """A name the kernel reads that the compiling process cannot rebuild."""
+
+
+class _PlainFunction(Exception):
+    """A plain Python function the kernel calls: no GPU kernel can."""
 
 
 def _argument(value: Any) -> dict[str, Any]:
@@ -130,36 +212,60 @@ def _argument(value: Any) -> dict[str, Any]:
     return {"kind": "scalar", "type": "int64" if isinstance(value, int) else "float64"}
 
 
+_VERDICTS: dict[str, GpuCompile] = {}  # by job: the same kernel on the same types, asked once
+
+
 def compile_for_gpu(kernel: Any, arguments: dict[str, Any]) -> GpuCompile:
-    """Compile ``kernel`` to PTX for a real GPU (``sm_90``), typed by these ``arguments`` (passed in
-    this order). Only meaningful where the kernel ran in the simulator: on a GPU it has compiled."""
+    """Compile ``kernel`` to PTX for a real GPU (``sm_90``) and through ptxas, typed by these
+    ``arguments`` (passed in this order; parameters past them take their defaults). Only
+    meaningful where the kernel ran in the simulator: on a GPU it has compiled to run."""
     function = _python_function(kernel)
     if function is None or function.__name__ == "<lambda>":
         return GpuCompile(None, "a kernel's body must be a def of its own to be compiled here")
-    portable, foreign = _portable_globals(function)
-    if foreign:
-        return GpuCompile(None, f"it uses {', '.join(foreign)}, defined outside the kernel (only "
-                                f"modules, Numba types and numbers are passed to the compiler)")
-    job = {"source": _source(function), "name": function.__name__, "globals": portable,
-           "args": [_argument(v) for v in arguments.values()], "cc": list(CC)}
+    try:
+        names = _portable_names(function, {id(function)})
+        source = _source(function)
+    except _PlainFunction as error:
+        return GpuCompile(False, f"it calls {error}, a plain Python function: a kernel can call "
+                                 f"@cuda.jit(device=True) functions (and cuda's and math's), not "
+                                 f"Python ones")
+    except _CannotSend as error:
+        return GpuCompile(None, f"it uses {error}, which cannot be passed to the compiler (only "
+                                f"modules and their functions, Numba types, numbers and "
+                                f"@cuda.jit(device=True) functions can)")
+    except (OSError, TypeError) as error:
+        return GpuCompile(None, f"its source could not be read ({error}): a kernel typed at a "
+                                f"plain Python prompt or built by exec has none")
+    defaults = list(function.__defaults__ or ())[max(0, len(arguments) - _positional(function)):]
+    job = json.dumps({"source": source, "name": function.__name__, "globals": names,
+                      "args": [_argument(v) for v in arguments.values()],
+                      "defaults": [d for d in defaults if isinstance(d, (bool, int, float))],
+                      "cc": list(CC)})
+    if job not in _VERDICTS:
+        _VERDICTS[job] = _ask_the_compiler(job)
+    return _VERDICTS[job]
+
+
+def _positional(function: Callable) -> int:
+    """How many positional parameters ``function`` declares."""
+    return function.__code__.co_argcount
+
+
+def _ask_the_compiler(job: str) -> GpuCompile:
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
     try:
-        done = subprocess.run([sys.executable, "-c", _COMPILER], input=json.dumps(job),
-                              capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+        done = subprocess.run([sys.executable, "-c", _COMPILER], input=job, capture_output=True,
+                              text=True, env=env, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return GpuCompile(None, f"the compiler took over {TIMEOUT_S} s")
     try:
         verdict = json.loads(done.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         return GpuCompile(None, f"the compiler's process failed: {done.stderr[-300:]}")
+    if verdict["ok"] is None:
+        return GpuCompile(None, f"the compile could not run: {_short_error(verdict['error'])}")
     if verdict["ok"]:
-        return GpuCompile(True)
-    if verdict["error"].startswith("CudaSupportError"):
-        # Numba asks the driver for the GPU's architecture when it must compile a device function
-        # while typing (a NumPy function on an array does this); a machine without one cannot say
-        return GpuCompile(None, "the compiler wanted a GPU driver to type part of the kernel "
-                                "(a NumPy function called on a whole array does that, and a "
-                                "kernel cannot make the new array it returns)")
+        return GpuCompile(True, registers=verdict["registers"])
     return GpuCompile(False, _short_error(verdict["error"]))
 
 

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import Case, Exercise, copy_args, print_slot_walk, register
+from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both,
+                                  print_slot_walk, register)
 from kvlab.paging import BlockAllocator, blocks_needed
 from kvlab.ref import paging as ref
 from kvlab.trace import launch_traced
@@ -265,22 +266,10 @@ def _run_write_kv(fn: Callable, case: Case) -> Any:
 
 def _explain_write_kv(fn: Callable, case: Case) -> None:
     """Draw which thread wrote each element of ``k_pool``: yours beside the solution's."""
-    import matplotlib.pyplot as plt
-
-    from kvlab.plot.trace import plot_access_comparison
-
-    logs = []
-    for kernel in (fn, write_kv_kernel_solution):
-        try:
-            logs.append(_launch_write_kv(kernel, case)[1])
-        except Exception as error:  # draw what the kernel did before it failed
-            logs.append(getattr(error, "access_log", None))
-    if None in logs:
-        print("  (no access picture: kernels run untraced on a real GPU)")
-        return
-    yours, reference = (log.owner_map("k_pool", "write") for log in logs)
-    plot_access_comparison(yours, reference, "writes to k_pool")
-    plt.show()
+    runs = launch_both(fn, write_kv_kernel_solution, lambda kernel: _launch_write_kv(kernel, case))
+    if all(log is not None for _, log in runs):
+        yours, reference = (log.owner_map("k_pool", "write") for _, log in runs)
+        draw_accesses(yours, reference, "writes to k_pool")
 
 
 register(Exercise(

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import Case, Exercise, copy_args, register
+from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both,
+                                  register)
 from kvlab.ref import quant as ref
 from kvlab.trace import launch_traced
 
@@ -276,30 +277,16 @@ def _explain_scale(fn: Callable, case: Case) -> None:
     """Draw which thread read each element of x (yours beside the solution's; gaps: read by no
     thread of the vector's block), then print the solution's tree for the first vector whose scale
     differs (none when your kernel raised: the verdict says where)."""
-    import matplotlib.pyplot as plt
-
-    from kvlab.plot.trace import plot_access_comparison
-
-    results, logs = [], []
-    for kernel in (fn, scale_kernel_solution):
-        try:
-            scales, log = _launch_scale(kernel, case)
-        except Exception as error:  # draw what the kernel did before it failed
-            scales, log = None, getattr(error, "access_log", None)
-        results.append(scales)
-        logs.append(log)
-    if None in logs:
-        print("  (no access picture: kernels run untraced on a real GPU)")
-    else:
-        (yours, foreign), (reference, _) = (_reads_by_own_block(log) for log in logs)
+    runs = launch_both(fn, scale_kernel_solution, lambda kernel: _launch_scale(kernel, case))
+    if all(log is not None for _, log in runs):
+        (yours, foreign), (reference, _) = (_reads_by_own_block(log) for _, log in runs)
         if foreign:
             print(f"  {foreign} reads of x came from a thread block that does not own the vector "
                   f"(block (t, h) = (blockIdx.x, blockIdx.y) owns x[t, h, :])")
         print("  the picture: a row per vector x[t, h, :]; each element shows threadIdx.x of the "
               "thread of block (t, h) that read it (grey: none did)")
-        plot_access_comparison(yours, reference, "reads of x")
-        plt.show()
-    got = results[0]
+        draw_accesses(yours, reference, "reads of x")
+    got = runs[0][0]
     if got is None:
         return  # your kernel raised: the verdict says where
     expected = _scale_reference(**copy_args(case.kwargs))

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import Case, Exercise, copy_args, register
+from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both,
+                                  register)
 from kvlab.ref import rope as ref
 from kvlab.trace import index_runs, launch_traced
 
@@ -238,29 +239,17 @@ def _print_wrong_elements(got: np.ndarray, expected: np.ndarray, positions: np.n
 def _explain_rope(fn: Callable, case: Case) -> None:
     """Say which (token, head) rows of ``out`` are wrong, and draw which thread wrote each element
     of ``out``: yours beside the solution's."""
-    import matplotlib.pyplot as plt
-
-    from kvlab.plot.trace import plot_access_comparison
-
-    logs = []
-    for kernel in (fn, rope_kernel_solution):
-        try:
-            got, log = _launch_rope(kernel, case)
-            if kernel is fn:
-                _print_wrong_elements(got, _run_rope(_rope_reference, case),
-                                      case.kwargs["positions"])
-            logs.append(log)
-        except Exception as error:  # draw what the kernel did before it failed
-            logs.append(getattr(error, "access_log", None))
-    if None in logs:
-        print("  (no access picture: kernels run untraced on a real GPU)")
+    runs = launch_both(fn, rope_kernel_solution, lambda kernel: _launch_rope(kernel, case))
+    got = runs[0][0]
+    if got is not None:
+        _print_wrong_elements(got, _run_rope(_rope_reference, case), case.kwargs["positions"])
+    if any(log is None for _, log in runs):
         return
-    yours, reference = (log.owner_map("out", "write") for log in logs)
+    yours, reference = (log.owner_map("out", "write") for _, log in runs)
     if np.array_equal(yours, reference):
         print("  each element of out was written by the thread that should write it: the indices "
               "are right, the values are not (the sign? the table row? arithmetic in fp16?)")
-    plot_access_comparison(yours, reference, "writes to out")
-    plt.show()
+    draw_accesses(yours, reference, "writes to out")
 
 
 # Llama 3.1's RoPE scaling (its config.json's rope_scaling), for tables no formula of theta gives
