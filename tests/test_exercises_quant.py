@@ -350,3 +350,40 @@ def test_a_barrier_inside_the_if_is_named(learner_view, capsys):
         "scale_barrier_inside_the_if" in out
     assert re.search(r"\(thread 0: line (\d+), line (\d+) x3; thread 1: line \1, line \2 x2; "
                      r"threads 2-3: line \1, line \2; threads 4-7: line \1\)", out), out
+
+
+@cuda.jit
+def scale_by_thread_0_alone(x, scales):
+    """Right: thread 0 walks the whole vector while the others wait."""
+    token, head = cuda.blockIdx.x, cuda.blockIdx.y
+    if cuda.threadIdx.x == 0:
+        amax = np.float32(0)
+        for d in range(x.shape[2]):
+            amax = max(amax, abs(x[token, head, d]))
+        scales[token, head] = max(amax, np.float32(1e-8)) / np.float32(127)
+
+
+@cuda.jit
+def scale_read_whole_by_every_thread(x, scales):
+    """Right: every thread reads the whole vector, so no reduction is needed."""
+    token, head = cuda.blockIdx.x, cuda.blockIdx.y
+    amax = np.float32(0)
+    for d in range(x.shape[2]):
+        amax = max(amax, abs(x[token, head, d]))
+    if cuda.threadIdx.x == 0:
+        scales[token, head] = max(amax, np.float32(1e-8)) / np.float32(127)
+
+
+def test_a_right_kernel_that_wastes_work_passes_with_what_a_gpu_would_pay(learner_view, capsys):
+    """GPU-Puzzles style: correct is not enough to be quiet. The first case's vector has 16
+    elements and 8 threads: the solution's busiest thread makes 2 reads and thread 0 a write."""
+    exercise = get("02.scale_kernel")
+    assert exercise.check(scale_by_thread_0_alone) is True
+    out = capsys.readouterr().out
+    assert "Right, but slower on a GPU than it needs to be" in out
+    assert "its busiest thread makes 17 of those accesses where the solution's makes 3" in out
+    assert exercise.check(scale_read_whole_by_every_thread) is True
+    assert "it reads and writes its arrays 129 times where the solution does 17" in \
+        capsys.readouterr().out
+    assert exercise.check(exercise.solution) is True
+    assert "Right, but" not in capsys.readouterr().out

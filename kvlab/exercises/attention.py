@@ -327,6 +327,7 @@ register(Exercise(
     run=_run_decode,
     explain=_explain_decode,
     kernel=True,
+    trace=_launch_decode,
     rtol=1e-5, atol=1e-5,
 ))
 

@@ -21,6 +21,7 @@ import ast
 import inspect
 import os
 import textwrap
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -83,6 +84,32 @@ def launch_both(fn: Callable, solution: Callable, launch: Callable) -> list[tupl
                "the kernel failed before the tracer saw an access")
         print(f"  (no access picture: {why})")
     return runs
+
+
+def work_note(yours: Any, solution: Any, label: str) -> str:
+    """What a right kernel's trace says about its speed on a GPU, against the solution's (two
+    :class:`~kvlab.trace.AccessLog` of one case): the accesses to its array arguments in all
+    (global memory: a kernel is judged by the bytes it moves; shared memory is not traced), and
+    those of the busiest thread (the threads of a block run side by side, so a block takes as
+    long as its busiest one). "" when neither is far above the solution's (1.5x in all, 2x for
+    the busiest thread)."""
+    def work(log) -> tuple[int, int]:
+        per_thread = Counter((block, thread) for _, _, block, thread, _ in log.records)
+        return len(log.records), max(per_thread.values(), default=0)
+
+    (total, busiest), (solution_total, solution_busiest) = work(yours), work(solution)
+    slower = []
+    if total > 1.5 * solution_total:
+        slower.append(f"it reads and writes its arrays {total} times where the solution does "
+                      f"{solution_total}")
+    if busiest > 2 * solution_busiest:
+        slower.append(f"its busiest thread makes {busiest} of those accesses where the "
+                      f"solution's makes {solution_busiest}: a block takes as long as its "
+                      f"busiest thread")
+    if not slower:
+        return ""
+    return (f"\n  Right, but slower on a GPU than it needs to be (case '{label}'): "
+            + "; ".join(slower) + ".")
 
 
 def draw_accesses(yours: np.ndarray, reference: np.ndarray, title: str) -> None:
@@ -183,6 +210,8 @@ class Exercise:
     run: how one case is run with a function (default :func:`call`); kernels launch here.
     explain: optional ``(fn, case) -> None`` shown with a failure (e.g. a picture of the accesses).
     kernel: True for a kernel puzzle: the learner writes a ``@cuda.jit`` kernel, not a function.
+    trace: for a kernel puzzle, ``(kernel, case) -> (result, AccessLog)``: the traced launch, by
+        which a passing kernel's work is compared with the solution's (:func:`work_note`).
     """
 
     name: str
@@ -198,6 +227,7 @@ class Exercise:
     atol: float = 1e-6
     explain: Callable[[Callable, Case], None] | None = field(default=None, repr=False)
     kernel: bool = False
+    trace: Callable[[Callable, Case], tuple[Any, Any]] | None = field(default=None, repr=False)
 
     def check(self, fn: Callable, *, quiet: bool = False) -> bool:
         """Try ``fn`` on every case; print ✓ or the first failing case; return whether it passed."""
@@ -243,8 +273,19 @@ class Exercise:
                      f"registers a thread)" if compiled.ok else
                      f"; not compiled for a GPU: {compiled.message}")
         say(f"✓ {self.name}: all {len(cases)} cases pass ({hand} hand-picked, "
-            f"{len(cases) - hand} random){note}")
+            f"{len(cases) - hand} random){note}" + self._work_note(fn, cases[0]))
         return True
+
+    def _work_note(self, fn: Callable, case: Case) -> str:
+        """For a passing kernel puzzle traced in the simulator: :func:`work_note` on the first
+        case against the solution ("" when there is nothing to say or nothing to trace)."""
+        if self.trace is None or fn is self.solution:
+            return ""
+        try:
+            logs = [self.trace(kernel, case)[1] for kernel in (fn, self.solution)]
+        except Exception:  # a help, like the explanations: it must not break check()
+            return ""
+        return "" if None in logs else work_note(logs[0], logs[1], case.label)
 
     def _compile_for_gpu(self, fn: Callable, case: Case) -> Any:
         """For a kernel puzzle run in the simulator, what a GPU's compiler makes of the kernel

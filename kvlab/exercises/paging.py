@@ -284,4 +284,5 @@ register(Exercise(
     run=_run_write_kv,
     explain=_explain_write_kv,
     kernel=True,
+    trace=_launch_write_kv,
 ))

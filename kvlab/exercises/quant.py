@@ -352,5 +352,6 @@ register(Exercise(
     run=_run_scale,
     explain=_explain_scale,
     kernel=True,
+    trace=_launch_scale,
     rtol=0.0, atol=0.0,  # the fp16 scale is exact: any difference is a different amax
 ))

@@ -304,4 +304,5 @@ register(Exercise(
     rtol=_KERNEL_RTOL, atol=_KERNEL_ATOL,  # one fp16 ulp, for a GPU's FMA (see above)
     explain=_explain_rope,
     kernel=True,
+    trace=_launch_rope,
 ))
