@@ -238,7 +238,8 @@ class TracedArray:
 
     def __setitem__(self, index: Any, value: Any) -> None:
         self._log.add(self.name, WRITE, np.asarray(self._ids[index]))
-        self._data[index] = value.to_numpy() if isinstance(value, TracedArray) else value
+        with np.errstate(over="ignore", invalid="ignore"):  # a GPU's store rounds to inf quietly
+            self._data[index] = value.to_numpy() if isinstance(value, TracedArray) else value
 
     def to_numpy(self) -> np.ndarray:
         """The array's values (recording nothing)."""

@@ -61,6 +61,9 @@ def test_bench_smoke_json(backend, tmp_path):
         paged = mine["paged decode fp16 splits=1"]["speedups"]
         assert any("SDPA contiguous" in k for k in paged) and any("gather-then" in k for k in paged)
         assert "paged decode fp16 splits=1" in next(iter(mine["paged decode int8 splits=1"]["speedups"]))
+        if backend == "torch":  # the tiles beside the one whole-context gather they replace
+            whole = mine["paged decode fp16, whole context at once"]["speedups"]
+            assert list(whole) == ["torch-cpu/paged decode fp16 splits=1"]
     if "fused_write" in {r["stage"] for r in rows}:
         fused = mine["fused paged_write (qk_mode 2)"]["speedups"]
         assert any(k.endswith("unfused rope+write (qk_mode 2)") for k in fused)

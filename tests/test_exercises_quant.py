@@ -381,7 +381,8 @@ def test_a_right_kernel_that_wastes_work_passes_with_what_a_gpu_would_pay(learne
     assert exercise.check(scale_by_thread_0_alone) is True
     out = capsys.readouterr().out
     assert "Right, but slower on a GPU than it needs to be" in out
-    assert "its busiest thread makes 17 of those accesses where the solution's makes 3" in out
+    assert "its busiest thread makes 17 reads and writes of the arrays where the solution's " \
+        "makes 3" in out
     assert exercise.check(scale_read_whole_by_every_thread) is True
     assert "it reads and writes its arrays 129 times where the solution does 17" in \
         capsys.readouterr().out

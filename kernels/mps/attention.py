@@ -17,11 +17,12 @@ can read them contiguously. Copying the whole context first (and widening it to 
 and re-reads twice the pool's bytes; a tile small enough to stay in the CPU's caches
 (:data:`TILE_BYTES`) is read from the pool once and consumed while it is still there. On this
 project's 2-core CPU, for 4 x 4096 cached tokens (32 q / 8 kv heads of 128, fp16 pool in shuffled
-blocks of 16), tiles measured 1.2-2.1x faster than one gather of the whole context followed by one
-softmax (exercise 05.paged_decode_torch's solution; two runs, 1 and 2 threads, side by side), and
-as fast as torch's own SDPA on the same K/V already laid out contiguously in float32, in the same
-process (``python -m kvlab bench --backend torch --size medium``: 1.00-1.01x; on a busy CPU the
-many small ops of the tiles suffer more than SDPA's one).
+blocks of 16), ``python -m kvlab bench --backend torch --size medium`` times the tiles beside one
+gather of the whole context followed by one softmax (exercise 05.paged_decode_torch's solution):
+28-29 ms against 135-138 ms, 4.7x, in two runs (one tile of this module, 64 MiB, was 5x slower
+when TILE_BYTES was chosen); and beside torch's own SDPA on the same K/V already laid out
+contiguously in float32, in the same process: 0.8-1.0x (on a busy CPU the many small ops of the
+tiles suffer more than SDPA's one).
 
 Ragged batches pad every sequence to the longest context and the most query rows; a key past a
 sequence's length is masked (its V row zeroed: a stale NaN there must not reach ``0 * NaN``), a

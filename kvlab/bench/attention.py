@@ -60,6 +60,14 @@ def bench_attention(ctx: Ctx) -> None:
                 plan=plan),
             shape + " fp16", bytes_paged_decode(b, n, bs, hq, h, d), baseline=fp16[1],
             note="the step's index arrays checked once by plan_step, outside the timing")
+    if be.name == "torch":  # what the torch op's tiles replace: one gather of the whole context
+        from kvlab.exercises.attention import paged_decode_torch_solution
+
+        tt, ll = arrays(be, "tables", "lens")
+        ctx.run("attention", "paged decode fp16, whole context at once", ctx.impl, ctx.timer,
+                lambda: paged_decode_torch_solution(qq.float(), kp, vp, tt, ll, d ** -0.5),
+                shape + " fp16", bytes_paged_decode(b, n, bs, hq, h, d), baseline=fp16[1],
+                note="exercise 05.paged_decode_torch's solution: gather, then one softmax")
     if be.name == "cuda":  # num_splits=None: the op picks S for the device (the simulator: 1)
         from kvlab.kernels.cuda.attention import device_num_splits
 

@@ -9,7 +9,8 @@ stuck. :data:`EXERCISES` maps each name to its :class:`Exercise` (``.notebook``,
 
 One module per notebook (``paging`` for 01, ``quant`` for 02, …) defines and registers that
 notebook's exercises; every module of this package is imported here, so adding a module is all
-it takes to add exercises. How ``make test`` swaps the solutions in: :mod:`kvlab.exercises.core`.
+it takes to add exercises. How ``make test`` swaps the solutions in: :mod:`kvlab.exercises.core`;
+how a kernel puzzle's kernel is compiled for a real GPU: :mod:`kvlab.exercises.gpu_compile`.
 """
 import importlib
 import pkgutil

@@ -103,8 +103,8 @@ def work_note(yours: Any, solution: Any, label: str) -> str:
         slower.append(f"it reads and writes its arrays {total} times where the solution does "
                       f"{solution_total}")
     if busiest > 2 * solution_busiest:
-        slower.append(f"its busiest thread makes {busiest} of those accesses where the "
-                      f"solution's makes {solution_busiest}: a block takes as long as its "
+        slower.append(f"its busiest thread makes {busiest} reads and writes of the arrays where "
+                      f"the solution's makes {solution_busiest}: a block takes as long as its "
                       f"busiest thread")
     if not slower:
         return ""
