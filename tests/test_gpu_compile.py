@@ -158,3 +158,19 @@ def test_a_kernel_without_source_gets_a_note_and_check_does_not_raise(capsys):
     exec("import numpy as np\nfrom numba import cuda\n" + source, scope)  # no file to read back
     assert EXERCISES["01.write_kv_kernel"].check(scope["write_kv_kernel_solution"]) is True
     assert "not compiled for a GPU: its source could not be read" in capsys.readouterr().out
+
+
+@cuda.jit
+def scale_with_two_defaults(x, scales, floor=1e-8, levels=127):
+    """Two parameters past the launch's two arguments: both take their defaults."""
+    token, head = cuda.blockIdx.x, cuda.blockIdx.y
+    if cuda.threadIdx.x == 0:
+        amax = 0.0
+        for d in range(x.shape[2]):
+            amax = max(amax, abs(x[token, head, d]))
+        scales[token, head] = max(float32(amax), float32(floor)) / float32(levels)
+
+
+def test_every_parameter_past_the_arguments_takes_its_own_default():
+    arguments = EXERCISES["02.scale_kernel"].cases()[0].kwargs
+    assert compile_for_gpu(scale_with_two_defaults, arguments).ok is True

@@ -236,19 +236,19 @@ def compile_for_gpu(kernel: Any, arguments: dict[str, Any]) -> GpuCompile:
     except (OSError, TypeError) as error:
         return GpuCompile(None, f"its source could not be read ({error}): a kernel typed at a "
                                 f"plain Python prompt or built by exec has none")
-    defaults = list(function.__defaults__ or ())[max(0, len(arguments) - _positional(function)):]
+    # the parameters past the launch's arguments take the last of the defaults
+    unfilled = function.__code__.co_argcount - len(arguments)
+    defaults = list(function.__defaults__ or ())[-unfilled:] if unfilled > 0 else []
+    if any(not isinstance(d, (bool, int, float)) for d in defaults):
+        return GpuCompile(None, "a parameter past the launch's arguments has a default that is "
+                                "not a number")
     job = json.dumps({"source": source, "name": function.__name__, "globals": names,
                       "args": [_argument(v) for v in arguments.values()],
-                      "defaults": [d for d in defaults if isinstance(d, (bool, int, float))],
+                      "defaults": defaults,
                       "cc": list(CC)})
     if job not in _VERDICTS:
         _VERDICTS[job] = _ask_the_compiler(job)
     return _VERDICTS[job]
-
-
-def _positional(function: Callable) -> int:
-    """How many positional parameters ``function`` declares."""
-    return function.__code__.co_argcount
 
 
 def _ask_the_compiler(job: str) -> GpuCompile:
