@@ -111,3 +111,77 @@ WRONG_ANSWERS = {
                             interleaved_pairs],
     "04.unfused_bytes": [forgets_the_angle_tables, counts_elements_not_bytes],
 }
+
+
+# --- 04.fused_write_torch ---
+import torch  # noqa: E402
+
+
+def _write_torch(qkv, cos, sin, k_pool, v_pool, block_tables, query_start, pos_offsets,
+                 num_q_heads, num_kv_heads, *, own_positions=True, use_table=True,
+                 float32=True, in_place=True):
+    """The solution with one step changed (each wrong answer below switches one off)."""
+    num_tokens, block_size, head_dim = qkv.shape[0], k_pool.shape[1], k_pool.shape[3]
+    starts = query_start.long()
+    seq = torch.repeat_interleave(torch.arange(len(starts) - 1), starts[1:] - starts[:-1])
+    rows = torch.arange(num_tokens) - (starts[seq] if own_positions else 0)
+    positions = pos_offsets.long()[seq] + rows
+    block = block_tables.long()[seq, positions // block_size] if use_table else (
+        positions // block_size)
+    slots = block * block_size + positions % block_size
+    heads = qkv.view(num_tokens, num_q_heads + 2 * num_kv_heads, head_dim)
+    qk = heads[:, :num_q_heads + num_kv_heads]
+    qk, c, s = (qk.float(), cos[positions], sin[positions]) if float32 else (
+        qk, cos[positions].half(), sin[positions].half())
+    a, b = qk[..., :head_dim // 2], qk[..., head_dim // 2:]
+    c, s = c[:, None], s[:, None]
+    rotated = torch.cat([a * c - b * s, b * c + a * s], dim=-1).half()
+    k_rows, v_rows = (pool.view(-1, num_kv_heads, head_dim) for pool in (k_pool, v_pool))
+    if in_place:
+        k_rows[slots], v_rows[slots] = rotated[:, num_q_heads:], heads[:, num_q_heads
+                                                                       + num_kv_heads:]
+    else:  # torch.index_copy returns a new tensor: the pools never change
+        torch.index_copy(k_rows, 0, slots, rotated[:, num_q_heads:])
+        torch.index_copy(v_rows, 0, slots, heads[:, num_q_heads + num_kv_heads:].contiguous())
+    return rotated[:, :num_q_heads]
+
+
+def row_index_as_position(**kwargs):
+    """Row t of the batch at position pos_offsets[seq] + t: right for the first sequence only."""
+    return _write_torch(**kwargs, own_positions=False)
+
+
+def turns_in_fp16(**kwargs):
+    """Multiplies fp16 by fp16: every product is rounded, not only the result."""
+    return _write_torch(**kwargs, float32=False)
+
+
+def index_copy_out_of_place(**kwargs):
+    """torch.index_copy (no underscore) returns a new tensor: the cache never changes."""
+    return _write_torch(**kwargs, in_place=False)
+
+
+def write_ignores_the_block_table(**kwargs):
+    """Block pos // block_size of the pool, not the block the sequence's table names."""
+    return _write_torch(**kwargs, use_table=False)
+
+
+WRONG_ANSWERS["04.fused_write_torch"] = [row_index_as_position, turns_in_fp16,
+                                         index_copy_out_of_place, write_ignores_the_block_table]
+
+
+def test_the_torch_write_checker_walks_the_tokens(monkeypatch, capsys):
+    from kvlab.exercises import SOLUTIONS_ENV, check
+
+    monkeypatch.delenv(SOLUTIONS_ENV, raising=False)  # check the wrong answer, not the solution
+    check("04.fused_write_torch", turns_in_fp16)
+    out = capsys.readouterr().out
+    assert "0: sequence 0, position 5 -> block_tables[0][1] = 1, offset 1 -> slot 5:" in out, out
+    assert "Every difference is a few fp16 steps at most" in out
+    check("04.fused_write_torch", row_index_as_position)
+    out = capsys.readouterr().out
+    assert "1: sequence 1, position 0 -> block_tables[1][0] = 0, offset 0 -> slot 0: q: " in out
+    assert "k: not written" in out and "Slots [28] changed, though no token" in out, out
+    check("04.fused_write_torch", index_copy_out_of_place)
+    out = capsys.readouterr().out
+    assert "k: not written, v: not written" in out and "fp16 steps" not in out, out

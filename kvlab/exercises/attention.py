@@ -15,8 +15,8 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both,
-                                  register)
+from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both, register,
+                                  torch_copies)
 from kvlab.ref import attention as ref
 from kvlab.trace import launch_traced
 
@@ -376,9 +376,7 @@ def _run_paged_decode_torch(fn: Callable, case: Case) -> Any:
         return fn(**copy_args(case.kwargs))
     import torch
 
-    args = {name: torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
-            for name, value in case.kwargs.items()}
-    got = fn(**args)
+    got = fn(**torch_copies(case.kwargs))
     return got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else got
 
 

@@ -44,6 +44,14 @@ def copy_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
 
 
+def torch_copies(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A torch exercise's arguments: every array as a CPU torch tensor of its own (a copy)."""
+    import torch
+
+    return {k: (torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v)
+            for k, v in kwargs.items()}
+
+
 def call(fn: Callable, case: Case) -> Any:
     """The default way to run a case: call ``fn`` on copies of its arguments, return its result."""
     return fn(**copy_args(case.kwargs))

@@ -1,9 +1,10 @@
 """Exercises of notebook 04 (the fused write): split + QK-norm, the fused write's per-token loop,
-and the unfused path's bytes counted by hand.
+the same write for a whole batch in torch, and the unfused path's bytes counted by hand.
 
-Each is checked against :mod:`kvlab.ref.fused_write`. The inputs are float32, so the learner's
-NumPy and the reference agree to float32 rounding (the reference's fixed-order sum and its
-rounding to fp16 are the notebook's subject, not the exercises').
+Each is checked against :mod:`kvlab.ref.fused_write`. The NumPy exercises take float32, so the
+learner's NumPy and the reference agree to float32 rounding (the reference's fixed-order sum is
+the notebook's subject, not theirs). The torch exercise takes fp16 rows and an fp16 cache, as an
+engine does, and is checked bit for bit: where a value is rounded is part of the answer there.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kvlab.exercises.core import Case, Exercise, copy_args, register
+from kvlab.exercises.core import Case, Exercise, copy_args, register, torch_copies
 from kvlab.ref import fused_write as ref
 from kvlab.ref.rope import rope_tables
 
@@ -166,6 +167,188 @@ register(Exercise(
     reference=fused_write_reference,
     cases=_fused_write_cases,
     run=_run_fused_write,
+))
+
+
+# --- 04.fused_write_torch: a ragged batch, fp16, in torch --------------------------------------
+#
+# The loop above for a whole batch at once, and with the dtypes a cache really holds: fp16 rows in,
+# fp16 pools. Whole-tensor torch ops: each token's sequence and position without a loop over
+# tokens, Q and K turned together in float32 and rounded to fp16 once, K and V stored into the
+# pools' slot rows in place.
+
+def fused_write_torch_solution(qkv, cos, sin, k_pool, v_pool, block_tables, query_start,
+                               pos_offsets, num_q_heads, num_kv_heads):
+    """qk_mode 2 for many sequences at once; returns q_out float16 ``[T, Hq, D]``.
+
+    qkv: float16 ``[T, (Hq + 2*Hkv) * D]``; cos, sin: float32 ``[max_positions, D // 2]``;
+    k_pool, v_pool: float16 ``[num_blocks, block_size, Hkv, D]``, written in place;
+    block_tables: int32 ``[S, max_blocks]``; query_start: int32 ``[S + 1]`` (sequence s owns rows
+    ``query_start[s]:query_start[s + 1]``); pos_offsets: int32 ``[S]`` (each sequence's cache
+    length before this step). All torch tensors.
+    """
+    import torch
+
+    num_tokens, device = qkv.shape[0], qkv.device
+    block_size, head_dim = k_pool.shape[1], k_pool.shape[3]
+    half = head_dim // 2
+    starts = query_start.long()
+    seq = torch.repeat_interleave(torch.arange(len(starts) - 1, device=device),
+                                  starts[1:] - starts[:-1])            # [T]: each row's sequence
+    positions = pos_offsets.long()[seq] + torch.arange(num_tokens, device=device) - starts[seq]
+    slots = (block_tables.long()[seq, positions // block_size] * block_size
+             + positions % block_size)
+    heads = qkv.view(num_tokens, num_q_heads + 2 * num_kv_heads, head_dim)
+    qk = heads[:, :num_q_heads + num_kv_heads].float()               # Q and K turn; V never does
+    a, b = qk[..., :half], qk[..., half:]                            # rotate-half: (i, i + D/2)
+    c, s = cos[positions][:, None], sin[positions][:, None]          # [T, 1, D/2]: every head
+    rotated = torch.cat([a * c - b * s, b * c + a * s], dim=-1).to(qkv.dtype)  # rounded once
+    k_pool.view(-1, num_kv_heads, head_dim)[slots] = rotated[:, num_q_heads:]  # views: in place
+    v_pool.view(-1, num_kv_heads, head_dim)[slots] = heads[:, num_q_heads + num_kv_heads:]
+    return rotated[:, :num_q_heads]
+
+
+def fused_write_torch_reference(qkv, cos, sin, k_pool, v_pool, block_tables, query_start,
+                                pos_offsets, num_q_heads, num_kv_heads):
+    """``kvlab.ref.fused_write.paged_write_batched`` with qk_mode 2 (no norm weights needed)."""
+    return ref.paged_write_batched(qkv, None, None, cos, sin, k_pool, v_pool, block_tables,
+                                   query_start, pos_offsets, num_q_heads, num_kv_heads, 1e-6, 2)
+
+
+def _run_fused_write_torch(fn: Callable, case: Case) -> Any:
+    """``(q_out, k_pool, v_pool)`` as NumPy after ``fn`` ran: NumPy copies in for the reference,
+    torch tensors (CPU, copies) in for the learner's function."""
+    if fn is fused_write_torch_reference:
+        return _run_fused_write(fn, case)
+    import torch
+
+    args = torch_copies(case.kwargs)
+    q_out = fn(**args)
+    if isinstance(q_out, torch.Tensor):
+        q_out = q_out.detach().cpu().numpy()
+    return q_out, args["k_pool"].numpy(), args["v_pool"].numpy()
+
+
+def _explain_fused_write_torch(fn: Callable, case: Case) -> None:
+    """Token by token: its sequence, position and slot, and which of its q, k, v rows are off
+    (not written, or how far); then the slots that changed though no token writes there."""
+    kw = case.kwargs
+    try:
+        got = _run_fused_write_torch(fn, case)
+    except Exception:
+        return
+    expected = _run_fused_write_torch(fused_write_torch_reference, case)
+    if any(np.shape(g) != e.shape for g, e in zip(got, expected)):
+        return  # the verdict already said the shape is wrong
+    got_q, got_k, got_v = (np.asarray(g, np.float16) for g in got)
+    seq, positions = ref.token_positions(kw["query_start"], kw["pos_offsets"])
+    block_size, num_kv_heads, head_dim = kw["k_pool"].shape[1:]
+    old_k, old_v = (kw[name].reshape(-1, num_kv_heads, head_dim) for name in ("k_pool", "v_pool"))
+    rows = [(g.reshape(-1, num_kv_heads, head_dim), e.reshape(-1, num_kv_heads, head_dim), old)
+            for g, e, old in ((got_k, expected[1], old_k), (got_v, expected[2], old_v))]
+    rounding_only = True
+
+    def verdict(name, yours, want, old=None):
+        nonlocal rounding_only
+        if np.array_equal(yours, want, equal_nan=True):
+            return f"{name} ✓"
+        if old is not None and np.array_equal(yours, old, equal_nan=True):
+            rounding_only = False
+            return f"{name}: not written"
+        # one fp16 step at the row's largest value: rounding a term of that size errs that much
+        step = float(np.spacing(np.abs(want).max()))
+        yours, want = yours.astype(np.float32), want.astype(np.float32)
+        wrong = yours != want
+        rounding_only &= bool((np.abs(yours - want) <= 4 * step)[wrong].all())
+        return f"{name}: {wrong.sum()} of {want.size} values differ"
+
+    blocks = kw["block_tables"][seq, positions // block_size]
+    slots = blocks * block_size + positions % block_size
+    print("  token by token:")
+    for t, (s, pos, block, slot) in enumerate(zip(seq, positions, blocks, slots)):
+        checks = [verdict("q", got_q[t], expected[0][t])]
+        checks += [verdict(name, g[slot], e[slot], old[slot])
+                   for name, (g, e, old) in zip("kv", rows)]
+        print(f"    {t}: sequence {s}, position {pos} -> block_tables[{s}][{pos // block_size}] "
+              f"= {block}, offset {pos % block_size} -> slot {slot}: " + ", ".join(checks))
+    written = {int(slot) for slot in slots}
+    stray = sorted({int(slot) for yours, _, old in rows for slot in range(len(old))
+                    if not np.array_equal(yours[slot], old[slot], equal_nan=True)} - written)
+    if stray:
+        print(f"  Slots {stray} changed, though no token of this step writes there: the other "
+              f"slots of a pool belong to other sequences (or are free) and must stay as they are.")
+    elif rounding_only and not all(np.array_equal(g, e, equal_nan=True)
+                                   for g, e in zip((got_q, got_k, got_v), expected)):
+        print("  Every difference is a few fp16 steps at most: the rounding, not the positions. "
+              "Turn Q and K in float32 (.float()) and round to fp16 once, at the end, as the "
+              "reference does.")
+
+
+def _fused_write_torch_cases() -> list[Case]:
+    def case(label, counts, pos_offsets, tables, hq=2, hkv=1, d=8, block_size=4, num_blocks=8,
+             seed=0, stale_nan=False, random=False):
+        rng = np.random.default_rng(seed)
+        width = max(len(t) for t in tables)
+        block_tables = np.full((len(tables), width), -1, np.int32)  # -1: no block there
+        for s, table in enumerate(tables):
+            block_tables[s, :len(table)] = table
+        pool_shape = (num_blocks, block_size, hkv, d)
+        k_pool, v_pool = (rng.standard_normal(pool_shape).astype(np.float16) for _ in "kv")
+        if stale_nan:  # what a freed sequence left behind
+            k_pool[::2] = v_pool[::2] = np.nan
+        cos, sin = rope_tables(256, d, 10_000.0)
+        tokens = int(sum(counts))
+        return Case(label, dict(
+            qkv=(3 * rng.standard_normal((tokens, (hq + 2 * hkv) * d))).astype(np.float16),
+            cos=cos, sin=sin, k_pool=k_pool, v_pool=v_pool, block_tables=block_tables,
+            query_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
+            pos_offsets=np.asarray(pos_offsets, np.int32), num_q_heads=hq, num_kv_heads=hkv),
+            random=random)
+
+    cases = [
+        case("one sequence: 3 tokens after 5 cached, a shuffled table", [3], [5], [[4, 1, 6]]),
+        case("a decode token after 6 and a 4-token prefill: each counts its own positions",
+             [1, 4], [6, 0], [[2, 5], [0, 7]], seed=1),
+        case("three sequences, the middle one with no new token this step", [2, 0, 1],
+             [3, 4, 9], [[6, 3], [1, 4], [5, 0, 2]], seed=2),
+        case("GQA: 4 Q heads share 2 K/V heads, head_dim 16", [2, 3], [7, 2], [[3, 1, 6], [5, 0]],
+             hq=4, hkv=2, d=16, seed=3),
+        case("stale NaN in every other block: only this step's slots may change", [2, 2],
+             [1, 10], [[1], [6, 7, 3]], seed=4, stale_nan=True),
+    ]
+    rng = np.random.default_rng(9)
+    for i in range(3):
+        block_size = int(rng.choice([2, 4, 8]))
+        counts = rng.integers(0, 5, size=int(rng.integers(1, 4)))
+        offsets = rng.integers(0, 3 * block_size, size=len(counts))
+        blocks = rng.permutation(32)
+        tables, used = [], 0
+        for n, offset in zip(counts, offsets):  # each sequence its own blocks
+            needed = max(-(-int(offset + n) // block_size), 1)
+            tables.append(blocks[used:used + needed].tolist())
+            used += needed
+        hkv = int(rng.choice([1, 2]))
+        cases.append(case(f"random {i}", counts.tolist(), offsets.tolist(), tables,
+                          hq=hkv * int(rng.choice([1, 2, 4])), hkv=hkv,
+                          d=int(rng.choice([4, 8, 16])), block_size=block_size, num_blocks=32,
+                          seed=30 + i, random=True))
+    return cases
+
+
+register(Exercise(
+    name="04.fused_write_torch", notebook=NOTEBOOK, section="4 As MPS ops",
+    signature="fused_write_torch(qkv, cos, sin, k_pool, v_pool, block_tables, query_start, "
+              "pos_offsets, num_q_heads, num_kv_heads) -> q_out  # torch tensors, fp16",
+    hint="each row's sequence: repeat_interleave(arange(S), counts); its position: "
+         "pos_offsets[seq] + row - query_start[seq]; its slot through block_tables[seq]; turn Q "
+         "and K as one float32 tensor, round to fp16 once; store into k_pool.view(-1, Hkv, D)[slots] "
+         "(a view, so the pool itself changes).",
+    solution=fused_write_torch_solution,
+    reference=fused_write_torch_reference,
+    cases=_fused_write_torch_cases,
+    run=_run_fused_write_torch,
+    explain=_explain_fused_write_torch,
+    rtol=0.0, atol=0.0,
 ))
 
 
