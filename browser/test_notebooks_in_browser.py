@@ -130,6 +130,16 @@ return panel.content.widgets.filter((cell) => cell.model.type === 'code').map((c
 # lines are typed without their indentation, which may therefore never decrease. A notebook not
 # listed gets its first exercise answered with solution(name).
 LEARNER_TRIES = {
+    "00_tour": [
+        ("00.kv_bytes_per_token",
+         "def kv_bytes_per_token(model, kv_dtype): "
+         "return model.num_layers * model.num_kv_heads * model.head_dim * 2",
+         ["✗ 00.kv_bytes_per_token: fails on case", "what you get with only one of K and V"]),
+        ("00.kv_bytes_per_token",
+         "def kv_bytes_per_token(model, kv_dtype): return 2 * model.num_layers * "
+         "model.num_kv_heads * (2 * model.head_dim if kv_dtype == 'fp16' else model.head_dim + 2)",
+         ["✓ 00.kv_bytes_per_token"]),
+    ],
     "01_paging": [
         ("01.slot_mapping",
          "def slot_mapping(block_table, positions, block_size): return positions",
