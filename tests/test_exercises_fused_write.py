@@ -90,6 +90,48 @@ def interleaved_pairs(qkv, cos, sin, k_pool, v_pool, block_table, pos_offset, nu
                  num_kv_heads, head_dim, interleaved=True)
 
 
+# --- 04.fused_write_kernel ---
+from kvlab.backends import cuda_mode  # noqa: E402
+
+cuda_mode()  # the simulator, decided before numba is imported
+from numba import cuda, float32  # noqa: E402
+
+
+def _fused_kernel(*, own_position=True, use_table=True, turn_v=False, interleaved=False):
+    """The solution with one thing changed, as a kernel (each wrong answer below sets one)."""
+    @cuda.jit
+    def kernel(qkv, cos, sin, block_table, pos_offset, q_out, k_pool, v_pool):
+        token = cuda.blockIdx.x
+        hq, d, hkv = q_out.shape[1], q_out.shape[2], k_pool.shape[2]
+        half = d // 2
+        head = cuda.threadIdx.x // half
+        p = cuda.threadIdx.x % half
+        first, second = (2 * p, 2 * p + 1) if interleaved else (p, p + half)
+        a = float32(qkv[token, head * d + first])
+        b = float32(qkv[token, head * d + second])
+        pos = pos_offset + token if own_position else token
+        bs = k_pool.shape[1]
+        block = block_table[pos // bs] if use_table else pos // bs
+        if head < hq + hkv or turn_v:
+            c, s = cos[pos, p], sin[pos, p]
+            a, b = a * c - b * s, b * c + a * s
+        if head < hq:
+            q_out[token, head, first], q_out[token, head, second] = a, b
+        elif head < hq + hkv:
+            k_pool[block, pos % bs, head - hq, first] = a
+            k_pool[block, pos % bs, head - hq, second] = b
+        else:
+            v_pool[block, pos % bs, head - hq - hkv, first] = a
+            v_pool[block, pos % bs, head - hq - hkv, second] = b
+    return kernel
+
+
+kernel_forgets_pos_offset = _fused_kernel(own_position=False)    # token t at position t
+kernel_slot_is_position = _fused_kernel(use_table=False)         # pool block pos // block_size
+kernel_turns_v_too = _fused_kernel(turn_v=True)                  # V rotated as well
+kernel_interleaved_pairs = _fused_kernel(interleaved=True)       # GPT-J's (2p, 2p + 1)
+
+
 # --- 04.unfused_bytes ---
 
 def forgets_the_angle_tables(num_q_heads, num_kv_heads, head_dim):
@@ -110,6 +152,8 @@ WRONG_ANSWERS = {
     "04.fused_write_loop": [forgets_pos_offset, slot_is_position, rotates_v_too,
                             interleaved_pairs],
     "04.unfused_bytes": [forgets_the_angle_tables, counts_elements_not_bytes],
+    "04.fused_write_kernel": [kernel_forgets_pos_offset, kernel_slot_is_position,
+                              kernel_turns_v_too, kernel_interleaved_pairs],
 }
 
 
@@ -185,3 +229,17 @@ def test_the_torch_write_checker_walks_the_tokens(monkeypatch, capsys):
     check("04.fused_write_torch", index_copy_out_of_place)
     out = capsys.readouterr().out
     assert "k: not written, v: not written" in out and "fp16 steps" not in out, out
+
+
+def test_the_kernel_checker_names_the_wrong_rows_and_draws_them(monkeypatch, capsys):
+    from kvlab.exercises import SOLUTIONS_ENV, check
+
+    monkeypatch.delenv(SOLUTIONS_ENV, raising=False)  # check the wrong answer, not the solution
+    check("04.fused_write_kernel", kernel_turns_v_too)
+    out = capsys.readouterr().out
+    assert "fails on case '3 tokens after 2 cached" in out, out    # position 0 turns nothing
+    assert "v_pool differs at slot 0, head 0: dims 0-6; slot 22, head 0" in out, out
+    assert "q_out differs" not in out and "k_pool differs" not in out
+    check("04.fused_write_kernel", kernel_slot_is_position)
+    out = capsys.readouterr().out
+    assert "k_pool differs at slot 0, head 0" in out and "q_out differs" not in out, out

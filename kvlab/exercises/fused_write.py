@@ -1,5 +1,6 @@
 """Exercises of notebook 04 (the fused write): split + QK-norm, the fused write's per-token loop,
-the same write for a whole batch in torch, and the unfused path's bytes counted by hand.
+the same write as one kernel and for a whole batch in torch, and the unfused path's bytes counted
+by hand.
 
 Each is checked against :mod:`kvlab.ref.fused_write`. The NumPy exercises take float32, so the
 learner's NumPy and the reference agree to float32 rounding (the reference's fixed-order sum is
@@ -12,9 +13,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kvlab.exercises.core import Case, Exercise, copy_args, register, torch_copies
+from kvlab.backends import cuda_mode
+from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both,
+                                  register, torch_copies)
 from kvlab.ref import fused_write as ref
 from kvlab.ref.rope import rope_tables
+from kvlab.trace import index_runs, launch_traced
+
+cuda_mode()  # decide GPU or simulator before numba is imported (kvlab.backends owns that)
+from numba import cuda, float32  # noqa: E402
 
 NOTEBOOK = "04_fused_write"
 
@@ -167,6 +174,162 @@ register(Exercise(
     reference=fused_write_reference,
     cases=_fused_write_cases,
     run=_run_fused_write,
+))
+
+
+# --- 04.fused_write_kernel: a kernel puzzle -----------------------------------------------------
+#
+# The loop above as one kernel, qk_mode 2, fp16 as a cache holds it: one block per token, one
+# thread per (head, pair) of the token's packed row, Q, K and V heads alike. Each thread carries
+# its pair from qkv to where it belongs (q_out, or the token's slot in a pool), turning it on the
+# way unless it is V: nothing is written back and read again, which is what fusing buys.
+
+@cuda.jit
+def fused_write_kernel_solution(qkv, cos, sin, block_table, pos_offset, q_out, k_pool, v_pool):
+    token = cuda.blockIdx.x                       # one block per token
+    num_q_heads, head_dim = q_out.shape[1], q_out.shape[2]
+    num_kv_heads = k_pool.shape[2]
+    half = head_dim // 2
+    head = cuda.threadIdx.x // half               # one thread per (head, pair) of the row:
+    p = cuda.threadIdx.x % half                   # Q heads, then K heads, then V heads
+    a = qkv[token, head * head_dim + p]           # rotate-half: the pair is dims (p, p + half)
+    b = qkv[token, head * head_dim + p + half]
+    pos = pos_offset + token                      # the cache held pos_offset tokens before
+    block = block_table[pos // k_pool.shape[1]]   # the token's slot: through the block table
+    offset = pos % k_pool.shape[1]
+    if head >= num_q_heads + num_kv_heads:        # a V head: stored as it is, never turned
+        v_head = head - num_q_heads - num_kv_heads
+        v_pool[block, offset, v_head, p] = a
+        v_pool[block, offset, v_head, p + half] = b
+        return
+    c = cos[pos, p]
+    s = sin[pos, p]
+    a = float32(a)                                # widen fp16 once: the arithmetic is float32
+    b = float32(b)
+    if head < num_q_heads:                        # the store rounds once, to fp16
+        q_out[token, head, p] = a * c - b * s
+        q_out[token, head, p + half] = b * c + a * s
+    else:
+        k_head = head - num_q_heads
+        k_pool[block, offset, k_head, p] = a * c - b * s
+        k_pool[block, offset, k_head, p + half] = b * c + a * s
+
+
+# As 03.rope_kernel: bit-equal in the simulator; a GPU may contract a * c - b * s into one FMA, so
+# an element may round to the neighbouring fp16 value (2**-10 of it at most).
+_KERNEL_RTOL, _KERNEL_ATOL = 1e-3, 1e-5
+
+
+def _fused_write_kernel_reference(qkv, cos, sin, block_table, pos_offset, q_out, k_pool, v_pool):
+    """``(q_out, k_pool, v_pool)`` from ``kvlab.ref.fused_write.paged_write`` (qk_mode 2) on
+    copies (``q_out`` is the kernel's output buffer: the reference makes its own)."""
+    k_pool, v_pool = k_pool.copy(), v_pool.copy()
+    q = ref.paged_write(qkv, None, None, cos, sin, k_pool, v_pool, block_table, pos_offset,
+                        q_out.shape[1], k_pool.shape[2], 1e-6, 2)
+    return q, k_pool, v_pool
+
+
+def _launch_fused_write(kernel: Callable, case: Case):
+    """Launch ``kernel`` on the case in the simulator, traced: grid = tokens, block = (Hq + 2 Hkv)
+    × head_dim / 2 threads. Returns ``((q_out, k_pool, v_pool) after the launch, the AccessLog)``."""
+    tokens, width = case.kwargs["qkv"].shape
+    threads = width // 2
+    after, log = launch_traced(kernel, tokens, threads, **copy_args(case.kwargs))
+    return (after["q_out"], after["k_pool"], after["v_pool"]), log
+
+
+def _run_fused_write_kernel(fn: Callable, case: Case) -> Any:
+    """The three outputs after ``fn`` ran: the NumPy reference is called, a kernel is launched."""
+    if fn is _fused_write_kernel_reference:
+        return fn(**case.kwargs)
+    return _launch_fused_write(fn, case)[0]
+
+
+def _explain_fused_write_kernel(fn: Callable, case: Case) -> None:
+    """Which rows of q_out and of the pools are wrong, then a picture of which thread wrote each
+    element of the first output that is: yours beside the solution's."""
+    runs = launch_both(fn, fused_write_kernel_solution,
+                       lambda kernel: _launch_fused_write(kernel, case))
+    got = runs[0][0]
+    first_wrong = None
+    if got is not None:
+        expected = _run_fused_write_kernel(_fused_write_kernel_reference, case)
+        for name, yours, want in zip(("q_out", "k_pool", "v_pool"), got, expected):
+            wrong = ~np.isclose(yours.astype(np.float64), want.astype(np.float64),
+                                rtol=_KERNEL_RTOL, atol=_KERNEL_ATOL, equal_nan=True)
+            rows = wrong.reshape(-1, wrong.shape[-1])       # one row per (token or slot, head)
+            bad = np.flatnonzero(rows.any(axis=1))
+            if len(bad) == 0:
+                continue
+            first_wrong = first_wrong or name
+            heads = want.shape[-2]
+            where = [f"{'token' if name == 'q_out' else 'slot'} {r // heads}, head {r % heads}: "
+                     f"dims {index_runs(np.flatnonzero(rows[r]))}" for r in bad[:4]]
+            more = f"; ... {len(bad) - 4} more" if len(bad) > 4 else ""
+            print(f"  {name} differs at " + "; ".join(where) + more)
+    if first_wrong is None or any(log is None for _, log in runs):
+        return
+    yours, reference = (log.owner_map(first_wrong, "write") for _, log in runs)
+    draw_accesses(yours, reference, f"writes to {first_wrong}")
+
+
+def _fused_write_kernel_case(label: str, tokens: int, pos_offset: int, table, hq: int = 2,
+                             hkv: int = 1, d: int = 8, block_size: int = 4, num_blocks: int = 6,
+                             seed: int = 0, random: bool = False) -> Case:
+    """fp16 rows and pools (the pools full of stale values, as after real use), float32 tables,
+    a zeroed fp16 ``q_out``."""
+    rng = np.random.default_rng(seed)
+    cos, sin = rope_tables(64, d, 10_000.0)
+    pool_shape = (num_blocks, block_size, hkv, d)
+    return Case(label, dict(
+        qkv=(2 * rng.standard_normal((tokens, (hq + 2 * hkv) * d))).astype(np.float16),
+        cos=cos, sin=sin, block_table=np.asarray(table, np.int32), pos_offset=pos_offset,
+        q_out=np.zeros((tokens, hq, d), np.float16),
+        k_pool=rng.standard_normal(pool_shape).astype(np.float16),
+        v_pool=rng.standard_normal(pool_shape).astype(np.float16)), random=random)
+
+
+def _fused_write_kernel_cases() -> list[Case]:
+    """Few and tiny: the simulator runs every thread as Python (at most 3 tokens × 32 threads)."""
+    cases = [
+        _fused_write_kernel_case("1 token at position 0: nothing turns, every head to its place",
+                                 1, 0, [3, 1]),
+        _fused_write_kernel_case("3 tokens after 2 cached, a shuffled table: they cross into "
+                                 "the next block", 3, 2, [5, 0, 2], seed=1),
+        _fused_write_kernel_case("GQA: 4 Q heads, 2 K/V heads, head_dim 4", 2, 9, [1, 3, 5],
+                                 hq=4, hkv=2, d=4, seed=2),
+        _fused_write_kernel_case("head_dim 16 at positions 40 and 41", 2, 40, [4, 2, 0, 1, 5, 3],
+                                 d=16, block_size=8, seed=3),
+    ]
+    rng = np.random.default_rng(12)
+    for i in range(2):
+        hkv = int(rng.choice([1, 2]))
+        block_size = int(rng.choice([2, 4]))
+        tokens, offset = int(rng.integers(1, 4)), int(rng.integers(0, 9))
+        table = rng.permutation(8)[:-(-(offset + tokens) // block_size)]
+        cases.append(_fused_write_kernel_case(
+            f"random {i}", tokens, offset, table, hq=hkv * int(rng.choice([1, 2])), hkv=hkv,
+            d=int(rng.choice([4, 8])), block_size=block_size, num_blocks=8, seed=40 + i,
+            random=True))
+    return cases
+
+
+register(Exercise(
+    name="04.fused_write_kernel", notebook=NOTEBOOK, section="3 As a Numba CUDA kernel",
+    signature="@cuda.jit\ndef fused_write_kernel(qkv, cos, sin, block_table, pos_offset, q_out, "
+              "k_pool, v_pool): ...  # grid = tokens, block = (Hq + 2*Hkv) * (head_dim // 2)",
+    hint="token = blockIdx.x; thread t takes head t // (D/2) of the packed row (Q heads, then K, "
+         "then V) and its pair p = t % (D/2), dims p and p + D/2; pos = pos_offset + token; the "
+         "slot through block_table; turn Q and K pairs in float32 with cos[pos, p], sin[pos, p] "
+         "(V is copied); Q to q_out, K and V to their slot.",
+    solution=fused_write_kernel_solution,
+    reference=_fused_write_kernel_reference,
+    cases=_fused_write_kernel_cases,
+    run=_run_fused_write_kernel,
+    rtol=_KERNEL_RTOL, atol=_KERNEL_ATOL,  # one fp16 ulp, for a GPU's FMA (see above)
+    explain=_explain_fused_write_kernel,
+    kernel=True,
+    trace=_launch_fused_write,
 ))
 
 
