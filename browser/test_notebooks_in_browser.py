@@ -169,6 +169,16 @@ LEARNER_TRIES = {
          ["✗ 03.rope_kernel: fails on case", "image/png"]),
         ("03.rope_kernel", 'rope_kernel = solution("03.rope_kernel")', ["✓ 03.rope_kernel"]),
     ],
+    "04_fused_write": [
+        ("04.fused_write_kernel",
+         "from numba import cuda; fused_write_kernel = cuda.jit(lambda qkv, cos, sin, block_table, "
+         "pos_offset, q_out, k_pool, v_pool: None)",
+         ["✗ 04.fused_write_kernel: fails on case", "q_out differs at token 0", "image/png"]),
+        ("04.fused_write_kernel", 'fused_write_kernel = solution("04.fused_write_kernel")',
+         ["✓ 04.fused_write_kernel"]),
+        ("04.fused_write_torch", 'fused_write_torch = solution("04.fused_write_torch")',
+         ["✓ 04.fused_write_torch"]),
+    ],
     "05_attention": [
         ("05.paged_decode_torch", 'paged_decode_torch = solution("05.paged_decode_torch")',
          ["def paged_decode_torch_solution", "✓ 05.paged_decode_torch"]),

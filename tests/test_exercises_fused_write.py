@@ -163,7 +163,7 @@ import torch  # noqa: E402
 
 def _write_torch(qkv, cos, sin, k_pool, v_pool, block_tables, query_start, pos_offsets,
                  num_q_heads, num_kv_heads, *, own_positions=True, use_table=True,
-                 float32=True, in_place=True):
+                 float32=True, float64=False, in_place=True):
     """The solution with one step changed (each wrong answer below switches one off)."""
     num_tokens, block_size, head_dim = qkv.shape[0], k_pool.shape[1], k_pool.shape[3]
     starts = query_start.long()
@@ -177,6 +177,8 @@ def _write_torch(qkv, cos, sin, k_pool, v_pool, block_tables, query_start, pos_o
     qk = heads[:, :num_q_heads + num_kv_heads]
     qk, c, s = (qk.float(), cos[positions], sin[positions]) if float32 else (
         qk, cos[positions].half(), sin[positions].half())
+    if float64:
+        qk, c, s = qk.double(), c.double(), s.double()
     a, b = qk[..., :head_dim // 2], qk[..., head_dim // 2:]
     c, s = c[:, None], s[:, None]
     rotated = torch.cat([a * c - b * s, b * c + a * s], dim=-1).half()
@@ -205,13 +207,24 @@ def index_copy_out_of_place(**kwargs):
     return _write_torch(**kwargs, in_place=False)
 
 
+def turns_in_float64(**kwargs):
+    """float64 arithmetic, then fp16: a value in ten thousand rounds the other way."""
+    return _write_torch(**kwargs, float64=True)
+
+
+def returns_float32(**kwargs):
+    """q_out left in float32: the cache's dtype is fp16, and so is q_out."""
+    return _write_torch(**kwargs).float()
+
+
 def write_ignores_the_block_table(**kwargs):
     """Block pos // block_size of the pool, not the block the sequence's table names."""
     return _write_torch(**kwargs, use_table=False)
 
 
-WRONG_ANSWERS["04.fused_write_torch"] = [row_index_as_position, turns_in_fp16,
-                                         index_copy_out_of_place, write_ignores_the_block_table]
+WRONG_ANSWERS["04.fused_write_torch"] = [row_index_as_position, turns_in_fp16, turns_in_float64,
+                                         returns_float32, index_copy_out_of_place,
+                                         write_ignores_the_block_table]
 
 
 def test_the_torch_write_checker_walks_the_tokens(monkeypatch, capsys):
@@ -229,6 +242,14 @@ def test_the_torch_write_checker_walks_the_tokens(monkeypatch, capsys):
     check("04.fused_write_torch", index_copy_out_of_place)
     out = capsys.readouterr().out
     assert "k: not written, v: not written" in out and "fp16 steps" not in out, out
+    check("04.fused_write_torch", turns_in_float64)  # caught by the large case alone
+    out = capsys.readouterr().out
+    assert "fails on case 'random, large: 384 tokens" in out and "tokens off; the first" in out
+    assert "not fp16, bf16 or float64" in out
+    check("04.fused_write_torch", returns_float32)
+    out = capsys.readouterr().out
+    assert "  q_out should be float16 (qkv's dtype), got torch.float32" in out, out
+    assert "your function raised" not in out
 
 
 def test_the_kernel_checker_names_the_wrong_rows_and_draws_them(monkeypatch, capsys):

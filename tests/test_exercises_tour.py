@@ -40,7 +40,7 @@ def test_the_checker_lays_out_the_product_and_names_the_slip(monkeypatch, capsys
     check("00.kv_bytes_per_token", head_dim_from_the_width)
     out = capsys.readouterr().out
     assert "fails on case 'qwen3-30b-a3b in fp16" in out, out
-    assert ("expected: 2 (K and V) x 48 layers x 4 KV heads x 256 B a vector "
+    assert ("the product: 2 (K and V) x 48 layers x 4 KV heads x 256 B a vector "
             "(128 dims x 2 B) = 98,304 B") in out
     assert "Your 49,152 is what you get with only one of K and V counted" in out  # also 49,152
     assert "; or with head_dim taken as hidden_size // num_q_heads" in out
@@ -50,4 +50,8 @@ def test_the_checker_lays_out_the_product_and_names_the_slip(monkeypatch, capsys
     assert "what you get with int8 without its fp16 scale" in out
     check("00.kv_bytes_per_token", lambda model, kv_dtype: 12345)
     out = capsys.readouterr().out
-    assert "expected: 2 (K and V)" in out and "what you get with" not in out
+    assert "the product: 2 (K and V)" in out and "what you get with" not in out
+    check("00.kv_bytes_per_token", lambda model, kv_dtype: 2 * model.num_layers
+          * model.num_kv_heads * model.head_dim * 2)  # every cache taken as fp16
+    out = capsys.readouterr().out
+    assert "what you get with kv_dtype left out: every cache taken as fp16" in out, out

@@ -30,6 +30,12 @@ import numpy as np
 SOLUTIONS_ENV = "KVLAB_SOLUTIONS"
 
 
+class WrongResult(TypeError):
+    """Raised by an exercise's ``run`` when the learner's function returned something of the
+    wrong kind (a float32 tensor where fp16 is asked for, a tuple, None): the verdict is its
+    message, said as what is wrong with the result, not as an error the function raised."""
+
+
 @dataclass(frozen=True)
 class Case:
     """One set of arguments to try, by parameter name, with a label a learner can read."""
@@ -131,17 +137,18 @@ def draw_accesses(yours: np.ndarray, reference: np.ndarray, title: str) -> None:
 
 
 def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
-            path: str = "result") -> str | None:
+            path: str = "result", names: tuple[str, ...] = ()) -> str | None:
     """None when ``got`` matches ``expected``; else one sentence saying where they first differ.
 
-    Tuples and lists compare item by item; arrays by shape, then value (exact for integers and
+    Tuples and lists compare item by item (named by ``names`` when given, e.g. ``("q_out",
+    "k_pool")``, else ``result[i]``); arrays by shape, then value (exact for integers and
     booleans, ``rtol``/``atol`` for floats, NaN equal to NaN); anything else by ``==``.
     """
     if isinstance(expected, (tuple, list)):
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
             return f"{path} should be a tuple of {len(expected)} items, got {_short(got)}"
         for i, (g, e) in enumerate(zip(got, expected)):
-            message = compare(g, e, rtol, atol, f"{path}[{i}]")
+            message = compare(g, e, rtol, atol, names[i] if names else f"{path}[{i}]")
             if message:
                 return message
         return None
@@ -172,9 +179,12 @@ def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
     return None if got == expected else f"{path} is {got!r}, expected {expected!r}"
 
 
-def _short(value: Any, limit: int = 220) -> str:
-    """A one-line picture of an argument: small arrays in full, large ones by shape and dtype."""
+def _short(value: Any, limit: int = 220, names: tuple[str, ...] = ()) -> str:
+    """A one-line picture of an argument: small arrays in full, large ones by shape and dtype;
+    a tuple's items named by ``names`` when given."""
     if isinstance(value, tuple):
+        if names and len(names) == len(value):
+            return ", ".join(f"{name} {_short(item, limit)}" for name, item in zip(names, value))
         return "(" + ", ".join(_short(item, limit) for item in value) + ")"
     if isinstance(value, np.ndarray):
         if value.size <= 12:
@@ -220,6 +230,8 @@ class Exercise:
     kernel: True for a kernel puzzle: the learner writes a ``@cuda.jit`` kernel, not a function.
     trace: for a kernel puzzle, ``(kernel, case) -> (result, AccessLog)``: the traced launch, by
         which a passing kernel's work is compared with the solution's (:func:`work_note`).
+    outputs: names of what ``run`` returns when it is a tuple (e.g. ``q_out`` and the pools the
+        function wrote), so a verdict says ``k_pool[...]``, not ``result[1][...]``.
     """
 
     name: str
@@ -236,6 +248,7 @@ class Exercise:
     explain: Callable[[Callable, Case], None] | None = field(default=None, repr=False)
     kernel: bool = False
     trace: Callable[[Callable, Case], tuple[Any, Any]] | None = field(default=None, repr=False)
+    outputs: tuple[str, ...] = ()
 
     def check(self, fn: Callable, *, quiet: bool = False) -> bool:
         """Try ``fn`` on every case; print ✓ or the first failing case; return whether it passed."""
@@ -261,10 +274,12 @@ class Exercise:
             except NotImplementedError:
                 say(f"✗ {self.name}: not implemented yet.\n  Hint: {self.hint}")
                 return False
+            except WrongResult as error:  # ran, but returned what cannot be compared
+                return self._fail(say, fn, case, str(error))
             except Exception as error:  # the learner's bug: report it as a failing case
                 return self._fail(say, fn, case,
                                   f"your function raised {type(error).__name__}: {error}")
-            message = compare(got, expected, self.rtol, self.atol)
+            message = compare(got, expected, self.rtol, self.atol, names=self.outputs)
             if message:
                 return self._fail(say, fn, case, message, expected, got)
         hand = sum(not c.random for c in cases)
@@ -314,7 +329,8 @@ class Exercise:
         lines = [f"✗ {self.name}: fails on case '{case.label}'"]
         lines += [f"  {name} = {_short(value)}" for name, value in case.kwargs.items()]
         if expected is not None:
-            lines += [f"  expected: {_short(expected)}", f"  got:      {_short(got)}"]
+            lines += [f"  expected: {_short(expected, names=self.outputs)}",
+                      f"  got:      {_short(got, names=self.outputs)}"]
         lines += [f"  {message}", f"  Hint: {self.hint}"]
         say("\n".join(lines))
         if self.explain is not None and say is print:

@@ -54,6 +54,8 @@ def _slips(model, kv_dtype: str) -> dict[str, int]:
         "int8 without its fp16 scale (2 bytes per vector)": total(scale=0),
         "the scale counted as 4 bytes (it is fp16: 2)": total(scale=4),
         "int8 counted as 2 bytes an element": total(element=2),
+        "elements counted, not bytes (fp16 is 2 bytes an element)": total(element=1),
+        "kv_dtype left out: every cache taken as fp16": total(element=2, scale=0),
         "bits, not bytes": total() * 8,
     }
 
@@ -68,8 +70,8 @@ def _explain_kv_bytes(fn, case: Case) -> None:
     per_vector = get_dtype(kv_dtype).bytes_per_vector(model.head_dim)
     how = (f"{model.head_dim} dims x 2 B" if kv_dtype == "fp16"
            else f"{model.head_dim} dims x 1 B + a 2 B scale")
-    print(f"  expected: 2 (K and V) x {model.num_layers} layers x {model.num_kv_heads} KV heads "
-          f"x {per_vector} B a vector ({how}) = {bytes_per_token(model, kv_dtype):,} B")
+    print(f"  the product: 2 (K and V) x {model.num_layers} layers x {model.num_kv_heads} KV "
+          f"heads x {per_vector} B a vector ({how}) = {bytes_per_token(model, kv_dtype):,} B")
     named = [slip for slip, value in _slips(model, kv_dtype).items()
              if value == got and value != bytes_per_token(model, kv_dtype)]
     if named:  # two slips can give one number: name them all
