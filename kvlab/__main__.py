@@ -1,5 +1,4 @@
-"""kvlab's command line: ``python -m kvlab plan ...`` and ``python -m kvlab bench ...`` (a later
-stage adds ``plot``)."""
+"""kvlab's command line: ``python -m kvlab plan ...`` and ``python -m kvlab bench ...``."""
 from __future__ import annotations
 
 import argparse

@@ -30,7 +30,8 @@ from kvlab.ref.attention import decode_attention
 from kvlab.ref.quant import decode, encode, symmetric_scale
 
 GRANULARITIES = ("tensor", "head", "token", "channel")
-_REDUCE_AXES = {"tensor": (0, 1, 2), "head": (0, 2), "token": (2,), "channel": (0,)}
+# the axes of [T, Hkv, D] one scale covers, per granularity (amax over them, keepdims)
+REDUCE_AXES = {"tensor": (0, 1, 2), "head": (0, 2), "token": (2,), "channel": (0,)}
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -89,10 +90,10 @@ def fake_quant(x: np.ndarray, kv_dtype: str, granularity: str = "token") -> np.n
         scale = symmetric_scale(np.abs(g).max(axis=-1, keepdims=True), dt.qmax)
         stored = scale.astype(np.float16).astype(np.float32)
         return (decode(encode(g / scale, kv_dtype), kv_dtype) * stored).reshape(x.shape)
-    if granularity not in _REDUCE_AXES:
+    if granularity not in REDUCE_AXES:
         raise ValueError(f"granularity must be one of {GRANULARITIES + ('group',)}, "
                          f"got {granularity!r}")
-    amax = np.abs(x).max(axis=_REDUCE_AXES[granularity], keepdims=True)
+    amax = np.abs(x).max(axis=REDUCE_AXES[granularity], keepdims=True)
     scale = symmetric_scale(amax, dt.qmax)
     stored = scale.astype(np.float16).astype(np.float32)
     return decode(encode(x / scale, kv_dtype), kv_dtype) * stored

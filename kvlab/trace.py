@@ -24,6 +24,11 @@ branch that only some threads take runs there as if it were right; the CUDA Prog
 allows a barrier in conditional code only when the condition is the same for the whole block. A
 traced launch in which the threads of one block reached different barriers (other lines, or
 other numbers of them) raises :class:`DivergentBarrierError`.
+
+And it records what each thread stores. The simulator runs a block's threads one after another,
+so two threads that write one element come out in one order there, and in any order on a GPU;
+a traced launch in which two threads stored different values in one element, with no barrier
+between them (or from different blocks), raises :class:`WriteRaceError`.
 """
 from __future__ import annotations
 
@@ -51,12 +56,45 @@ class AccessLog:
     # the barriers each thread reached, in order, by (block index, thread index): the function
     # and line that called each, ("scale_kernel", 12); a thread that reached none is absent
     barriers: dict = field(default_factory=lambda: defaultdict(list))
+    # what each thread last stored in each element, and after how many of its barriers:
+    # {(array name, flat element): {(block, thread): (barriers passed, value)}}
+    stored: dict = field(default_factory=lambda: defaultdict(dict))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, kind: str, elements: np.ndarray) -> None:
         block, thread = _current_thread_ids()
         with self._lock:
             self.records.extend((name, kind, block, thread, int(e)) for e in elements.ravel())
+
+    def add_stored(self, name: str, elements: np.ndarray, values: np.ndarray) -> None:
+        who = _current_thread_ids()
+        with self._lock:
+            passed = len(self.barriers.get(who, ()))
+            for element, value in zip(elements.ravel(), values.ravel()):
+                self.stored[name, int(element)][who] = (passed, value)
+
+    def write_race(self) -> str | None:
+        """None when no element was stored by two threads that a GPU may run in either order;
+        else a sentence naming the first such element. Two threads of one block are ordered
+        when a barrier stands between their stores (one had passed more barriers than the
+        other); threads of different blocks never are. Threads that store the same value do no
+        harm and are let pass."""
+        for (name, element), by_thread in self.stored.items():
+            stores = sorted(by_thread.items())
+            for i, ((block_a, thread_a), (passed_a, value_a)) in enumerate(stores):
+                for (block_b, thread_b), (passed_b, value_b) in stores[i + 1:]:
+                    ordered = block_a == block_b and passed_a != passed_b
+                    if ordered or value_a.tobytes() == value_b.tobytes():
+                        continue
+                    where = tuple(int(i) for i in np.unravel_index(element, self.shapes[name]))
+                    a = f"thread {_linear(thread_a, self.block_dim)} of block {block_a}"
+                    b = f"thread {_linear(thread_b, self.block_dim)} of block {block_b}"
+                    return (f"{a} and {b} both wrote {name}{list(where)}, different values "
+                            f"({value_a!r} and {value_b!r}), with no barrier between: on a GPU "
+                            f"they run at the same time and which write lands is not defined "
+                            f"(the simulator runs threads one after another, so it came out one "
+                            f"way here). Give each element one writer")
+        return None
 
     def add_barrier(self, block: tuple[int, ...], thread: tuple[int, ...],
                     site: tuple[str, int]) -> None:
@@ -124,6 +162,10 @@ def index_runs(ids: Any) -> str:
 
 class DivergentBarrierError(RuntimeError):
     """The threads of one block reached different barriers (lines, or numbers of them)."""
+
+
+class WriteRaceError(RuntimeError):
+    """Two threads stored different values in one element with nothing to order them."""
 
 
 def _barrier_path(sites: tuple[tuple[str, int], ...], name_functions: bool) -> str:
@@ -237,9 +279,11 @@ class TracedArray:
         return value
 
     def __setitem__(self, index: Any, value: Any) -> None:
-        self._log.add(self.name, WRITE, np.asarray(self._ids[index]))
+        ids = np.asarray(self._ids[index])
+        self._log.add(self.name, WRITE, ids)
         with np.errstate(over="ignore", invalid="ignore"):  # a GPU's store rounds to inf quietly
             self._data[index] = value.to_numpy() if isinstance(value, TracedArray) else value
+        self._log.add_stored(self.name, ids, np.asarray(self._data[index]))  # as stored: rounded
 
     def to_numpy(self) -> np.ndarray:
         """The array's values (recording nothing)."""
@@ -255,8 +299,9 @@ def launch_traced(kernel: Callable, grid: Any, block: Any, **arrays: Any
     are copied first, so they are left as they were. When the kernel raises (an index out of
     range, say), the exception carries the accesses made until then as ``error.access_log``; so
     does the :class:`DivergentBarrierError` raised when the threads of a block reached different
-    barriers. On a real GPU nothing can be traced (the kernel runs compiled code, not Python):
-    the kernel runs on copies and the log is None.
+    barriers, and the :class:`WriteRaceError` raised when two threads stored different values in
+    one element with nothing to order them. On a real GPU nothing can be traced (the kernel runs
+    compiled code, not Python): the kernel runs on copies and the log is None.
     """
     from kvlab.backends import cuda_mode
 
@@ -274,6 +319,9 @@ def launch_traced(kernel: Callable, grid: Any, block: Any, **arrays: Any
         divergent = log.divergent_barriers()
         if divergent:
             raise DivergentBarrierError(divergent)
+        race = log.write_race()
+        if race:
+            raise WriteRaceError(race)
     except Exception as error:  # keep what was recorded up to the fault: it shows where it went
         error.access_log = log
         raise

@@ -1,4 +1,6 @@
 """Wrong answers the 04 (fused write) checkers must reject (gathered by tests/test_exercises.py)."""
+import math
+
 import numpy as np
 
 
@@ -126,6 +128,30 @@ def _fused_kernel(*, own_position=True, use_table=True, turn_v=False, interleave
     return kernel
 
 
+@cuda.jit
+def kernel_recomputes_the_angles(qkv, cos, sin, block_table, pos_offset, q_out, k_pool, v_pool):
+    """theta 10,000 built in: wrong for any other base (or a scaled table, such as Llama 3.1's)."""
+    token = cuda.blockIdx.x
+    hq, d, hkv = q_out.shape[1], q_out.shape[2], k_pool.shape[2]
+    half = d // 2
+    head, p = cuda.threadIdx.x // half, cuda.threadIdx.x % half
+    a = float32(qkv[token, head * d + p])
+    b = float32(qkv[token, head * d + p + half])
+    pos = pos_offset + token
+    block, offset = block_table[pos // k_pool.shape[1]], pos % k_pool.shape[1]
+    if head >= hq + hkv:
+        v_pool[block, offset, head - hq - hkv, p] = a
+        v_pool[block, offset, head - hq - hkv, p + half] = b
+        return
+    angle = pos * math.pow(10000.0, -2.0 * p / d)
+    c, s = float32(math.cos(angle)), float32(math.sin(angle))
+    if head < hq:
+        q_out[token, head, p], q_out[token, head, p + half] = a * c - b * s, b * c + a * s
+    else:
+        k_pool[block, offset, head - hq, p] = a * c - b * s
+        k_pool[block, offset, head - hq, p + half] = b * c + a * s
+
+
 kernel_forgets_pos_offset = _fused_kernel(own_position=False)    # token t at position t
 kernel_slot_is_position = _fused_kernel(use_table=False)         # pool block pos // block_size
 kernel_turns_v_too = _fused_kernel(turn_v=True)                  # V rotated as well
@@ -153,7 +179,8 @@ WRONG_ANSWERS = {
                             interleaved_pairs],
     "04.unfused_bytes": [forgets_the_angle_tables, counts_elements_not_bytes],
     "04.fused_write_kernel": [kernel_forgets_pos_offset, kernel_slot_is_position,
-                              kernel_turns_v_too, kernel_interleaved_pairs],
+                              kernel_turns_v_too, kernel_interleaved_pairs,
+                              kernel_recomputes_the_angles],
 }
 
 
@@ -264,3 +291,38 @@ def test_the_kernel_checker_names_the_wrong_rows_and_draws_them(monkeypatch, cap
     check("04.fused_write_kernel", kernel_slot_is_position)
     out = capsys.readouterr().out
     assert "k_pool differs at slot 0, head 0" in out and "q_out differs" not in out, out
+
+
+def test_a_racing_kernel_and_a_kernel_with_the_wrong_parameter_order_are_told_so(monkeypatch,
+                                                                                  capsys):
+    from kvlab.exercises import SOLUTIONS_ENV, check
+
+    monkeypatch.delenv(SOLUTIONS_ENV, raising=False)
+
+    @cuda.jit
+    def zeroes_the_next_pair_first(qkv, cos, sin, block_table, pos_offset, q_out, k_pool, v_pool):
+        token, half = cuda.blockIdx.x, q_out.shape[2] // 2
+        head, p = cuda.threadIdx.x // half, cuda.threadIdx.x % half
+        if head < q_out.shape[1]:
+            if p + 1 < half:
+                q_out[token, head, p + 1] = 0  # another thread's element: a race on a GPU
+            pos = pos_offset + token
+            a = float32(qkv[token, head * q_out.shape[2] + p])
+            b = float32(qkv[token, head * q_out.shape[2] + p + half])
+            q_out[token, head, p] = a * cos[pos, p] - b * sin[pos, p]
+            q_out[token, head, p + half] = b * cos[pos, p] + a * sin[pos, p]
+
+    check("04.fused_write_kernel", zeroes_the_next_pair_first)
+    out = capsys.readouterr().out
+    assert "your kernel raised WriteRaceError: thread 0 of block (0, 0, 0) and thread 1 of " \
+        "block (0, 0, 0) both wrote q_out[0, 0, 1], different values" in out, out
+
+    @cuda.jit
+    def loop_order(qkv, cos, sin, k_pool, v_pool, block_table, pos_offset, q_out):
+        pass
+
+    check("04.fused_write_kernel", loop_order)
+    out = capsys.readouterr().out
+    assert "Your kernel's parameters are (qkv, cos, sin, k_pool, v_pool, block_table, " \
+        "pos_offset, q_out); the launch passes (qkv, cos, sin, block_table, pos_offset, q_out, " \
+        "k_pool, v_pool), in that order, by position." in out, out

@@ -337,7 +337,7 @@ def test_a_scale_kernel_that_raises_still_gets_a_picture(learner_view, monkeypat
     monkeypatch.setattr(plt, "show", lambda: shown.append(plt.gcf()))
     assert get("02.scale_kernel").check(reads_past_the_vector) is False
     out = capsys.readouterr().out
-    assert "your function raised IndexError" in out and "no picture" not in out
+    assert "your kernel raised IndexError" in out and "no picture" not in out
     assert len(shown) == 1 and "partials" not in out  # no tree: the kernel never finished
     plt.close("all")
 
@@ -388,3 +388,62 @@ def test_a_right_kernel_that_wastes_work_passes_with_what_a_gpu_would_pay(learne
         capsys.readouterr().out
     assert exercise.check(exercise.solution) is True
     assert "Right, but" not in capsys.readouterr().out
+
+
+# --- 02.fake_quant_torch ---
+import torch  # noqa: E402
+
+_AXES = {"tensor": (0, 1, 2), "head": (0, 2), "token": (2,), "channel": (0,)}
+
+
+def _fake_quant(x, granularity, *, axes=None, stored_fp16=True, floor=True, keepdim=True,
+                rounding=torch.round):
+    """The solution with one step changed (each wrong answer below changes one)."""
+    amax = x.abs().amax(dim=axes or _AXES[granularity], keepdim=keepdim)
+    scale = (amax.clamp(min=1e-8) if floor else amax) / 127
+    codes = rounding(x / scale).clamp(-127, 127)
+    return codes * (scale.half().float() if stored_fp16 else scale)
+
+
+def always_per_token(x, granularity):
+    """The cache's own granularity whatever is asked."""
+    return _fake_quant(x, granularity, axes=(2,))
+
+
+def channel_over_the_dims(x, granularity):
+    """'channel' read as 'over the channels' (dim 2): that is per token."""
+    return _fake_quant(x, granularity, axes=(2,) if granularity == "channel" else None)
+
+
+def reads_back_the_float32_scale(x, granularity):
+    """Codes times the float32 scale: the cache keeps fp16 scales, so reads differ a little."""
+    return _fake_quant(x, granularity, stored_fp16=False)
+
+
+def fake_quant_without_the_floor(x, granularity):
+    """amax / 127 with no floor: a cell of zeros divides 0 by 0."""
+    return _fake_quant(x, granularity, floor=False)
+
+
+def truncates_the_codes(x, granularity):
+    """.to(torch.int8) on x / scale without rounding first: truncation toward zero."""
+    return _fake_quant(x, granularity, rounding=torch.trunc)
+
+
+WRONG_ANSWERS["02.fake_quant_torch"] = [always_per_token, channel_over_the_dims,
+                                        reads_back_the_float32_scale,
+                                        fake_quant_without_the_floor, truncates_the_codes]
+
+
+def test_the_granularity_checker_names_the_axes_it_got(learner_view, capsys):
+    get("02.fake_quant_torch").check(channel_over_the_dims)
+    out = capsys.readouterr().out
+    assert "fails on case 'per channel (KIVI's keys)" in out
+    assert "per channel: amax over dims (0,) of [T, Hkv, D] = [6, 2, 8], one scale per cell: " \
+        "scales of shape [1, 2, 8]" in out
+    assert "Yours is what you get with per token's scales (amax over dims (2,))" in out
+    get("02.fake_quant_torch").check(fake_quant_without_the_floor)
+    assert "no 1e-8 floor: a cell of zeros gives 0 / 0 = NaN" in capsys.readouterr().out
+    get("02.fake_quant_torch").check(lambda x, granularity: x.double())
+    assert "  the result should be float32 (the values read back), got torch.float64" in \
+        capsys.readouterr().out

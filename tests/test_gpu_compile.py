@@ -78,6 +78,11 @@ def _device_magnitude(value):
     return abs(value)
 
 
+@cuda.jit
+def _jit_magnitude(value):  # no device=True: called from a kernel, a GPU compiles it as one
+    return abs(value)
+
+
 def _serial_scale_kernel(magnitude):
     """Thread 0 alone (slow, but right), through a helper defined outside the kernel."""
     @cuda.jit
@@ -95,6 +100,8 @@ def test_a_device_helper_goes_with_the_kernel_and_a_python_one_is_refused(capsys
     """The learner's @cuda.jit(device=True) function is compiled with the kernel (here read from
     the closure); a plain Python function cannot be called from a GPU kernel at all."""
     assert EXERCISES["02.scale_kernel"].check(_serial_scale_kernel(_device_magnitude)) is True
+    assert "and it compiles for a GPU" in capsys.readouterr().out
+    assert EXERCISES["02.scale_kernel"].check(_serial_scale_kernel(_jit_magnitude)) is True
     assert "and it compiles for a GPU" in capsys.readouterr().out
     assert EXERCISES["02.scale_kernel"].check(_serial_scale_kernel(_magnitude)) is False
     assert "it calls magnitude, a plain Python function" in capsys.readouterr().out
@@ -174,3 +181,23 @@ def scale_with_two_defaults(x, scales, floor=1e-8, levels=127):
 def test_every_parameter_past_the_arguments_takes_its_own_default():
     arguments = EXERCISES["02.scale_kernel"].cases()[0].kwargs
     assert compile_for_gpu(scale_with_two_defaults, arguments).ok is True
+
+
+@cuda.jit
+def scale_then_return_it(x, scales):
+    """Right in the simulator (which drops what a kernel returns); a GPU kernel returns nothing."""
+    token, head = cuda.blockIdx.x, cuda.blockIdx.y
+    if cuda.threadIdx.x == 0:
+        amax = np.float32(0)
+        for d in range(x.shape[2]):
+            amax = max(amax, abs(x[token, head, d]))
+        scales[token, head] = max(amax, np.float32(1e-8)) / np.float32(127)
+    return scales
+
+
+def test_a_kernel_that_returns_a_value_is_told_that_kernels_return_nothing(capsys):
+    assert EXERCISES["02.scale_kernel"].check(scale_then_return_it) is False
+    out = capsys.readouterr().out
+    assert "a GPU's compiler refuses it" in out
+    assert "(A kernel returns nothing: it writes its results into arrays. Drop the return " \
+        "value.)" in out, out

@@ -37,8 +37,46 @@ def everyone_writes_element_zero(out):
 
 
 def test_two_threads_writing_one_element_show_as_a_race():
-    _, log = launch_traced(everyone_writes_element_zero, 1, 2, out=np.zeros(3, np.int32))
-    np.testing.assert_array_equal(log.owner_map("out", "write"), [-2, -1, -1])
+    from kvlab.trace import WriteRaceError
+
+    with pytest.raises(WriteRaceError, match=r"thread 0 of block \(0, 0, 0\) and thread 1 of "
+                       r"block \(0, 0, 0\) both wrote out\[0\], different values") as error:
+        launch_traced(everyone_writes_element_zero, 1, 2, out=np.zeros(3, np.int32))
+    np.testing.assert_array_equal(error.value.access_log.owner_map("out", "write"), [-2, -1, -1])
+
+
+@cuda.jit
+def everyone_writes_one(out):
+    out[0] = 1
+
+
+@cuda.jit
+def thread_0_then_thread_1_after_a_barrier(out):
+    if cuda.threadIdx.x == 0:
+        out[0] = 5
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 1:
+        out[0] = out[0] + 1
+
+
+@cuda.jit
+def each_block_writes_its_index(out):
+    out[0] = cuda.blockIdx.x
+
+
+def test_what_is_a_write_race_and_what_is_not():
+    """One value from every thread does no harm; a barrier orders the threads of one block;
+    nothing orders two blocks."""
+    from kvlab.trace import WriteRaceError
+
+    after, log = launch_traced(everyone_writes_one, 1, 4, out=np.zeros(1, np.int32))
+    assert after["out"][0] == 1 and log.owner_map("out", "write")[0] == -2  # shared, but benign
+    after, _ = launch_traced(thread_0_then_thread_1_after_a_barrier, 1, 2,
+                             out=np.zeros(1, np.int32))
+    assert after["out"][0] == 6
+    with pytest.raises(WriteRaceError, match=r"of block \(0, 0, 0\) and thread 0 of block "
+                       r"\(1, 0, 0\) both wrote out\[0\]"):
+        launch_traced(each_block_writes_its_index, 2, 1, out=np.zeros(1, np.int32))
 
 
 def test_views_report_elements_of_the_whole_array():

@@ -139,7 +139,7 @@ def _prefix_hit_cases() -> list[Case]:
 
 
 register(Exercise(
-    name="06.prefix_hit", notebook=NOTEBOOK, section="5 Continuous batching over one paged pool",
+    name="06.prefix_hit", notebook=NOTEBOOK, section="5.1 Step through it yourself",
     signature="prefix_hit(prompt, earlier_prompts, block_size) -> int  # tokens reused",
     hint="only full blocks are cached, a block is reused only if every block before it matched "
          "too, and the prompt's last token is always computed (its logits give the first output).",
@@ -220,7 +220,7 @@ def _explain_step_slots(fn, case: Case) -> None:
 
 
 register(Exercise(
-    name="06.step_slots", notebook=NOTEBOOK, section="5 Continuous batching over one paged pool",
+    name="06.step_slots", notebook=NOTEBOOK, section="5.1 Step through it yourself",
     signature="step_slots(block_tables, query_start, context_lens, block_size) -> slots  "
               "# int32 [T]",
     hint="sequence s brings query_start[s+1] - query_start[s] tokens, and context_lens[s] counts "

@@ -277,8 +277,9 @@ class Exercise:
             except WrongResult as error:  # ran, but returned what cannot be compared
                 return self._fail(say, fn, case, str(error))
             except Exception as error:  # the learner's bug: report it as a failing case
+                what = "kernel" if self.kernel else "function"
                 return self._fail(say, fn, case,
-                                  f"your function raised {type(error).__name__}: {error}")
+                                  f"your {what} raised {type(error).__name__}: {error}")
             message = compare(got, expected, self.rtol, self.atol, names=self.outputs)
             if message:
                 return self._fail(say, fn, case, message, expected, got)
@@ -286,10 +287,12 @@ class Exercise:
         note = " (reference solution swapped in: KVLAB_SOLUTIONS=1)" if swapped else ""
         compiled = self._compile_for_gpu(fn, cases[0])
         if compiled is not None and compiled.ok is False:
+            returns = ("\n  (A kernel returns nothing: it writes its results into arrays. Drop "
+                       "the return value.)" if "return_value" in compiled.message else "")
             say(f"✗ {self.name}: your kernel passes all {len(cases)} cases in the simulator, but "
                 f"a GPU's compiler refuses it (the simulator runs any Python; a kernel may use "
                 f"numbers, array elements, cuda.* and math functions, device functions, and "
-                f"local or shared arrays of a constant size):\n  {compiled.message}")
+                f"local or shared arrays of a constant size):\n  {compiled.message}{returns}")
             return False
         if compiled is not None:
             note += (f" and it compiles for a GPU (PTX and ptxas for sm_90: {compiled.registers} "
@@ -331,7 +334,7 @@ class Exercise:
         if expected is not None:
             lines += [f"  expected: {_short(expected, names=self.outputs)}",
                       f"  got:      {_short(got, names=self.outputs)}"]
-        lines += [f"  {message}", f"  Hint: {self.hint}"]
+        lines += [f"  {message}"] + self._parameter_note(fn) + [f"  Hint: {self.hint}"]
         say("\n".join(lines))
         if self.explain is not None and say is print:
             try:
@@ -339,6 +342,25 @@ class Exercise:
             except Exception as error:  # the explanation is a help: it must not break check()
                 say(f"  (no picture of this case: {type(error).__name__}: {error})")
         return False
+
+    def _parameter_note(self, fn: Callable) -> list[str]:
+        """For a kernel puzzle whose kernel names its parameters otherwise than the signature:
+        a line saying so (a launch passes its arguments by position, so the order matters)."""
+        import re
+
+        wanted = re.search(r"def \w+\(([^)]*)\)", self.signature)
+        function = getattr(fn, "py_func", None) or getattr(fn, "fn", None)
+        if not self.kernel or wanted is None or function is None:
+            return []
+        try:
+            yours = list(inspect.signature(function).parameters)
+        except (TypeError, ValueError):
+            return []
+        expected = [name.strip() for name in wanted.group(1).split(",")]
+        if yours == expected:
+            return []
+        return [f"  Your kernel's parameters are ({', '.join(yours)}); the launch passes "
+                f"({', '.join(expected)}), in that order, by position."]
 
     def show_solution(self) -> Callable:
         """Print the reference solution's source and return the function."""

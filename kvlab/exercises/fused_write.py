@@ -272,16 +272,20 @@ def _explain_fused_write_kernel(fn: Callable, case: Case) -> None:
     if first_wrong is None or any(log is None for _, log in runs):
         return
     yours, reference = (log.owner_map(first_wrong, "write") for _, log in runs)
+    if np.array_equal(yours, reference):
+        print(f"  Each element of {first_wrong} was written by the thread that should write it: "
+              f"the indices are right, the values are not (V turned? the sign, or the table row? "
+              f"arithmetic in fp16? Widen a and b to float32 and let the store round once).")
     draw_accesses(yours, reference, f"writes to {first_wrong}")
 
 
 def _fused_write_kernel_case(label: str, tokens: int, pos_offset: int, table, hq: int = 2,
                              hkv: int = 1, d: int = 8, block_size: int = 4, num_blocks: int = 6,
-                             seed: int = 0, random: bool = False) -> Case:
+                             theta: float = 10_000.0, seed: int = 0, random: bool = False) -> Case:
     """fp16 rows and pools (the pools full of stale values, as after real use), float32 tables,
     a zeroed fp16 ``q_out``."""
     rng = np.random.default_rng(seed)
-    cos, sin = rope_tables(64, d, 10_000.0)
+    cos, sin = rope_tables(64, d, theta)
     pool_shape = (num_blocks, block_size, hkv, d)
     return Case(label, dict(
         qkv=(2 * rng.standard_normal((tokens, (hq + 2 * hkv) * d))).astype(np.float16),
@@ -300,8 +304,9 @@ def _fused_write_kernel_cases() -> list[Case]:
                                  "the next block", 3, 2, [5, 0, 2], seed=1),
         _fused_write_kernel_case("GQA: 4 Q heads, 2 K/V heads, head_dim 4", 2, 9, [1, 3, 5],
                                  hq=4, hkv=2, d=4, seed=2),
-        _fused_write_kernel_case("head_dim 16 at positions 40 and 41", 2, 40, [4, 2, 0, 1, 5, 3],
-                                 d=16, block_size=8, seed=3),
+        _fused_write_kernel_case("head_dim 16 at positions 40 and 41, theta 1,000,000: read "
+                                 "the tables, do not recompute the angles", 2, 40,
+                                 [4, 2, 0, 1, 5, 3], d=16, block_size=8, theta=1e6, seed=3),
     ]
     rng = np.random.default_rng(12)
     for i in range(2):

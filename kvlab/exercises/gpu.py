@@ -208,7 +208,7 @@ def _one_wave_cases() -> list[Case]:
 
 register(Exercise(
     name="07.one_wave_splits", notebook=NOTEBOOK,
-    section="6 Where it stands: counted without a GPU",
+    section="6.1 Counted without a GPU",
     signature="one_wave_splits(base_blocks, longest_context, num_sms, resident_blocks) -> int",
     hint="one wave is num_sms x resident_blocks CTAs and each partition adds base_blocks of them; "
          "no partition may be shorter than 256 keys, and there is always at least one.",

@@ -10,10 +10,10 @@ not exist where the simulator was imported (``kvlab.kernels.cuda.ptx`` works the
 What travels to that process: the kernel's source (its decorators dropped), the global and
 closure names it uses that can be rebuilt there (modules such as ``np``, ``math`` and ``cuda``, a
 module's functions such as ``exp`` from ``math``, Numba types such as ``float32``, NumPy scalar
-types, numbers such as ``THREADS``, and the learner's own ``@cuda.jit(device=True)`` functions,
-by their source), and the types of the case's arguments. The PTX then goes through ptxas
-(:func:`kvlab.kernels.cuda.ptx.ptxas_resources`), which refuses what PTX still allows: more
-static shared memory than a block may have, say. A kernel that uses anything else is not
+types, numbers such as ``THREADS``, and the learner's own ``@cuda.jit`` functions, with or
+without ``device=True``, by their source), and the types of the case's arguments. The PTX then
+goes through ptxas (:func:`kvlab.kernels.cuda.ptx.ptxas_resources`), which refuses what PTX
+still allows: more static shared memory than a block may have, say. A kernel that uses anything else is not
 compiled, and :func:`compile_for_gpu` says why; so is one whose compile fails for a reason that
 is not the compiler's verdict on the kernel (no source to read, no NVVM library).
 """
@@ -162,7 +162,9 @@ def _portable(name: str, value: Any, sent: set[int]) -> list[tuple[str, str, Any
         return [(name, "value", value)]
     if isinstance(value, np.generic):
         return [(name, "value", value.item())]
-    if getattr(value, "_device", False) and _python_function(value) is not None:
+    # a @cuda.jit function the kernel calls, device=True or not: a GPU compiles the call as a
+    # device function either way (the simulator's kernels carry _device, True or False)
+    if isinstance(getattr(value, "_device", None), bool) and _python_function(value) is not None:
         function = _python_function(value)
         if id(function) in sent:
             return []
@@ -227,12 +229,12 @@ def compile_for_gpu(kernel: Any, arguments: dict[str, Any]) -> GpuCompile:
         source = _source(function)
     except _PlainFunction as error:
         return GpuCompile(False, f"it calls {error}, a plain Python function: a kernel can call "
-                                 f"@cuda.jit(device=True) functions (and cuda's and math's), not "
+                                 f"@cuda.jit functions (and cuda's and math's), not "
                                  f"Python ones")
     except _CannotSend as error:
         return GpuCompile(None, f"it uses {error}, which cannot be passed to the compiler (only "
                                 f"modules and their functions, Numba types, numbers and "
-                                f"@cuda.jit(device=True) functions can)")
+                                f"@cuda.jit functions can)")
     except (OSError, TypeError) as error:
         return GpuCompile(None, f"its source could not be read ({error}): a kernel typed at a "
                                 f"plain Python prompt or built by exec has none")

@@ -1,5 +1,6 @@
-"""Exercises of notebook 02 (quantization): the INT8 cache's scale rule, one FP8 byte by hand, and
-the block reduction that finds a vector's scale on a GPU (a kernel puzzle).
+"""Exercises of notebook 02 (quantization): the INT8 cache's scale rule, one FP8 byte by hand,
+the block reduction that finds a vector's scale on a GPU (a kernel puzzle), and quantization at
+any granularity as torch ops (where the scale sits).
 
 Each exercise is checked against :mod:`kvlab.ref.quant`, on edge cases (an all-zero vector, whose
 scale is the 1e-8 floor, and a vector under the floor, whose codes stay small) and on cases picked
@@ -18,8 +19,8 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both,
-                                  register)
+from kvlab.exercises.core import (Case, Exercise, WrongResult, copy_args, draw_accesses,
+                                  launch_both, register, torch_copies)
 from kvlab.ref import quant as ref
 from kvlab.trace import launch_traced
 
@@ -354,4 +355,128 @@ register(Exercise(
     kernel=True,
     trace=_launch_scale,
     rtol=0.0, atol=0.0,  # the fp16 scale is exact: any difference is a different amax
+))
+
+
+# --- 02.fake_quant_torch: where the scale sits, in torch ---------------------------------------
+#
+# The cache keeps one scale per (token, KV head); §5.2 asks what other places for the scale would
+# buy. The learner writes the experiment's tool as whole-tensor torch ops: quantize to int8 with
+# one scale per cell of a granularity and read the values back. The whole lesson is which axes
+# the amax runs over (and keepdim, so the scale broadcasts back).
+
+def fake_quant_torch_solution(x, granularity: str):
+    """x: float32 torch ``[T, Hkv, D]`` -> float32 torch, same shape: int8 codes with one scale
+    per cell of ``granularity`` ("tensor", "head", "token" or "channel"), read back with the
+    scale the cache would store (fp16)."""
+    import torch
+
+    dims = {"tensor": (0, 1, 2),    # one scale for everything
+            "head": (0, 2),         # one per KV head, over all tokens and dims
+            "token": (2,),          # one per (token, head): what the cache stores
+            "channel": (0,)}[granularity]  # one per (head, dim), over all tokens (KIVI's keys)
+    amax = x.abs().amax(dim=dims, keepdim=True)       # keepdim: the scale broadcasts back
+    scale = amax.clamp(min=1e-8) / 127                # float32; the floor: a cell of zeros
+    codes = torch.round(x / scale).clamp(-127, 127)   # torch.round: half to even
+    return codes * scale.half().float()               # the stored scale is fp16
+
+
+def fake_quant_torch_reference(x: np.ndarray, granularity: str) -> np.ndarray:
+    """:func:`kvlab.quant_lab.fake_quant` with int8."""
+    from kvlab.quant_lab import fake_quant
+
+    return fake_quant(x, "int8", granularity)
+
+
+def _run_fake_quant_torch(fn: Callable, case: Case) -> Any:
+    """NumPy in for the reference; a torch tensor in for the learner's function, and its float32
+    result back as NumPy."""
+    if fn is fake_quant_torch_reference:
+        return fn(**copy_args(case.kwargs))
+    import torch
+
+    got = fn(**torch_copies(case.kwargs))
+    if not isinstance(got, torch.Tensor):
+        raise WrongResult(f"the result should be a torch tensor (float32, x's shape), got "
+                          f"{type(got).__name__}")
+    if got.dtype != torch.float32:
+        raise WrongResult(f"the result should be float32 (the values read back), got {got.dtype}")
+    return got.detach().cpu().numpy()
+
+
+def _explain_fake_quant(fn: Callable, case: Case) -> None:
+    """Where the scale should sit, and what the learner's values are, when a known slip gives
+    them: another granularity's axes, the float32 scale read back, the floor forgotten."""
+    from kvlab.quant_lab import REDUCE_AXES, fake_quant
+
+    x, granularity = case.kwargs["x"], case.kwargs["granularity"]
+    try:
+        got = _run_fake_quant_torch(fn, case)
+    except Exception:
+        return
+    if got.shape != x.shape:
+        return
+    cells = tuple(1 if axis in REDUCE_AXES[granularity] else n for axis, n in enumerate(x.shape))
+    print(f"  per {granularity}: amax over dims {REDUCE_AXES[granularity]} of [T, Hkv, D] = "
+          f"{list(x.shape)}, one scale per cell: scales of shape {list(cells)}")
+    amax = np.abs(x).max(axis=REDUCE_AXES[granularity], keepdims=True)
+    scale = np.maximum(amax, np.float32(1e-8)) / np.float32(127)
+    codes = np.rint(np.clip(x / scale, -127, 127))
+    slips = {f"per {other}'s scales (amax over dims {axes})": fake_quant(x, "int8", other)
+             for other, axes in REDUCE_AXES.items() if other != granularity}
+    slips["the float32 scale read back: the cache stores it in fp16 (scale.half().float())"] = (
+        codes * scale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        no_floor = np.rint(np.clip(x / (amax / np.float32(127)), -127, 127)) * (
+            amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    slips["no 1e-8 floor: a cell of zeros gives 0 / 0 = NaN"] = no_floor
+    expected = fake_quant(x, "int8", granularity)
+    for slip, values in slips.items():
+        if np.array_equal(got, values, equal_nan=True) and not np.array_equal(values, expected):
+            print(f"  Yours is what you get with {slip}.")
+            return
+
+
+def _fake_quant_cases() -> list[Case]:
+    from kvlab.quant_lab import synthetic_kv
+
+    def case(label, x, granularity, random=False):
+        return Case(label, dict(x=np.asarray(x, np.float32), granularity=granularity),
+                    random=random)
+
+    k, v = synthetic_kv(6, num_kv_heads=2, head_dim=8, outlier_channels=1, seed=3)
+    zero_head = k.copy()
+    zero_head[:, 1] = 0.0
+    one_token, _ = synthetic_kv(1, num_kv_heads=2, head_dim=8, outlier_channels=1, seed=4)
+    cases = [
+        case("per token (what the cache stores): keys with an outlier channel", k, "token"),
+        case("per channel (KIVI's keys): one scale per (head, dim), over the 6 tokens", k,
+             "channel"),
+        case("per head: one scale per KV head, over all tokens and dims", v, "head"),
+        case("per tensor: one scale for everything", v, "tensor"),
+        case("per head, head 1 all zeros: its scale is the 1e-8 floor", zero_head, "head"),
+        case("per channel with a single token: each element its own scale", one_token, "channel"),
+    ]
+    rng = np.random.default_rng(9)
+    for i in range(4):
+        k, v = synthetic_kv(int(rng.integers(2, 9)), num_kv_heads=int(rng.integers(1, 4)),
+                            head_dim=16, seed=20 + i)
+        cases.append(case(f"random {i}", k if i % 2 else v,
+                          str(rng.choice(["tensor", "head", "token", "channel"])), random=True))
+    return cases
+
+
+register(Exercise(
+    name="02.fake_quant_torch", notebook=NOTEBOOK, section="5.2 What granularity buys",
+    signature="fake_quant_torch(x, granularity) -> x_hat  # torch float32 [T, Hkv, D]; "
+              "granularity: 'tensor', 'head', 'token' or 'channel'",
+    hint="amax = x.abs().amax(dim=..., keepdim=True) over the dims one scale covers (token: the "
+         "last; channel: the first; head: first and last; tensor: all); scale = max(amax, 1e-8) "
+         "/ 127; codes = round(x / scale) clamped to ±127; read back codes * the fp16 scale.",
+    solution=fake_quant_torch_solution,
+    reference=fake_quant_torch_reference,
+    cases=_fake_quant_cases,
+    run=_run_fake_quant_torch,
+    explain=_explain_fake_quant,
+    rtol=0.0, atol=0.0,  # every step is one float32 operation in the reference's order
 ))
