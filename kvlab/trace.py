@@ -271,6 +271,15 @@ class TracedArray:
     def __len__(self) -> int:
         return len(self._data)
 
+    def __getattr__(self, name: str) -> Any:
+        """Only for names the class lacks: a kernel reaching for a NumPy method (``x.max()``,
+        ``x.astype``) is told that a GPU array has none, instead of a bare AttributeError."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise AttributeError(f"{self.name}.{name}: an array in a GPU kernel has indexing, .shape, "
+                             f".size, .ndim and .dtype, not NumPy's methods (the simulator would "
+                             f"run them; a GPU cannot): work element by element")
+
     def __getitem__(self, index: Any) -> Any:
         value, ids = self._data[index], self._ids[index]
         if isinstance(value, np.ndarray) and value.ndim > 0:

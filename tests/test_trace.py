@@ -163,3 +163,14 @@ def test_uniform_barriers_pass_and_a_compound_one_counts_once():
     assert log.divergent_barriers() is None
     path = log.barriers[(1, 0, 0), (3, 0, 0)]
     assert len(path) == 4 and len(set(path[1:])) == 1  # syncthreads_or: once each, not twice
+
+
+@cuda.jit
+def max_by_numpy_method(x, out):
+    out[0] = x[0:4].max()
+
+
+def test_a_numpy_method_on_a_kernel_array_is_named_for_what_it_is():
+    with pytest.raises(AttributeError, match=r"x.max: an array in a GPU kernel has indexing, "
+                       r"\.shape, \.size, \.ndim and \.dtype, not NumPy's methods"):
+        launch_traced(max_by_numpy_method, 1, 1, x=np.arange(4.0), out=np.zeros(1))
