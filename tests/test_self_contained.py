@@ -29,10 +29,12 @@ OUTSIDE = [
     ("the house plan a clone does not have (use docs/design.md)",
      re.compile(r"\bDESIGN(\.md\b| ?§)")),
     ("a GPU harness that is not part of the repository", re.compile(r"\.gpu/run\.sh")),
-    # a number after the word, with or without a hash, or a hash number in brackets; not the verb
-    # ("v3 issues 4 loads")
+    # a number after the word, with or without a hash, two or more ("issues N and M"), a hash
+    # number in brackets or after a closing verb; not the verb ("v3 issues 4 loads")
     ("an issue number", re.compile(r"\b[Ii]ssues? #\d+|\b[Ii]ssue \d+(?:['’]s\b|[).,;:]|$)"
-                                   r"|\(#\d+(?:[),;]| and\b)")),
+                                   r"|\b[Ii]ssues \d+(?:, \d+)*,? and \d+\b(?! \w*loads?\b)"
+                                   r"|\(#\d+(?:[),;]| and\b)"
+                                   r"|\b(?:[Ff]ix(?:es|ed)?|[Cc]loses?|[Rr]esolves?) #\d+")),
 ]
 JARGON = [
     ("'the seed' for the engine kvlab mirrors: say ferrum",
@@ -171,13 +173,15 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     plan, harness = "DESIGN" + ".md", ".gpu/" + "run.sh"  # split: this file is checked too
     bad.write_text(f"see ../{'shared'}/{plan} §4\nas {plan[:6]} §6 says\nrun bash {harness}\n"
                    f"issue #{9}'s targets\nper issue {9}\n(#{4}, tests)\nthe seed {'engine'}\n"
+                   f"as issues {18} and {19} asked\nthis fixes #{7}\n"
                    "[gone](missing.md) [no such section](bad.md#nowhere)\n# A heading\n"
                    "[fine](bad.md#a-heading) `kernel[grid, block](args...)`\n")
-    assert len(hits(OUTSIDE, [bad])) == 7  # line 1 breaks two rules
+    assert len(hits(OUTSIDE, [bad])) == 9  # line 1 breaks two rules
     assert len(hits(JARGON, [bad])) == 1
     ok = tmp_path / "ok.md"
     ok.write_text("random seed=0, hex #555555, ROCm PR #50, block #3, issues are welcome,\n"
-                  "one load where v3 issues 4 or 8, a warp may issue 2 loads\n")
+                  "one load where v3 issues 4 or 8, a warp may issue 2 loads, v2 issues 2 and "
+                  "4 loads\n")
     assert not hits(OUTSIDE + JARGON, [ok])
     problems = link_problems([bad], root=tmp_path)
     assert any("missing.md: no such file" in p for p in problems)
