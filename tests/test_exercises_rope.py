@@ -220,11 +220,12 @@ def test_llama31_keeps_29_pairs_and_divides_the_slowest_by_8():
     assert speeds[-1] == plain[-1] / 8           # wavelength > 8192: divided by the factor
 
 
-def test_03_has_four_exercises_in_notebook_order():
+def test_03_has_five_exercises_in_notebook_order():
     from kvlab.exercises import EXERCISES
 
     names = [n for n, ex in EXERCISES.items() if ex.notebook == "03_rope"]
-    assert names == ["03.rope_neox", "03.rope_gptj", "03.llama3_inv_freq", "03.rope_kernel"]
+    assert names == ["03.rope_neox", "03.rope_gptj", "03.llama3_inv_freq", "03.rope_kernel",
+                     "03.rope_partial_torch"]
 
 
 def test_each_wrong_kernel_fails_on_the_case_made_for_it(capsys, pictures):
@@ -310,3 +311,64 @@ def test_a_kernel_with_the_right_indices_is_told_to_look_at_its_values(capsys, p
     assert "token 0 (position 3), head 0: dims 0-7" in out
     assert "the indices are right, the values are not" in out
     assert len(pictures) == 1
+
+
+# --- 03.rope_partial_torch ---
+import torch  # noqa: E402
+
+
+def _rope_torch(x, cos, sin, positions, *, pair_offset=None, float32=True, copy_rest=True,
+                use_positions=True):
+    """The solution with one step changed (each wrong answer below changes one)."""
+    half = cos.shape[1]
+    offset = half if pair_offset is None else pair_offset(x.shape[-1], half)
+    rows = positions.long() if use_positions else torch.arange(len(positions))
+    c, s = cos[rows][:, None, :], sin[rows][:, None, :]
+    a, b = x[..., :half], x[..., offset:offset + half]
+    if float32:
+        a, b = a.float(), b.float()
+    else:
+        c, s = c.half(), s.half()
+    out = x.clone() if copy_rest else torch.zeros_like(x)
+    out[..., :half] = (a * c - b * s).half()
+    out[..., offset:offset + half] = (b * c + a * s).half()
+    return out
+
+
+def rope_pairs_by_head_dim(**kwargs):
+    """Pair i = dims (i, i + head_dim / 2): right only when the whole head turns."""
+    return _rope_torch(**kwargs, pair_offset=lambda head_dim, half: head_dim // 2)
+
+
+def rope_torch_in_fp16(**kwargs):
+    """fp16 tables and fp16 products: rounded at every step, not once."""
+    return _rope_torch(**kwargs, float32=False)
+
+
+def rope_drops_the_pass_through_dims(**kwargs):
+    """Starts from zeros: the dims past rotary_dim must be copied, not lost."""
+    return _rope_torch(**kwargs, copy_rest=False)
+
+
+def rope_torch_token_index_as_position(**kwargs):
+    """cos[t] for token t: its position is positions[t]."""
+    return _rope_torch(**kwargs, use_positions=False)
+
+
+WRONG_ANSWERS["03.rope_partial_torch"] = [rope_pairs_by_head_dim, rope_torch_in_fp16,
+                                          rope_drops_the_pass_through_dims,
+                                          rope_torch_token_index_as_position]
+
+
+def test_the_partial_rotary_checker_names_the_pairing_slip(monkeypatch, capsys):
+    from kvlab.exercises import SOLUTIONS_ENV, check
+
+    monkeypatch.delenv(SOLUTIONS_ENV, raising=False)
+    check("03.rope_partial_torch", rope_pairs_by_head_dim)
+    out = capsys.readouterr().out
+    assert "fails on case 'rotary_dim 8 of head_dim 16" in out
+    assert "dims 8-15 (not turned: copied): 24 of 48 values differ" in out
+    assert "Yours pairs dim i with dim i + head_dim / 2 = i + 8" in out, out
+    check("03.rope_partial_torch", rope_torch_in_fp16)
+    out = capsys.readouterr().out
+    assert "dims 8-15 (not turned: copied): ✓" in out and "the rounding" in out, out

@@ -1,5 +1,5 @@
 """Exercises of notebook 03 (RoPE): the two rotations, rotate-half and interleaved, Llama 3.1's
-scaled frequencies, and the rotate-half rotation as a kernel puzzle.
+scaled frequencies, the rotate-half rotation as a kernel puzzle, and partial rotary as torch ops.
 
 Each exercise is checked against :mod:`kvlab.ref.rope`. The cases are picked so that the usual
 slips fail: positions out of order (token t is not at position t), the other style's pairs, the
@@ -15,8 +15,8 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both,
-                                  register)
+from kvlab.exercises.core import (Case, Exercise, WrongResult, copy_args, draw_accesses,
+                                  launch_both, register, torch_copies)
 from kvlab.ref import rope as ref
 from kvlab.trace import index_runs, launch_traced
 
@@ -305,4 +305,142 @@ register(Exercise(
     explain=_explain_rope,
     kernel=True,
     trace=_launch_rope,
+))
+
+
+# --- 03.rope_partial_torch: partial rotary, as torch ops -------------------------------------
+#
+# §2.4's partial rotary in torch: the tables are built for rotary_dim (their width is
+# rotary_dim / 2), the pairs are (i, i + rotary_dim / 2) inside the first rotary_dim dims, and the
+# rest of the head is copied. The classic slip pairs dims by head_dim / 2 instead, as if the whole
+# head turned; a full-head case cannot tell the two apart, a partial one can.
+
+def rope_partial_torch_solution(x, cos, sin, positions):
+    """Rotate-half RoPE on the first ``rotary_dim = 2 * cos.shape[1]`` dims of every head.
+
+    x: float16 torch ``[T, H, D]``; cos, sin: float32 ``[max_positions, rotary_dim // 2]``;
+    positions: int32 ``[T]``. Returns float16 ``[T, H, D]``: dims past rotary_dim as they were.
+    """
+    import torch
+
+    half = cos.shape[1]                                     # pairs: (i, i + half), i < half
+    c = cos[positions.long()][:, None, :]                   # [T, 1, half]: every head alike
+    s = sin[positions.long()][:, None, :]
+    a, b = x[..., :half].float(), x[..., half:2 * half].float()
+    turned = torch.cat([a * c - b * s, b * c + a * s], dim=-1).to(x.dtype)  # rounded once
+    return torch.cat([turned, x[..., 2 * half:]], dim=-1)   # the pass-through dims: copied
+
+
+def rope_partial_torch_reference(x, cos, sin, positions):
+    """``kvlab.ref.rope.apply_rope`` with rotate-half pairs (its rotary_dim from the tables)."""
+    return ref.apply_rope(x, cos, sin, positions, "neox")
+
+
+def _run_rope_partial_torch(fn: Callable, case: Case) -> Any:
+    """NumPy in for the reference; torch tensors in for the learner's function, whose result must
+    be an fp16 tensor."""
+    if fn is rope_partial_torch_reference:
+        return fn(**copy_args(case.kwargs))
+    import torch
+
+    got = fn(**torch_copies(case.kwargs))
+    if not isinstance(got, torch.Tensor):
+        raise WrongResult(f"the result should be a torch tensor (float16, x's shape), got "
+                          f"{type(got).__name__}")
+    if got.dtype != torch.float16:
+        raise WrongResult(f"the result should be float16 (x's dtype), got {got.dtype}")
+    return got.detach().cpu().numpy()
+
+
+def _explain_rope_partial(fn: Callable, case: Case) -> None:
+    """Which of the head's three parts is off (the pairs' first dims, their second dims, the
+    pass-through), and whether the differences are rounding or the pairing."""
+    x, cos = case.kwargs["x"], case.kwargs["cos"]
+    try:
+        got = _run_rope_partial_torch(fn, case)
+    except Exception:
+        return
+    expected = rope_partial_torch_reference(**copy_args(case.kwargs))
+    if got.shape != expected.shape:
+        return
+    half, head_dim = cos.shape[1], x.shape[-1]
+    parts = [(f"dims 0-{half - 1} (each pair's first)", slice(0, half)),
+             (f"dims {half}-{2 * half - 1} (each pair's second)", slice(half, 2 * half))]
+    if 2 * half < head_dim:
+        parts.append((f"dims {2 * half}-{head_dim - 1} (not turned: copied)",
+                      slice(2 * half, head_dim)))
+    print(f"  rotary_dim = 2 x cos.shape[1] = {2 * half} of head_dim {head_dim}: pair i is dims "
+          f"(i, i + {half})")
+    steps = []
+    for name, dims in parts:
+        yours, want = got[..., dims].astype(np.float32), expected[..., dims].astype(np.float32)
+        wrong = ~((yours == want) | (np.isnan(yours) & np.isnan(want)))
+        print(f"    {name}: " + ("✓" if not wrong.any() else
+                                 f"{int(wrong.sum())} of {wrong.size} values differ"))
+        if wrong.any():
+            step = np.spacing(np.abs(expected[..., dims]).max(axis=-1, keepdims=True))
+            steps.append(bool((np.abs(yours - want) <= 4 * step.astype(np.float32))[wrong].all()))
+    if steps and all(steps):
+        print("  Every difference is a few fp16 steps at most: the rounding. Turn in float32 "
+              "(x.float(), the float32 tables) and round to fp16 once, at the end.")
+    elif 2 * half < head_dim and np.array_equal(got, _paired_by_head_dim(**case.kwargs)):
+        print(f"  Yours pairs dim i with dim i + head_dim / 2 = i + {head_dim // 2}, as if the "
+              f"whole head turned; with rotary_dim {2 * half} the pair is (i, i + {half}).")
+
+
+def _paired_by_head_dim(x, cos, sin, positions):
+    """The usual slip of partial rotary, for the explanation to recognise: pairs (i, i + D/2)."""
+    half, middle = cos.shape[1], x.shape[-1] // 2
+    c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+    a = x[..., :half].astype(np.float32)
+    b = x[..., middle:middle + half].astype(np.float32)
+    out = x.copy()
+    out[..., :half] = (a * c - b * s).astype(x.dtype)
+    out[..., middle:middle + half] = (b * c + a * s).astype(x.dtype)
+    return out
+
+
+def _rope_partial_cases() -> list[Case]:
+    def case(label, positions, heads=2, head_dim=16, rotary_dim=8, seed=0, theta=10000.0,
+             scaling=None, tokens=None, random=False):
+        rng = np.random.default_rng(seed)
+        positions = np.asarray(positions, np.int32)
+        cos, sin = ref.rope_tables(int(positions.max()) + 1, rotary_dim, theta, scaling)
+        x = (2 * rng.standard_normal((len(positions), heads, head_dim))).astype(np.float16)
+        return Case(label, dict(x=x, cos=cos, sin=sin, positions=positions), random=random)
+
+    rng = np.random.default_rng(3)
+    cases = [
+        case("rotary_dim 8 of head_dim 16: pairs (i, i + 4), dims 8-15 copied", [3, 1, 4]),
+        case("the whole head turns (rotary_dim = head_dim = 8)", [2, 7], head_dim=8, seed=1),
+        case("GPT-NeoX's 25%: rotary_dim 8 of head_dim 32, positions out of order",
+             [9, 0, 30, 5], heads=1, head_dim=32, seed=2),
+        case("Llama 3.1's scaled tables, rotary_dim 16 of 64: read the tables", [700, 5, 3000],
+             head_dim=64, rotary_dim=16, seed=4, theta=500000.0, scaling=LLAMA31_SCALING),
+        case("random, large: 256 tokens x 8 heads of 128, rotary_dim 64 (rounding shows here)",
+             rng.permutation(2048)[:256], heads=8, head_dim=128, rotary_dim=64, seed=5,
+             random=True),
+    ]
+    for i in range(2):
+        head_dim = int(rng.choice([16, 32, 64]))
+        cases.append(case(f"random {i}", rng.permutation(100)[:int(rng.integers(1, 6))],
+                          heads=int(rng.integers(1, 4)), head_dim=head_dim,
+                          rotary_dim=head_dim // int(rng.choice([1, 2, 4])), seed=30 + i,
+                          random=True))
+    return cases
+
+
+register(Exercise(
+    name="03.rope_partial_torch", notebook=NOTEBOOK, section="4 As MPS ops (torch)",
+    signature="rope_partial_torch(x, cos, sin, positions) -> out  # torch; x, out float16 "
+              "[T, H, D]; rotary_dim = 2 * cos.shape[1]",
+    hint="half = cos.shape[1]; c, s = cos[positions], sin[positions] as [T, 1, half]; a, b = the "
+         "first half dims and the next half dims, in float32; cat(a c - b s, b c + a s) to fp16, "
+         "then the dims from 2 * half on, unchanged.",
+    solution=rope_partial_torch_solution,
+    reference=rope_partial_torch_reference,
+    cases=_rope_partial_cases,
+    run=_run_rope_partial_torch,
+    explain=_explain_rope_partial,
+    rtol=0.0, atol=0.0,  # one float32 rotation, rounded once: bit for bit
 ))
