@@ -79,7 +79,7 @@ class AccessLog:
         when a barrier stands between their stores (one had passed more barriers than the
         other); threads of different blocks never are. Threads that store the same value do no
         harm and are let pass."""
-        for (name, element), by_thread in self.stored.items():
+        for (name, element), by_thread in sorted(self.stored.items()):  # not the run's order
             stores = sorted(by_thread.items())
             for i, ((block_a, thread_a), (passed_a, value_a)) in enumerate(stores):
                 for (block_b, thread_b), (passed_b, value_b) in stores[i + 1:]:

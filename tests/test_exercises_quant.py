@@ -397,12 +397,15 @@ _AXES = {"tensor": (0, 1, 2), "head": (0, 2), "token": (2,), "channel": (0,)}
 
 
 def _fake_quant(x, granularity, *, axes=None, stored_fp16=True, floor=True, keepdim=True,
-                rounding=torch.round):
+                rounding=torch.round, codes_from_stored=False, fp16_product=False):
     """The solution with one step changed (each wrong answer below changes one)."""
     amax = x.abs().amax(dim=axes or _AXES[granularity], keepdim=keepdim)
     scale = (amax.clamp(min=1e-8) if floor else amax) / 127
-    codes = rounding(x / scale).clamp(-127, 127)
-    return codes * (scale.half().float() if stored_fp16 else scale)
+    stored = scale.half().float() if stored_fp16 else scale
+    codes = rounding(x / (stored if codes_from_stored else scale)).clamp(-127, 127)
+    if fp16_product:
+        return (codes.half() * scale.half()).float()
+    return codes * stored
 
 
 def always_per_token(x, granularity):
@@ -430,9 +433,26 @@ def truncates_the_codes(x, granularity):
     return _fake_quant(x, granularity, rounding=torch.trunc)
 
 
+def rounds_half_up(x, granularity):
+    """floor(y + 0.5): a tie goes up, where torch.round (and np.rint) take the even code."""
+    return _fake_quant(x, granularity, rounding=lambda y: torch.floor(y + 0.5))
+
+
+def codes_from_the_fp16_scale(x, granularity):
+    """Divides by the stored fp16 scale: a 1e-8 / 127 floor is 0 in fp16, so 0 / 0."""
+    return _fake_quant(x, granularity, codes_from_stored=True)
+
+
+def product_in_fp16(x, granularity):
+    """codes.half() * scale.half(): the product rounded to fp16 before it is widened."""
+    return _fake_quant(x, granularity, fp16_product=True)
+
+
 WRONG_ANSWERS["02.fake_quant_torch"] = [always_per_token, channel_over_the_dims,
                                         reads_back_the_float32_scale,
-                                        fake_quant_without_the_floor, truncates_the_codes]
+                                        fake_quant_without_the_floor, truncates_the_codes,
+                                        rounds_half_up, codes_from_the_fp16_scale,
+                                        product_in_fp16]
 
 
 def test_the_granularity_checker_names_the_axes_it_got(learner_view, capsys):
@@ -444,6 +464,14 @@ def test_the_granularity_checker_names_the_axes_it_got(learner_view, capsys):
     assert "Yours is what you get with per token's scales (amax over dims (2,))" in out
     get("02.fake_quant_torch").check(fake_quant_without_the_floor)
     assert "no 1e-8 floor: a cell of zeros gives 0 / 0 = NaN" in capsys.readouterr().out
+    for wrong, slip in ((rounds_half_up, "round half up"),
+                        (codes_from_the_fp16_scale, "codes divided by the fp16 scale"),
+                        (product_in_fp16, "the product taken in fp16")):
+        get("02.fake_quant_torch").check(wrong)
+        assert f"Yours is what you get with {slip}" in capsys.readouterr().out
+    get("02.fake_quant_torch").check(
+        lambda x, granularity: _fake_quant(x, granularity, keepdim=False))
+    assert "lost the dims it covers" in capsys.readouterr().out
     get("02.fake_quant_torch").check(lambda x, granularity: x.double())
     assert "  the result should be float32 (the values read back), got torch.float64" in \
         capsys.readouterr().out

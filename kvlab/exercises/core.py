@@ -278,8 +278,11 @@ class Exercise:
                 return self._fail(say, fn, case, str(error))
             except Exception as error:  # the learner's bug: report it as a failing case
                 what = "kernel" if self.kernel else "function"
+                names = ("; the checker passes the arguments by name, so keep the stub's: "
+                         f"{self.signature.split(' ->')[0]}"
+                         if "unexpected keyword argument" in str(error) else "")
                 return self._fail(say, fn, case,
-                                  f"your {what} raised {type(error).__name__}: {error}")
+                                  f"your {what} raised {type(error).__name__}: {error}{names}")
             message = compare(got, expected, self.rtol, self.atol, names=self.outputs)
             if message:
                 return self._fail(say, fn, case, message, expected, got)

@@ -412,6 +412,11 @@ def _explain_fake_quant(fn: Callable, case: Case) -> None:
     x, granularity = case.kwargs["x"], case.kwargs["granularity"]
     try:
         got = _run_fake_quant_torch(fn, case)
+    except RuntimeError as error:
+        if "must match the size" in str(error):  # torch's broadcasting error
+            print("  A scale reduced without keepdim=True has lost the dims it covers, so it "
+                  "cannot broadcast back over x: amax(dim=..., keepdim=True).")
+        return
     except Exception:
         return
     if got.shape != x.shape:
@@ -424,17 +429,27 @@ def _explain_fake_quant(fn: Callable, case: Case) -> None:
     codes = np.rint(np.clip(x / scale, -127, 127))
     slips = {f"per {other}'s scales (amax over dims {axes})": fake_quant(x, "int8", other)
              for other, axes in REDUCE_AXES.items() if other != granularity}
+    stored = scale.astype(np.float16)
     slips["the float32 scale read back: the cache stores it in fp16 (scale.half().float())"] = (
         codes * scale)
+    slips["the product taken in fp16 (codes.half() * scale.half()): take it in float32, codes "
+          "* scale.half().float()"] = (
+        codes.astype(np.float16) * stored).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        from_stored = np.rint(np.clip(x / stored.astype(np.float32), -127, 127))
+    slips["codes divided by the fp16 scale: divide by the float32 one (a scale of 1e-8 / 127 is "
+          "0 in fp16)"] = from_stored * stored.astype(np.float32)
+    slips["round half up: torch.round rounds a tie to the even code"] = (
+        np.clip(np.floor(x / scale + np.float32(0.5)), -127, 127) * stored.astype(np.float32))
     with np.errstate(divide="ignore", invalid="ignore"):
         no_floor = np.rint(np.clip(x / (amax / np.float32(127)), -127, 127)) * (
             amax / np.float32(127)).astype(np.float16).astype(np.float32)
     slips["no 1e-8 floor: a cell of zeros gives 0 / 0 = NaN"] = no_floor
     expected = fake_quant(x, "int8", granularity)
-    for slip, values in slips.items():
-        if np.array_equal(got, values, equal_nan=True) and not np.array_equal(values, expected):
-            print(f"  Yours is what you get with {slip}.")
-            return
+    named = [slip for slip, values in slips.items()
+             if np.array_equal(got, values, equal_nan=True) and not np.array_equal(values, expected)]
+    if named:  # two slips can give the same values on a case: name them all
+        print("  Yours is what you get with " + "; or with ".join(named) + ".")
 
 
 def _fake_quant_cases() -> list[Case]:
@@ -448,6 +463,7 @@ def _fake_quant_cases() -> list[Case]:
     zero_head = k.copy()
     zero_head[:, 1] = 0.0
     one_token, _ = synthetic_kv(1, num_kv_heads=2, head_dim=8, outlier_channels=1, seed=4)
+    ties = np.array([[[127.0, 0.5, 2.5, -1.5, 3.5, -0.5, 10.0, 1.0]]], np.float32)  # scale 1
     cases = [
         case("per token (what the cache stores): keys with an outlier channel", k, "token"),
         case("per channel (KIVI's keys): one scale per (head, dim), over the 6 tokens", k,
@@ -456,6 +472,8 @@ def _fake_quant_cases() -> list[Case]:
         case("per tensor: one scale for everything", v, "tensor"),
         case("per head, head 1 all zeros: its scale is the 1e-8 floor", zero_head, "head"),
         case("per channel with a single token: each element its own scale", one_token, "channel"),
+        case("exact ties (amax 127, so a scale of 1): 0.5, 2.5, -1.5 round to the even code", ties,
+             "token"),
     ]
     rng = np.random.default_rng(9)
     for i in range(4):

@@ -382,7 +382,9 @@ def _explain_rope_partial(fn: Callable, case: Case) -> None:
             steps.append(bool((np.abs(yours - want) <= 4 * step.astype(np.float32))[wrong].all()))
     if steps and all(steps):
         print("  Every difference is a few fp16 steps at most: the rounding. Turn in float32 "
-              "(x.float(), the float32 tables) and round to fp16 once, at the end.")
+              "(x.float(), the float32 tables) as a * c - b * s and b * c + a * s, and round to "
+              "fp16 once, at the end (a fused multiply-add such as torch.addcmul rounds once "
+              "where those round three times: write the two products apart).")
     elif 2 * half < head_dim and np.array_equal(got, _paired_by_head_dim(**case.kwargs)):
         print(f"  Yours pairs dim i with dim i + head_dim / 2 = i + {head_dim // 2}, as if the "
               f"whole head turned; with rotary_dim {2 * half} the pair is (i, i + {half}).")
