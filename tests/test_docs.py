@@ -86,3 +86,13 @@ def test_every_documented_op_has_its_signature_on_every_backend(package):
         documented = [(p.split("=")[0], ast.literal_eval(p.split("=")[1]) if "=" in p
                        else inspect.Parameter.empty) for p in params]
         assert actual == documented, f"{package}.{module}.{op}: {actual} != docs/ops.md {params}"
+
+
+def test_the_exercise_list_is_the_registry():
+    """docs/exercises.md's table is kvlab.exercises.overview(): every exercise, none retyped."""
+    from kvlab.exercises import EXERCISES, overview
+
+    page = (ROOT / "docs/exercises.md").read_text()
+    assert overview() in page
+    assert all(f"`{name}`" in page for name in EXERCISES)
+    assert "docs/exercises.md" in (ROOT / "README.md").read_text()

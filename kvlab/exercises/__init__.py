@@ -16,12 +16,12 @@ import importlib
 import pkgutil
 
 from kvlab.exercises.core import (
-    EXERCISES, SOLUTIONS_ENV, Case, Exercise, check, compare, get, register, solution,
+    EXERCISES, SOLUTIONS_ENV, Case, Exercise, check, compare, get, overview, register, solution,
 )
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "core":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["EXERCISES", "SOLUTIONS_ENV", "Case", "Exercise", "check", "compare", "get", "register",
-           "solution"]
+__all__ = ["EXERCISES", "SOLUTIONS_ENV", "Case", "Exercise", "check", "compare", "get", "overview",
+           "register", "solution"]

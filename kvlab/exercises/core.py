@@ -392,6 +392,27 @@ def get(name: str) -> Exercise:
         raise KeyError(f"no exercise {name!r}; there are: {', '.join(sorted(EXERCISES))}") from None
 
 
+def kind(exercise: Exercise) -> str:
+    """What the learner writes: ``"CUDA kernel"``, ``"torch ops"`` or ``"Python"`` (NumPy)."""
+    if exercise.kernel:
+        return "CUDA kernel"
+    return "torch ops" if exercise.name.endswith("_torch") else "Python"
+
+
+def overview() -> str:
+    """Every exercise as a Markdown table, in course order: where it is, what the learner writes
+    and in what (docs/exercises.md holds this table; a test keeps the two equal)."""
+    lines = ["| exercise | notebook, section | you write | in |", "|---|---|---|---|"]
+    registered = list(EXERCISES)  # each module registers its notebook's exercises in its order
+    for name in sorted(EXERCISES, key=lambda n: (n[:2], registered.index(n))):
+        exercise = EXERCISES[name]
+        what = exercise.signature.replace("@cuda.jit\ndef ", "").split("  #")[0].strip()
+        what = what.removesuffix(": ...").replace("|", "\\|")
+        lines.append(f"| `{name}` | {exercise.notebook} §{exercise.section.split()[0]} "
+                     f"{' '.join(exercise.section.split()[1:])} | `{what}` | {kind(exercise)} |")
+    return "\n".join(lines) + "\n"
+
+
 def check(name: str, fn: Callable) -> None:
     """Print exercise ``name``'s verdict on ``fn``: the call a notebook's checker cell makes.
 

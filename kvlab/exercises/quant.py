@@ -447,7 +447,8 @@ def _explain_fake_quant(fn: Callable, case: Case) -> None:
     slips["no 1e-8 floor: a cell of zeros gives 0 / 0 = NaN"] = no_floor
     expected = fake_quant(x, "int8", granularity)
     named = [slip for slip, values in slips.items()
-             if np.array_equal(got, values, equal_nan=True) and not np.array_equal(values, expected)]
+             if np.array_equal(got, values, equal_nan=True)
+             and not np.array_equal(values, expected)]
     if named:  # two slips can give the same values on a case: name them all
         print("  Yours is what you get with " + "; or with ".join(named) + ".")
 
