@@ -126,6 +126,17 @@ def work_note(yours: Any, solution: Any, label: str) -> str:
             + "; ".join(slower) + ".")
 
 
+def rounding_apart(yours: np.ndarray, expected: np.ndarray, steps: int = 4) -> bool:
+    """Whether two fp16 results differ by rounding alone: every difference within ``steps`` fp16
+    steps of its row's largest value (a row: the last axis; rounding a term of that size errs
+    by about one step, and ``a * c - b * s`` rounds a few terms), NaN equal to NaN."""
+    expected = np.asarray(expected)
+    yours, want = np.asarray(yours, np.float32), expected.astype(np.float32)
+    step = np.spacing(np.abs(expected).max(axis=-1, keepdims=True)).astype(np.float32)
+    wrong = ~((yours == want) | (np.isnan(yours) & np.isnan(want)))
+    return bool((np.abs(yours - want) <= steps * step)[wrong].all())
+
+
 def draw_accesses(yours: np.ndarray, reference: np.ndarray, title: str) -> None:
     """Show two owner maps side by side (:func:`kvlab.plot.trace.plot_access_comparison`)."""
     import matplotlib.pyplot as plt

@@ -15,7 +15,7 @@ import numpy as np
 
 from kvlab.backends import cuda_mode
 from kvlab.exercises.core import (Case, Exercise, WrongResult, copy_args, draw_accesses,
-                                  launch_both, register, torch_copies)
+                                  launch_both, register, rounding_apart, torch_copies)
 from kvlab.ref import fused_write as ref
 from kvlab.ref.rope import rope_tables
 from kvlab.trace import index_runs, launch_traced
@@ -429,12 +429,8 @@ def _explain_fused_write_torch(fn: Callable, case: Case) -> None:
         if old is not None and np.array_equal(yours, old, equal_nan=True):
             rounding_only = False
             return f"{name}: not written"
-        # one fp16 step at the row's largest value: rounding a term of that size errs that much
-        step = float(np.spacing(np.abs(want).max()))
-        yours, want = yours.astype(np.float32), want.astype(np.float32)
-        wrong = yours != want
-        rounding_only &= bool((np.abs(yours - want) <= 4 * step)[wrong].all())
-        return f"{name}: {wrong.sum()} of {want.size} values differ"
+        rounding_only &= rounding_apart(yours, want)
+        return f"{name}: {int((yours != want).sum())} of {want.size} values differ"
 
     blocks = kw["block_tables"][seq, positions // block_size]
     slots = blocks * block_size + positions % block_size

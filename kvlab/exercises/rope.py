@@ -16,7 +16,7 @@ import numpy as np
 
 from kvlab.backends import cuda_mode
 from kvlab.exercises.core import (Case, Exercise, WrongResult, copy_args, draw_accesses,
-                                  launch_both, register, torch_copies)
+                                  launch_both, register, rounding_apart, torch_copies)
 from kvlab.ref import rope as ref
 from kvlab.trace import index_runs, launch_traced
 
@@ -378,8 +378,7 @@ def _explain_rope_partial(fn: Callable, case: Case) -> None:
         print(f"    {name}: " + ("✓" if not wrong.any() else
                                  f"{int(wrong.sum())} of {wrong.size} values differ"))
         if wrong.any():
-            step = np.spacing(np.abs(expected[..., dims]).max(axis=-1, keepdims=True))
-            steps.append(bool((np.abs(yours - want) <= 4 * step.astype(np.float32))[wrong].all()))
+            steps.append(rounding_apart(got[..., dims], expected[..., dims]))
     if steps and all(steps):
         print("  Every difference is a few fp16 steps at most: the rounding. Turn in float32 "
               "(x.float(), the float32 tables) as a * c - b * s and b * c + a * s, and round to "
