@@ -25,10 +25,11 @@ allows a barrier in conditional code only when the condition is the same for the
 traced launch in which the threads of one block reached different barriers (other lines, or
 other numbers of them) raises :class:`DivergentBarrierError`.
 
-And it records what each thread stores. The simulator runs a block's threads one after another,
-so two threads that write one element come out in one order there, and in any order on a GPU;
-a traced launch in which two threads stored different values in one element, with no barrier
-between them (or from different blocks), raises :class:`WriteRaceError`.
+And it records what each thread stores. The simulator runs a block's threads as Python threads,
+in whatever order its scheduler picks, so two threads that write one element come out one way in
+a run there, and any way on a GPU; a traced launch in which two threads stored different values
+in one element, with no barrier between them (or from different blocks), raises
+:class:`WriteRaceError`. Stores by ``cuda.atomic.*`` are exempt: they combine on purpose.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ class AccessLog:
     # what each thread last stored in each element, and after how many of its barriers:
     # {(array name, flat element): {(block, thread): (barriers passed, value)}}
     stored: dict = field(default_factory=lambda: defaultdict(dict))
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # reentrant: a store is recorded, made and read back under it (see TracedArray.__setitem__)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def add(self, name: str, kind: str, elements: np.ndarray) -> None:
         block, thread = _current_thread_ids()
@@ -90,10 +92,11 @@ class AccessLog:
                     a = f"thread {_linear(thread_a, self.block_dim)} of block {block_a}"
                     b = f"thread {_linear(thread_b, self.block_dim)} of block {block_b}"
                     return (f"{a} and {b} both wrote {name}{list(where)}, different values "
-                            f"({value_a!r} and {value_b!r}), with no barrier between: on a GPU "
-                            f"they run at the same time and which write lands is not defined "
-                            f"(the simulator runs threads one after another, so it came out one "
-                            f"way here). Give each element one writer")
+                            f"({value_a.item()!r} and {value_b.item()!r}), with no barrier "
+                            f"between: on a GPU they run at the same time and which write lands "
+                            f"is not defined (in the simulator it came out one way this run). "
+                            f"Give each element one writer, or use cuda.atomic if they must "
+                            f"combine")
         return None
 
     def add_barrier(self, block: tuple[int, ...], thread: tuple[int, ...],
@@ -289,10 +292,15 @@ class TracedArray:
 
     def __setitem__(self, index: Any, value: Any) -> None:
         ids = np.asarray(self._ids[index])
-        self._log.add(self.name, WRITE, ids)
-        with np.errstate(over="ignore", invalid="ignore"):  # a GPU's store rounds to inf quietly
-            self._data[index] = value.to_numpy() if isinstance(value, TracedArray) else value
-        self._log.add_stored(self.name, ids, np.asarray(self._data[index]))  # as stored: rounded
+        # the simulator's cuda.atomic.* store through here too, one thread at a time by their own
+        # lock: those are combined on purpose, not raced
+        atomic = sys._getframe(1).f_code.co_filename.endswith("kernelapi.py")
+        with self._log._lock:  # no other thread's store between this one and its read-back
+            self._log.add(self.name, WRITE, ids)
+            with np.errstate(over="ignore", invalid="ignore"):  # a GPU's store rounds to inf
+                self._data[index] = value.to_numpy() if isinstance(value, TracedArray) else value
+            if not atomic:
+                self._log.add_stored(self.name, ids, np.asarray(self._data[index]))  # rounded
 
     def to_numpy(self) -> np.ndarray:
         """The array's values (recording nothing)."""

@@ -112,6 +112,18 @@ def test_a_learner_exception_is_reported_not_raised(capsys):
     assert "your function raised ZeroDivisionError" in capsys.readouterr().out
 
 
+def test_renamed_parameters_are_told_apart_from_a_keyword_slip_inside(capsys):
+    """The arguments go in by name: a renamed parameter is told to keep the stub's names; a
+    wrong keyword inside the function (np.max(..., dim=1)) is not blamed on the parameters."""
+    check("01.slot_mapping", lambda table, positions, block_size: positions)
+    assert "so keep the stub's: slot_mapping(block_table, positions, block_size)" in \
+        capsys.readouterr().out
+    check("01.slot_mapping", lambda block_table, positions, block_size:
+          np.zeros((2, 3)).max(dim=1))
+    out = capsys.readouterr().out
+    assert "unexpected keyword argument 'dim'" in out and "keep the stub's" not in out
+
+
 def test_a_kernel_puzzle_asks_for_a_kernel(capsys):
     kernels = [ex for ex in EXERCISES.values() if ex.kernel]
     assert kernels, "no kernel puzzle registered"

@@ -174,3 +174,14 @@ def test_a_numpy_method_on_a_kernel_array_is_named_for_what_it_is():
     with pytest.raises(AttributeError, match=r"x.max: an array in a GPU kernel has indexing, "
                        r"\.shape, \.size, \.ndim and \.dtype, not NumPy's methods"):
         launch_traced(max_by_numpy_method, 1, 1, x=np.arange(4.0), out=np.zeros(1))
+
+
+@cuda.jit
+def largest_by_atomics(x, out):
+    cuda.atomic.max(out, 0, x[cuda.threadIdx.x])
+
+
+def test_atomics_combine_on_purpose_and_are_no_race():
+    after, log = launch_traced(largest_by_atomics, 1, 4, x=np.array([3.0, 9.0, 1.0, 4.0]),
+                               out=np.zeros(1))
+    assert after["out"][0] == 9.0 and log.owner_map("out", "write")[0] == -2

@@ -16,7 +16,7 @@ import numpy as np
 
 from kvlab.backends import cuda_mode
 from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both, register,
-                                  torch_copies)
+                                  run_torch)
 from kvlab.ref import attention as ref
 from kvlab.trace import launch_traced
 
@@ -374,10 +374,7 @@ def _run_paged_decode_torch(fn: Callable, case: Case) -> Any:
     its result back as NumPy."""
     if fn is paged_decode_torch_reference:
         return fn(**copy_args(case.kwargs))
-    import torch
-
-    got = fn(**torch_copies(case.kwargs))
-    return got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else got
+    return run_torch(fn, case.kwargs, "float32", "out", " [S, Hq, D]")[0]
 
 
 def _explain_paged_decode_torch(fn: Callable, case: Case) -> None:

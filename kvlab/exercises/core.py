@@ -58,6 +58,32 @@ def torch_copies(kwargs: dict[str, Any]) -> dict[str, Any]:
             for k, v in kwargs.items()}
 
 
+def run_torch(fn: Callable, kwargs: dict[str, Any], dtype: str, what: str,
+              shape: str = "") -> tuple[np.ndarray, dict[str, Any]]:
+    """A torch exercise's learner side: ``fn`` on CPU tensor copies of ``kwargs``; returns its
+    result as NumPy and the tensors it ran on (the pools it wrote, say). A result that is not a
+    torch tensor of ``dtype`` ("float16", "float32") raises :class:`WrongResult`, whose message
+    names ``what`` (and ``shape``, e.g. ``" [T, Hq, D]"``)."""
+    import torch
+
+    args = torch_copies(kwargs)
+    got = fn(**args)
+    if not isinstance(got, torch.Tensor):
+        raise WrongResult(f"{what} should be a torch tensor ({dtype}{shape}), got "
+                          f"{type(got).__name__}")
+    if got.dtype != getattr(torch, dtype):
+        raise WrongResult(f"{what} should be {dtype}, got {got.dtype}")
+    return got.detach().cpu().numpy(), args
+
+
+# What a torch exercise says when its fp16 result is off by rounding alone (see rounding_apart).
+ROUNDING_NOTE = ("  Every difference is a few fp16 steps at most: the rounding, not the indices. "
+                 "Do the arithmetic in float32 (every input widened: not fp16, bf16 or float64) "
+                 "as a * c - b * s and b * c + a * s, and round to fp16 once, at the end, as the "
+                 "reference does (a fused multiply-add such as torch.addcmul rounds once where "
+                 "those round three times: write the two products apart).")
+
+
 def call(fn: Callable, case: Case) -> Any:
     """The default way to run a case: call ``fn`` on copies of its arguments, return its result."""
     return fn(**copy_args(case.kwargs))
@@ -159,7 +185,7 @@ def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
             return f"{path} should be a tuple of {len(expected)} items, got {_short(got)}"
         for i, (g, e) in enumerate(zip(got, expected)):
-            message = compare(g, e, rtol, atol, names[i] if names else f"{path}[{i}]")
+            message = compare(g, e, rtol, atol, names[i] if i < len(names) else f"{path}[{i}]")
             if message:
                 return message
         return None
@@ -288,12 +314,7 @@ class Exercise:
             except WrongResult as error:  # ran, but returned what cannot be compared
                 return self._fail(say, fn, case, str(error))
             except Exception as error:  # the learner's bug: report it as a failing case
-                what = "kernel" if self.kernel else "function"
-                names = ("; the checker passes the arguments by name, so keep the stub's: "
-                         f"{self.signature.split(' ->')[0]}"
-                         if "unexpected keyword argument" in str(error) else "")
-                return self._fail(say, fn, case,
-                                  f"your {what} raised {type(error).__name__}: {error}{names}")
+                return self._fail(say, fn, case, self._raised(fn, case, error))
             message = compare(got, expected, self.rtol, self.atol, names=self.outputs)
             if message:
                 return self._fail(say, fn, case, message, expected, got)
@@ -356,6 +377,25 @@ class Exercise:
             except Exception as error:  # the explanation is a help: it must not break check()
                 say(f"  (no picture of this case: {type(error).__name__}: {error})")
         return False
+
+    def _raised(self, fn: Callable, case: Case, error: Exception) -> str:
+        """What to say of an exception from a case: the tracer's refusals as refusals, a
+        function that cannot take the case's arguments by name as that."""
+        from kvlab.trace import DivergentBarrierError, WriteRaceError
+
+        if isinstance(error, (DivergentBarrierError, WriteRaceError)):
+            return f"the tracer refuses your kernel ({type(error).__name__}): {error}"
+        what = "kernel" if self.kernel else "function"
+        message = f"your {what} raised {type(error).__name__}: {error}"
+        if not self.kernel and isinstance(error, TypeError):
+            try:
+                inspect.signature(fn).bind(**case.kwargs)
+            except TypeError:  # its parameters are not the stub's
+                return (f"{message}; the checker passes the arguments by name, so keep the "
+                        f"stub's: {self.signature.split(' ->')[0]}")
+            except ValueError:  # no signature to read
+                pass
+        return message
 
     def _parameter_note(self, fn: Callable) -> list[str]:
         """For a kernel puzzle whose kernel names its parameters otherwise than the signature:

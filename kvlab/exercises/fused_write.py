@@ -14,8 +14,8 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import (Case, Exercise, WrongResult, copy_args, draw_accesses,
-                                  launch_both, register, rounding_apart, torch_copies)
+from kvlab.exercises.core import (ROUNDING_NOTE, Case, Exercise, copy_args, draw_accesses,
+                                  launch_both, register, rounding_apart, run_torch)
 from kvlab.ref import fused_write as ref
 from kvlab.ref.rope import rope_tables
 from kvlab.trace import index_runs, launch_traced
@@ -391,16 +391,9 @@ def _run_fused_write_torch(fn: Callable, case: Case) -> Any:
     torch tensors (CPU, copies) in for the learner's function."""
     if fn is fused_write_torch_reference:
         return _run_fused_write(fn, case)
-    import torch
-
-    args = torch_copies(case.kwargs)
-    q_out = fn(**args)
-    if not isinstance(q_out, torch.Tensor):
-        raise WrongResult(f"q_out should be a torch tensor (float16 [T, Hq, D]; return it alone: "
-                          f"the pools are written in place), got {type(q_out).__name__}")
-    if q_out.dtype != torch.float16:
-        raise WrongResult(f"q_out should be float16 (qkv's dtype), got {q_out.dtype}")
-    return q_out.detach().cpu().numpy(), args["k_pool"].numpy(), args["v_pool"].numpy()
+    q_out, args = run_torch(fn, case.kwargs, "float16", "q_out",
+                            " [T, Hq, D]; return it alone: the pools are written in place")
+    return q_out, args["k_pool"].numpy(), args["v_pool"].numpy()
 
 
 def _explain_fused_write_torch(fn: Callable, case: Case) -> None:
@@ -446,8 +439,9 @@ def _explain_fused_write_torch(fn: Callable, case: Case) -> None:
                       + ", ".join(checks)))
     if len(lines) > 8:  # a large case: the tokens that are off, the first 8 of them
         off = [line for bad, line in lines if bad]
-        print(f"  token by token ({len(off)} of {len(lines)} tokens off; the first of them):")
-        print("\n".join(off[:8]))
+        if off:
+            print(f"  token by token ({len(off)} of {len(lines)} tokens off; the first of them):")
+            print("\n".join(off[:8]))
     else:
         print("  token by token:")
         print("\n".join(line for _, line in lines))
@@ -460,11 +454,7 @@ def _explain_fused_write_torch(fn: Callable, case: Case) -> None:
     elif wrong_rows == {"v"}:
         print("  Only V is off: V is stored as it comes in the row (never normed, never turned).")
     elif rounding_only and wrong_rows:
-        print("  Every difference is a few fp16 steps at most: the rounding, not the positions. "
-              "Do the arithmetic in float32 (Q, K, cos and sin all float32: not fp16, bf16 or "
-              "float64) as a * c - b * s and b * c + a * s, and round to fp16 once, at the end, "
-              "as the reference does (an FMA such as addcmul rounds once where they round three "
-              "times).")
+        print(ROUNDING_NOTE)
 
 
 def _fused_write_torch_cases() -> list[Case]:

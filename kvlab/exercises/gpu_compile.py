@@ -13,9 +13,9 @@ module's functions such as ``exp`` from ``math``, Numba types such as ``float32`
 types, numbers such as ``THREADS``, and the learner's own ``@cuda.jit`` functions, with or
 without ``device=True``, by their source), and the types of the case's arguments. The PTX then
 goes through ptxas (:func:`kvlab.kernels.cuda.ptx.ptxas_resources`), which refuses what PTX
-still allows: more static shared memory than a block may have, say. A kernel that uses anything else is not
-compiled, and :func:`compile_for_gpu` says why; so is one whose compile fails for a reason that
-is not the compiler's verdict on the kernel (no source to read, no NVVM library).
+still allows: more static shared memory than a block may have, say. A kernel that uses anything
+else is not compiled, and :func:`compile_for_gpu` says why; so is one whose compile fails for a
+reason that is not the compiler's verdict on the kernel (no source to read, no NVVM library).
 """
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def _portable(name: str, value: Any, sent: set[int]) -> list[tuple[str, str, Any
         return needs + [(name, "device", [function.__name__, _source(function)])]
     module = getattr(value, "__module__", None)
     attribute = getattr(value, "__name__", None)
-    if isinstance(value, types.FunctionType) and not getattr(value, "_device", False):
+    if isinstance(value, types.FunctionType):
         raise _PlainFunction(name)  # a kernel calls device functions only
     if (module and attribute and not module.startswith("__")
             and getattr(sys.modules.get(module), attribute, None) is value):

@@ -19,8 +19,8 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import (Case, Exercise, WrongResult, copy_args, draw_accesses,
-                                  launch_both, register, torch_copies)
+from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both,
+                                  register, run_torch)
 from kvlab.ref import quant as ref
 from kvlab.trace import launch_traced
 
@@ -393,15 +393,8 @@ def _run_fake_quant_torch(fn: Callable, case: Case) -> Any:
     result back as NumPy."""
     if fn is fake_quant_torch_reference:
         return fn(**copy_args(case.kwargs))
-    import torch
-
-    got = fn(**torch_copies(case.kwargs))
-    if not isinstance(got, torch.Tensor):
-        raise WrongResult(f"the result should be a torch tensor (float32, x's shape), got "
-                          f"{type(got).__name__}")
-    if got.dtype != torch.float32:
-        raise WrongResult(f"the result should be float32 (the values read back), got {got.dtype}")
-    return got.detach().cpu().numpy()
+    return run_torch(fn, case.kwargs, "float32", "the result", ", x's shape: the values read "
+                     "back")[0]
 
 
 def _explain_fake_quant(fn: Callable, case: Case) -> None:

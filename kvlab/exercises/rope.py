@@ -15,8 +15,8 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import (Case, Exercise, WrongResult, copy_args, draw_accesses,
-                                  launch_both, register, rounding_apart, torch_copies)
+from kvlab.exercises.core import (ROUNDING_NOTE, Case, Exercise, copy_args, draw_accesses,
+                                  launch_both, register, rounding_apart, run_torch)
 from kvlab.ref import rope as ref
 from kvlab.trace import index_runs, launch_traced
 
@@ -341,15 +341,7 @@ def _run_rope_partial_torch(fn: Callable, case: Case) -> Any:
     be an fp16 tensor."""
     if fn is rope_partial_torch_reference:
         return fn(**copy_args(case.kwargs))
-    import torch
-
-    got = fn(**torch_copies(case.kwargs))
-    if not isinstance(got, torch.Tensor):
-        raise WrongResult(f"the result should be a torch tensor (float16, x's shape), got "
-                          f"{type(got).__name__}")
-    if got.dtype != torch.float16:
-        raise WrongResult(f"the result should be float16 (x's dtype), got {got.dtype}")
-    return got.detach().cpu().numpy()
+    return run_torch(fn, case.kwargs, "float16", "the result", ", x's shape")[0]
 
 
 def _explain_rope_partial(fn: Callable, case: Case) -> None:
@@ -380,10 +372,7 @@ def _explain_rope_partial(fn: Callable, case: Case) -> None:
         if wrong.any():
             steps.append(rounding_apart(got[..., dims], expected[..., dims]))
     if steps and all(steps):
-        print("  Every difference is a few fp16 steps at most: the rounding. Turn in float32 "
-              "(x.float(), the float32 tables) as a * c - b * s and b * c + a * s, and round to "
-              "fp16 once, at the end (a fused multiply-add such as torch.addcmul rounds once "
-              "where those round three times: write the two products apart).")
+        print(ROUNDING_NOTE)
     elif 2 * half < head_dim and np.array_equal(got, _paired_by_head_dim(**case.kwargs)):
         print(f"  Yours pairs dim i with dim i + head_dim / 2 = i + {head_dim // 2}, as if the "
               f"whole head turned; with rotary_dim {2 * half} the pair is (i, i + {half}).")
@@ -403,7 +392,7 @@ def _paired_by_head_dim(x, cos, sin, positions):
 
 def _rope_partial_cases() -> list[Case]:
     def case(label, positions, heads=2, head_dim=16, rotary_dim=8, seed=0, theta=10000.0,
-             scaling=None, tokens=None, random=False):
+             scaling=None, random=False):
         rng = np.random.default_rng(seed)
         positions = np.asarray(positions, np.int32)
         cos, sin = ref.rope_tables(int(positions.max()) + 1, rotary_dim, theta, scaling)
