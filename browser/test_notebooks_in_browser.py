@@ -164,10 +164,20 @@ LEARNER_TRIES = {
          "        v_pool[block, offset, head, dim] = v[token, head, dim]",
          ["✓ 01.write_kv_kernel", "and it compiles for a GPU"]),
     ],
+    "02_quantization": [
+        ("02.fake_quant_torch",  # always per token: the checker names the axes it used
+         "def fake_quant_torch(x, granularity): s = x.abs().amax(dim=-1, keepdim=True).clamp("
+         "min=1e-8) / 127; return torch.round(x / s).clamp(-127, 127) * s.half().float()",
+         ["✗ 02.fake_quant_torch: fails on case", "what you get with per token's scales"]),
+        ("02.fake_quant_torch", 'fake_quant_torch = solution("02.fake_quant_torch")',
+         ["✓ 02.fake_quant_torch"]),
+    ],
     "03_rope": [
         ("03.rope_kernel", "rope_kernel = cuda.jit(lambda x, cos, sin, positions, out: None)",
          ["✗ 03.rope_kernel: fails on case", "image/png"]),
         ("03.rope_kernel", 'rope_kernel = solution("03.rope_kernel")', ["✓ 03.rope_kernel"]),
+        ("03.rope_partial_torch", 'rope_partial_torch = solution("03.rope_partial_torch")',
+         ["✓ 03.rope_partial_torch"]),
     ],
     "04_fused_write": [
         ("04.fused_write_kernel",
