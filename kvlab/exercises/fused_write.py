@@ -14,8 +14,9 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import (ROUNDING_NOTE, Case, Exercise, copy_args, draw_accesses,
-                                  launch_both, register, rounding_apart, run_torch)
+from kvlab.exercises.core import (FP16_KERNEL_ATOL, FP16_KERNEL_RTOL, ROUNDING_NOTE, Case,
+                                  Exercise, copy_args, draw_accesses, launch_both, register,
+                                  rounding_apart, run_torch)
 from kvlab.ref import fused_write as ref
 from kvlab.ref.rope import rope_tables
 from kvlab.trace import index_runs, launch_traced
@@ -216,9 +217,6 @@ def fused_write_kernel_solution(qkv, cos, sin, block_table, pos_offset, q_out, k
         k_pool[block, offset, k_head, p + half] = b * c + a * s
 
 
-# As 03.rope_kernel: bit-equal in the simulator; a GPU may contract a * c - b * s into one FMA, so
-# an element may round to the neighbouring fp16 value (2**-10 of it at most).
-_KERNEL_RTOL, _KERNEL_ATOL = 1e-3, 1e-5
 
 
 def _fused_write_kernel_reference(qkv, cos, sin, block_table, pos_offset, q_out, k_pool, v_pool):
@@ -258,7 +256,7 @@ def _explain_fused_write_kernel(fn: Callable, case: Case) -> None:
         expected = _run_fused_write_kernel(_fused_write_kernel_reference, case)
         for name, yours, want in zip(("q_out", "k_pool", "v_pool"), got, expected):
             wrong = ~np.isclose(yours.astype(np.float64), want.astype(np.float64),
-                                rtol=_KERNEL_RTOL, atol=_KERNEL_ATOL, equal_nan=True)
+                                rtol=FP16_KERNEL_RTOL, atol=FP16_KERNEL_ATOL, equal_nan=True)
             rows = wrong.reshape(-1, wrong.shape[-1])       # one row per (token or slot, head)
             bad = np.flatnonzero(rows.any(axis=1))
             if len(bad) == 0:
@@ -334,7 +332,7 @@ register(Exercise(
     cases=_fused_write_kernel_cases,
     run=_run_fused_write_kernel,
     outputs=("q_out", "k_pool", "v_pool"),
-    rtol=_KERNEL_RTOL, atol=_KERNEL_ATOL,  # one fp16 ulp, for a GPU's FMA (see above)
+    rtol=FP16_KERNEL_RTOL, atol=FP16_KERNEL_ATOL,  # one fp16 ulp: a GPU may fuse an FMA
     explain=_explain_fused_write_kernel,
     kernel=True,
     trace=_launch_fused_write,

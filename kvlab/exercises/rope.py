@@ -15,8 +15,9 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import (ROUNDING_NOTE, Case, Exercise, copy_args, draw_accesses,
-                                  launch_both, register, rounding_apart, run_torch)
+from kvlab.exercises.core import (FP16_KERNEL_ATOL, FP16_KERNEL_RTOL, ROUNDING_NOTE, Case,
+                                  Exercise, copy_args, draw_accesses, launch_both, register,
+                                  rounding_apart, run_torch)
 from kvlab.ref import rope as ref
 from kvlab.trace import index_runs, launch_traced
 
@@ -193,10 +194,6 @@ def rope_kernel_solution(x, cos, sin, positions, out):
     out[token, head, p + half] = b * c + a * s
 
 
-# Bit-equal in the simulator. On a GPU the compiler may contract a * c - b * s into one FMA (one
-# rounding fewer), so an element may round to the neighbouring fp16 value: one fp16 ulp is at most
-# 2**-10 of the value, hence rtol 1e-3 (and atol for results that cancel to about 0).
-_KERNEL_RTOL, _KERNEL_ATOL = 1e-3, 1e-5
 
 
 def _rope_reference(x, cos, sin, positions, out):
@@ -222,8 +219,8 @@ def _run_rope(fn: Callable, case: Case) -> Any:
 def _print_wrong_elements(got: np.ndarray, expected: np.ndarray, positions: np.ndarray,
                           limit: int = 6) -> None:
     """One line per (token, head) whose output differs: the dims that do."""
-    wrong = ~np.isclose(got.astype(np.float64), expected.astype(np.float64), rtol=_KERNEL_RTOL,
-                        atol=_KERNEL_ATOL)
+    wrong = ~np.isclose(got.astype(np.float64), expected.astype(np.float64), rtol=FP16_KERNEL_RTOL,
+                        atol=FP16_KERNEL_ATOL)
     groups = [(t, h) for t in range(wrong.shape[0]) for h in range(wrong.shape[1])
               if wrong[t, h].any()]
     if not groups:
@@ -301,7 +298,7 @@ register(Exercise(
     reference=_rope_reference,
     cases=_rope_kernel_cases,
     run=_run_rope,
-    rtol=_KERNEL_RTOL, atol=_KERNEL_ATOL,  # one fp16 ulp, for a GPU's FMA (see above)
+    rtol=FP16_KERNEL_RTOL, atol=FP16_KERNEL_ATOL,  # one fp16 ulp: a GPU may fuse an FMA
     explain=_explain_rope,
     kernel=True,
     trace=_launch_rope,
