@@ -163,6 +163,12 @@ LEARNER_TRIES = {
          "        k_pool[block, offset, head, dim] = k[token, head, dim]\n"
          "        v_pool[block, offset, head, dim] = v[token, head, dim]",
          ["✓ 01.write_kv_kernel", "and it compiles for a GPU"]),
+        ("01.gather_kv_torch",  # right, but a loop on the host: passes, and is told so
+         "def gather_kv_torch(k_pool, v_pool, block_tables, context_lens): bs = k_pool.shape[1]; "
+         "s = [int(block_tables[q, p // bs]) * bs + p % bs for q, n in "
+         "enumerate(context_lens.tolist()) for p in range(n)]; "
+         "return k_pool.flatten(0, 1)[s], v_pool.flatten(0, 1)[s]",
+         ["✓ 01.gather_kv_torch", "it uses .tolist() and a Python loop"]),
     ],
     "02_quantization": [
         ("02.fake_quant_torch",  # always per token: the checker names the axes it used

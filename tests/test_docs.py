@@ -95,4 +95,7 @@ def test_the_exercise_list_is_the_registry():
     page = (ROOT / "docs/exercises.md").read_text()
     assert overview() in page
     assert all(f"`{name}`" in page for name in EXERCISES)
-    assert "docs/exercises.md" in (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert "docs/exercises.md" in readme
+    said = re.search(r"all\s+(\d+)\s+are listed in", readme)
+    assert said and int(said.group(1)) == len(EXERCISES), "README's count of the exercises"

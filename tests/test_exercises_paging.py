@@ -106,6 +106,82 @@ def write_kv_swaps_block_and_offset(k, v, k_pool, v_pool, slots):
     v_pool[block, offset, head, dim] = v[token, head, dim]
 
 
+# --- 01.gather_kv_torch ------------------------------------------------------------------------
+
+def _gather(k_pool, v_pool, block_tables, context_lens, restart=True, table_row=None,
+            swap=False, v_from_k=False):
+    """A torch gather of a ragged batch, with one of the usual slips switched on."""
+    import torch
+
+    block_size, lens = k_pool.shape[1], context_lens.long()
+    seq = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    positions = torch.arange(len(seq))
+    if restart:
+        positions = positions - (torch.cumsum(lens, 0) - lens)[seq]
+    rows = seq if table_row is None else torch.full_like(seq, table_row)
+    column, offset = positions // block_size, positions % block_size
+    if swap:
+        column, offset = offset, column
+    slots = block_tables[rows, column].long() * block_size + offset
+    k_rows = k_pool.reshape(-1, *k_pool.shape[2:])
+    v_rows = k_rows if v_from_k else v_pool.reshape(-1, *v_pool.shape[2:])
+    return k_rows[slots], v_rows[slots]
+
+
+def gather_positions_over_the_batch(k_pool, v_pool, block_tables, context_lens):
+    """Numbers the rows 0 .. N-1 as positions: right for the first sequence only."""
+    return _gather(k_pool, v_pool, block_tables, context_lens, restart=False)
+
+
+def gather_through_the_first_table(k_pool, v_pool, block_tables, context_lens):
+    """Reads every sequence through block_tables[0]."""
+    return _gather(k_pool, v_pool, block_tables, context_lens, table_row=0)
+
+
+def gather_block_and_offset_swapped(k_pool, v_pool, block_tables, context_lens):
+    """Column p % block_size, offset p // block_size."""
+    return _gather(k_pool, v_pool, block_tables, context_lens, swap=True)
+
+
+def gather_v_from_k_pool(k_pool, v_pool, block_tables, context_lens):
+    """Copy-paste slip: v read from k_pool."""
+    return _gather(k_pool, v_pool, block_tables, context_lens, v_from_k=True)
+
+
+def gather_padded(k_pool, v_pool, block_tables, context_lens):
+    """Returns [num_seqs, max_len, Hkv, D], each sequence padded with zeros."""
+    import torch
+
+    num_seqs, longest = len(context_lens), int(context_lens.max())
+    k, v = (torch.zeros(num_seqs, longest, *pool.shape[2:], dtype=pool.dtype)
+            for pool in (k_pool, v_pool))
+    start = 0
+    flat_k, flat_v = _gather(k_pool, v_pool, block_tables, context_lens)
+    for seq, length in enumerate(context_lens.tolist()):
+        k[seq, :length], v[seq, :length] = flat_k[start:start + length], flat_v[start:start + length]
+        start += length
+    return k, v
+
+
+def gather_in_float32(k_pool, v_pool, block_tables, context_lens):
+    """Widens the pools first: the values are right, the dtype is not the pools'."""
+    return _gather(k_pool.float(), v_pool.float(), block_tables, context_lens)
+
+
+def gather_in_a_python_loop(k_pool, v_pool, block_tables, context_lens):
+    """Right, one token at a time on the host: passes, with a note."""
+    import torch
+
+    block_size, k_rows, v_rows = k_pool.shape[1], [], []
+    for seq, length in enumerate(context_lens.tolist()):
+        for pos in range(length):
+            block = block_tables[seq, pos // block_size].item()
+            k_rows.append(k_pool[block, pos % block_size])
+            v_rows.append(v_pool[block, pos % block_size])
+    empty = k_pool.new_zeros(0, *k_pool.shape[2:])
+    return (torch.stack(k_rows) if k_rows else empty), (torch.stack(v_rows) if v_rows else empty)
+
+
 WRONG_ANSWERS = {
     "01.slot_mapping": [slot_is_position, block_index_not_block],
     "01.write_kv": [write_kv_writes_padding, write_kv_block_size_from_wrong_axis,
@@ -113,12 +189,73 @@ WRONG_ANSWERS = {
     "01.append_token": [append_without_copy_on_write, append_forgets_the_copy,
                         append_writes_before_copying],
     "01.write_kv_kernel": [write_kv_ignores_padding, write_kv_swaps_block_and_offset],
+    "01.gather_kv_torch": [gather_positions_over_the_batch, gather_through_the_first_table,
+                           gather_block_and_offset_swapped, gather_v_from_k_pool, gather_padded,
+                           gather_in_float32],
 }
 
 
-def test_01_has_four_exercises_in_notebook_order():
+def test_01_has_five_exercises_in_notebook_order():
     names = [n for n, ex in EXERCISES.items() if ex.notebook == "01_paging"]
-    assert names == ["01.slot_mapping", "01.write_kv", "01.append_token", "01.write_kv_kernel"]
+    assert names == ["01.slot_mapping", "01.write_kv", "01.append_token", "01.write_kv_kernel",
+                     "01.gather_kv_torch"]
+
+
+def test_the_gather_checker_names_the_slip(learner_view, capsys):
+    """Each slip is found from the bytes of the learner's rows: the walk marks the rows read from
+    the wrong slot, and the slip that reads exactly those slots is named."""
+    exercise = EXERCISES["01.gather_kv_torch"]
+    exercise.check(gather_positions_over_the_batch)
+    out = capsys.readouterr().out
+    assert "fails on case 'two sequences, 5 and 9 tokens" in out
+    assert "    5: sequence 1, position 0 -> block_tables[1, 0] = 3, offset 0 -> slot 12   " \
+        "<- yours: slot 25 (block 6, offset 1)" in out
+    assert "    4: sequence 0, position 4 -> block_tables[0, 1] = 4, offset 0 -> slot 16\n" in out
+    assert "Yours reads the slots of: positions counted over the whole batch" in out
+    assert "a -1 entry of the table (past a sequence's blocks) wrapped round" in out
+    exercise.check(gather_through_the_first_table)
+    assert "Yours reads the slots of: every sequence read through block_tables[0]" in \
+        capsys.readouterr().out
+    exercise.check(gather_v_from_k_pool)
+    assert "Your k is right; your v holds K: it came from k_pool." in capsys.readouterr().out
+    exercise.check(gather_block_and_offset_swapped)
+    assert "block_tables has 3 columns: position p of a sequence is in column p // block_size" \
+        in capsys.readouterr().out
+    exercise.check(gather_padded)
+    assert "not [num_seqs, max_len, Hkv, D]" in capsys.readouterr().out
+    exercise.check(gather_in_float32)
+    assert "  k should be float16, got torch.float32" in capsys.readouterr().out
+    exercise.check(lambda k_pool, v_pool, block_tables, context_lens: k_pool)
+    assert "the result should be a pair (k, v) of torch tensors" in capsys.readouterr().out
+
+
+def test_a_gather_that_leaves_the_device_passes_with_a_note(learner_view, capsys):
+    exercise = EXERCISES["01.gather_kv_torch"]
+    assert exercise.check(gather_in_a_python_loop) is True
+    out = capsys.readouterr().out
+    assert out.startswith("✓ 01.gather_kv_torch")
+    assert "it uses .item() and .tolist() and a Python loop" in out
+    assert exercise.check(lambda k_pool, v_pool, block_tables, context_lens: _gather(
+        k_pool, v_pool, block_tables, context_lens)) is True
+    assert "It works; note" not in capsys.readouterr().out
+
+
+def test_gather_cases_are_ragged_shuffled_and_padded_with_minus_one():
+    """The cases tell the slips apart: ragged batches (an empty sequence too), tables whose
+    blocks are not in order, a -1 column past every sequence's blocks, pools whose rows differ."""
+    cases = EXERCISES["01.gather_kv_torch"].cases()
+    lens = [c.kwargs["context_lens"] for c in cases]
+    assert any(len(n) > 1 and len(set(n)) > 1 for n in lens)
+    assert any(0 in n and len(n) > 2 for n in lens)
+    assert any(c.kwargs["k_pool"].shape[1] == 1 for c in cases)
+    for case in cases:
+        table = case.kwargs["block_tables"]
+        assert (table[:, -1] == -1).all()
+        held = table[table >= 0]
+        assert len(set(held)) == len(held)  # no block in two sequences
+        pool = case.kwargs["k_pool"]
+        rows = pool.reshape(-1, pool.shape[2] * pool.shape[3])
+        assert len(np.unique(rows, axis=0)) == len(rows)  # a row's bytes name its slot
 
 
 def test_append_cases_need_a_copy_a_new_block_and_neither():

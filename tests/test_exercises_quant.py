@@ -4,9 +4,8 @@ the hand-picked cases checked against numbers worked out by hand, and the kernel
 import re
 
 import numpy as np
-import pytest
 
-from kvlab.exercises import SOLUTIONS_ENV, get
+from kvlab.exercises import get
 from kvlab.exercises.quant import THREADS, _scale_reference
 
 from numba import cuda  # after kvlab.exercises, which picks GPU or simulator
@@ -267,12 +266,6 @@ def test_every_fp8_code_round_trips_through_the_solution():
 
 
 # --- 02.scale_kernel: the cases, the slips they catch, and the picture of a failure -------------
-
-@pytest.fixture
-def learner_view(monkeypatch):
-    """Check the kernel given, not the swapped-in solution (conftest sets the swap for nbval)."""
-    monkeypatch.delenv(SOLUTIONS_ENV, raising=False)
-
 
 def test_each_reduction_slip_fails_on_the_case_built_for_it(learner_view, capsys):
     """Each hand-picked case puts the largest |x| where one slip misses it, in an order where the

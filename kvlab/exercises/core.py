@@ -64,16 +64,21 @@ def run_torch(fn: Callable, kwargs: dict[str, Any], dtype: str, what: str,
     result as NumPy and the tensors it ran on (the pools it wrote, say). A result that is not a
     torch tensor of ``dtype`` ("float16", "float32") raises :class:`WrongResult`, whose message
     names ``what`` (and ``shape``, e.g. ``" [T, Hq, D]"``)."""
+    args = torch_copies(kwargs)
+    return tensor_result(fn(**args), dtype, what, shape), args
+
+
+def tensor_result(got: Any, dtype: str, what: str, shape: str = "") -> np.ndarray:
+    """``got`` as NumPy when it is a torch tensor of ``dtype`` ("float16", "int8", ...); else
+    :class:`WrongResult`, whose message names ``what`` (and ``shape``)."""
     import torch
 
-    args = torch_copies(kwargs)
-    got = fn(**args)
     if not isinstance(got, torch.Tensor):
         raise WrongResult(f"{what} should be a torch tensor ({dtype}{shape}), got "
                           f"{type(got).__name__}")
     if got.dtype != getattr(torch, dtype):
         raise WrongResult(f"{what} should be {dtype}, got {got.dtype}")
-    return got.detach().cpu().numpy(), args
+    return got.detach().cpu().numpy()
 
 
 # A kernel puzzle with an fp16 result: bit-equal in the simulator, but on a GPU the compiler may
@@ -275,6 +280,8 @@ class Exercise:
         which a passing kernel's work is compared with the solution's (:func:`work_note`).
     outputs: names of what ``run`` returns when it is a tuple (e.g. ``q_out`` and the pools the
         function wrote), so a verdict says ``k_pool[...]``, not ``result[1][...]``.
+    pass_note: optional ``fn -> str`` added to a pass of the learner's function: what it does
+        right but could do better (a torch answer that reads back to the host, say).
     """
 
     name: str
@@ -292,6 +299,7 @@ class Exercise:
     kernel: bool = False
     trace: Callable[[Callable, Case], tuple[Any, Any]] | None = field(default=None, repr=False)
     outputs: tuple[str, ...] = ()
+    pass_note: Callable[[Callable], str] | None = field(default=None, repr=False)
 
     def check(self, fn: Callable, *, quiet: bool = False) -> bool:
         """Try ``fn`` on every case; print ✓ or the first failing case; return whether it passed."""
@@ -340,7 +348,8 @@ class Exercise:
                      f"registers a thread)" if compiled.ok else
                      f"; not compiled for a GPU: {compiled.message}")
         say(f"✓ {self.name}: all {len(cases)} cases pass ({hand} hand-picked, "
-            f"{len(cases) - hand} random){note}" + self._work_note(fn, cases[0]))
+            f"{len(cases) - hand} random){note}" + self._work_note(fn, cases[0])
+            + ("" if self.pass_note is None or fn is self.solution else self.pass_note(fn)))
         return True
 
     def _work_note(self, fn: Callable, case: Case) -> str:

@@ -8,14 +8,18 @@ wrong picture.
 """
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
+import textwrap
 from typing import Any, Callable
 
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both,
-                                  print_slot_walk, register)
+from kvlab.exercises.core import (Case, Exercise, WrongResult, copy_args, draw_accesses, launch_both,
+                                  print_slot_walk, register, tensor_result,
+                                  torch_copies)
 from kvlab.paging import BlockAllocator, blocks_needed
 from kvlab.ref import paging as ref
 from kvlab.trace import launch_traced
@@ -285,4 +289,226 @@ register(Exercise(
     explain=_explain_write_kv,
     kernel=True,
     trace=_launch_write_kv,
+))
+
+
+# --- 01.gather_kv_torch: a ragged batch's gather, index arithmetic on the device --------------
+#
+# kvlab's torch gather computes its slots with NumPy on the host (§4). When the block tables
+# already live on the device (a captured decode step, say), the index arithmetic must be tensor
+# ops too. The learner gathers a ragged batch: each output row's sequence by repeat_interleave,
+# its position by subtracting where its sequence starts, then slot_mapping's arithmetic and one
+# index into a [num_slots, Hkv, D] view of each pool.
+
+def gather_kv_torch_solution(k_pool, v_pool, block_tables, context_lens):
+    """k_pool, v_pool: torch ``[num_blocks, block_size, Hkv, D]``; block_tables: int32
+    ``[num_seqs, max_blocks]`` (-1 past a sequence's blocks); context_lens: int32 ``[num_seqs]``.
+    Returns (k, v): the pools' dtype, ``[sum(context_lens), Hkv, D]``, sequence after sequence."""
+    import torch
+
+    block_size = k_pool.shape[1]
+    num_seqs = context_lens.shape[0]
+    lens = context_lens.long()
+    # Each output row's sequence (repeat_interleave reads the total back once; a caller that
+    # knows it passes output_size= and nothing waits).
+    seq = torch.repeat_interleave(torch.arange(num_seqs, device=lens.device), lens)
+    first_row = torch.cumsum(lens, 0) - lens                # where each sequence's rows start
+    positions = torch.arange(seq.shape[0], device=lens.device) - first_row[seq]  # 0, 1, ... each
+    blocks = block_tables[seq, positions // block_size].long()
+    slots = blocks * block_size + positions % block_size
+    k_rows = k_pool.reshape(-1, *k_pool.shape[2:])          # one row per slot (a view)
+    v_rows = v_pool.reshape(-1, *v_pool.shape[2:])
+    return k_rows[slots], v_rows[slots]
+
+
+def _gather_kv_reference(k_pool, v_pool, block_tables, context_lens):
+    """:func:`kvlab.ref.paging.gather_kv` on a batch."""
+    return ref.gather_kv(k_pool, v_pool, block_tables, context_lens)
+
+
+def _run_gather_kv_torch(fn: Callable, case: Case) -> Any:
+    """NumPy in for the reference; CPU tensors in for the learner's function, whose (k, v) must
+    be two tensors of the pools' dtype (then compared as NumPy)."""
+    if fn is _gather_kv_reference:
+        return fn(**copy_args(case.kwargs))
+    got = fn(**torch_copies(case.kwargs))
+    shape = " [sum(context_lens), Hkv, D]"
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        raise WrongResult(f"the result should be a pair (k, v) of torch tensors{shape}, got "
+                          f"{type(got).__name__}" + (f" of {len(got)}" if isinstance(
+                              got, (tuple, list)) else ""))
+    dtype = str(case.kwargs["k_pool"].dtype)
+    return tuple(tensor_result(tensor, dtype, name, shape)
+                 for name, tensor in zip(("k", "v"), got))
+
+
+def _source_slots(rows: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """For each row ``[Hkv, D]`` of ``rows``, the slot of ``pool`` holding the same bytes (the
+    first one), or -1 where no slot does. The cases' pools hold random values, so a row's bytes
+    name its slot."""
+    slot_rows = pool.reshape(-1, pool.shape[2] * pool.shape[3]).view(np.uint8)
+    wanted = rows.reshape(len(rows), -1).view(np.uint8)
+    found = np.full(len(rows), -1)
+    for row, data in enumerate(wanted):
+        match = np.flatnonzero((slot_rows == data).all(axis=1))
+        if match.size:
+            found[row] = match[0]
+    return found
+
+
+def _gather_slips(table: np.ndarray, lens: np.ndarray, block_size: int,
+                  num_slots: int) -> dict[str, np.ndarray]:
+    """The slots each usual slip reads, by the words that name it (a slip whose indices fall
+    outside the table or the pool is left out: it raises instead)."""
+    rows = np.repeat(np.arange(len(lens)), lens)
+    positions = np.arange(lens.sum()) - (np.cumsum(lens) - lens)[rows]
+    over_batch = np.arange(lens.sum())
+    tries = {  # words: (each row's table row, table column, offset in the block)
+        "positions counted over the whole batch: each sequence's positions start again at 0 "
+        "(the row minus where its sequence starts)": (
+            rows, over_batch // block_size, over_batch % block_size),
+        "every sequence read through block_tables[0]: a row's sequence picks its table row": (
+            np.zeros_like(rows), positions // block_size, positions % block_size),
+        "block and offset swapped (block_tables[s, p % block_size], offset p // block_size)": (
+            rows, positions % block_size, positions // block_size),
+    }
+    slips = {}
+    for words, (seqs, columns, offsets) in tries.items():
+        if len(columns) and columns.max() >= table.shape[1]:
+            continue  # indexes past the table: it raises instead
+        slots = table[seqs, columns].astype(np.int64) * block_size + offsets
+        if len(slots) and (slots.min() < -num_slots or slots.max() >= num_slots):
+            continue
+        if len(slots) and slots.min() < 0:  # torch counts a negative index from the end
+            words += "; and a -1 entry of the table (past a sequence's blocks) wrapped round to "
+            words += "the pool's last block"
+        slips[words] = slots % max(num_slots, 1)
+    slips["positions used as slots (no block_tables lookup)"] = positions
+    return slips
+
+
+def _explain_gather_kv(fn: Callable, case: Case) -> None:
+    """Row by row: the sequence and position it holds, the slot it should come from, and the slot
+    the learner's row came from (found by its bytes); then the slip that reads those slots."""
+    kw = case.kwargs
+    table, lens, block_size = kw["block_tables"], kw["context_lens"], kw["k_pool"].shape[1]
+    try:
+        got = _run_gather_kv_torch(fn, case)
+    except IndexError:
+        print(f"  block_tables has {table.shape[1]} columns: position p of a sequence is in "
+              f"column p // block_size (block_size = k_pool.shape[1] = {block_size}), at offset "
+              f"p % block_size, and p runs from 0 to that sequence's context_len - 1.")
+        return
+    except Exception:
+        return  # the verdict said what was wrong
+    expected = ref.gathered_slots(table, lens, block_size)
+    if got[0].shape != (len(expected), *kw["k_pool"].shape[2:]):
+        if got[0].ndim == 4:
+            print("  One row per token, sequence after sequence, no padding: [sum(context_lens), "
+                  "Hkv, D], not [num_seqs, max_len, Hkv, D].")
+        return
+    yours = _source_slots(got[0], kw["k_pool"])
+    if np.array_equal(yours, expected) and not np.array_equal(got[1], kw["v_pool"].reshape(
+            -1, *kw["v_pool"].shape[2:])[expected]):
+        if np.array_equal(_source_slots(got[1], kw["k_pool"]), expected):
+            print("  Your k is right; your v holds K: it came from k_pool.")
+        return
+    rows = np.repeat(np.arange(len(lens)), lens)
+    positions = np.arange(len(expected)) - (np.cumsum(lens) - lens)[rows]
+    print("  row by row (k):")
+    for row, (seq, pos, slot) in enumerate(zip(rows, positions, expected)):
+        mark = "" if yours[row] == slot else (
+            "   <- yours: not a row of k_pool" if yours[row] < 0 else
+            f"   <- yours: slot {yours[row]} (block {yours[row] // block_size}, offset "
+            f"{yours[row] % block_size})")
+        print(f"    {row}: sequence {seq}, position {pos} -> block_tables[{seq}, "
+              f"{pos // block_size}] = {table[seq, pos // block_size]}, offset "
+              f"{pos % block_size} -> slot {slot}{mark}")
+    named = [words for words, slots in _gather_slips(table, lens, block_size,
+                                                      kw["k_pool"].shape[0] * block_size).items()
+             if np.array_equal(slots, yours) and not np.array_equal(slots, expected)]
+    if named:
+        print("  Yours reads the slots of: " + "; or of ".join(named) + ".")
+
+
+def _host_round_trips(fn: Callable) -> list[str]:
+    """What in ``fn``'s source leaves the device: ``.item()``, ``.tolist()``, ``.numpy()``,
+    ``.cpu()``, or a Python loop (each a wait for the device on a GPU)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("item", "tolist", "numpy", "cpu")):
+            found.append(f".{node.func.attr}()")
+        elif isinstance(node, (ast.For, ast.comprehension)):
+            found.append("a Python loop")
+    return sorted(set(found))
+
+
+def _gather_pass_note(fn: Callable) -> str:
+    """After a pass: whether the learner's gather stayed on the device."""
+    trips = _host_round_trips(fn)
+    if not trips:
+        return ""
+    return (f"\n  It works; note that it uses {' and '.join(trips)}: on a GPU each read-back (and "
+            f"each small op in a loop) waits for the device. Try it as whole-tensor ops: "
+            f"repeat_interleave, cumsum, arange and one index per pool.")
+
+
+def _gather_case(label: str, context_lens, block_size: int = 4, heads: int = 2,
+                 head_dim: int = 4, dtype=np.float16, seed: int = 0,
+                 random: bool = False) -> Case:
+    """Pools of random values (so a row's bytes name its slot), the blocks each sequence needs
+    dealt out shuffled (a slot is never its position), three spare blocks, and one -1 column past
+    the longest sequence's blocks."""
+    rng = np.random.default_rng(seed)
+    lens = np.asarray(context_lens, np.int32)
+    needs = [-(-int(n) // block_size) for n in lens]
+    num_blocks = sum(needs) + 3
+    dealt = iter(rng.permutation(num_blocks))
+    table = np.full((len(lens), max(needs, default=0) + 1), -1, np.int32)
+    for seq, count in enumerate(needs):
+        table[seq, :count] = [next(dealt) for _ in range(count)]
+    shape = (num_blocks, block_size, heads, head_dim)
+    k_pool, v_pool = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    return Case(label, dict(k_pool=k_pool, v_pool=v_pool, block_tables=table,
+                            context_lens=lens), random=random)
+
+
+def _gather_cases() -> list[Case]:
+    cases = [
+        _gather_case("one sequence of 6 tokens, a shuffled table", [6]),
+        _gather_case("two sequences, 5 and 9 tokens: positions start at 0 in each", [5, 9]),
+        _gather_case("three sequences, the middle one empty", [3, 0, 5], seed=1),
+        _gather_case("block_size 1: every token a block of its own", [3, 2], block_size=1, seed=2),
+        _gather_case("a float32 pool: k and v keep the pools' dtype", [4, 7], dtype=np.float32,
+                     seed=3),
+    ]
+    rng = np.random.default_rng(12)
+    for i in range(4):
+        lens = rng.integers(0, 21, size=int(rng.integers(1, 5)))
+        cases.append(_gather_case(f"random {i}", lens, block_size=int(rng.choice([2, 4, 8, 16])),
+                                  heads=int(rng.integers(1, 4)), head_dim=8, seed=30 + i,
+                                  random=True))
+    return cases
+
+
+register(Exercise(
+    name="01.gather_kv_torch", notebook=NOTEBOOK, section="4 As MPS ops (PyTorch)",
+    signature="gather_kv_torch(k_pool, v_pool, block_tables, context_lens) -> (k, v)  "
+              "# torch [sum(context_lens), Hkv, D], the pools' dtype",
+    hint="give every output row its sequence (torch.repeat_interleave over context_lens) and its "
+         "position (the row minus the first row of its sequence: a cumsum); then the slot as in "
+         "slot_mapping, and one index into a [num_slots, Hkv, D] view of each pool.",
+    solution=gather_kv_torch_solution,
+    reference=_gather_kv_reference,
+    cases=_gather_cases,
+    run=_run_gather_kv_torch,
+    explain=_explain_gather_kv,
+    rtol=0.0, atol=0.0,  # a gather moves bytes: bit for bit
+    outputs=("k", "v"),
+    pass_note=_gather_pass_note,
 ))
