@@ -30,12 +30,19 @@ in whatever order its scheduler picks, so two threads that write one element com
 a run there, and any way on a GPU; a traced launch in which two threads stored different values
 in one element, with no barrier between them (or from different blocks), raises
 :class:`WriteRaceError`. Stores by ``cuda.atomic.*`` are exempt: they combine on purpose.
+
+Last, a traced launch has a time limit (:data:`TIME_LIMIT_S`): a loop that never ends would hang
+the notebook cell, and the simulator's threads cannot be stopped from outside, so past the limit
+each one still running is made to raise where it stands, and the launch raises
+:class:`KernelTimeoutError` naming the lines they were at.
 """
 from __future__ import annotations
 
+import ctypes
+import linecache
 import sys
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -167,6 +174,10 @@ class DivergentBarrierError(RuntimeError):
     """The threads of one block reached different barriers (lines, or numbers of them)."""
 
 
+class KernelTimeoutError(RuntimeError):
+    """A traced launch ran past :data:`TIME_LIMIT_S` (a loop that never ends, most likely)."""
+
+
 class WriteRaceError(RuntimeError):
     """Two threads stored different values in one element with nothing to order them."""
 
@@ -226,6 +237,59 @@ def _recording_barriers(log: AccessLog):
     finally:
         for name, original in originals.items():
             setattr(BlockThread, name, original)
+
+
+# A traced launch still running after this many seconds is stopped. The exercises' cases run in
+# well under a second each; the limit leaves room for a slow machine, and an endless loop records
+# an access at each turn, so it must not run long.
+TIME_LIMIT_S = 20.0
+
+
+def _kernel_line(frame: Any) -> str:
+    """Where a simulated thread is in the kernel: ``"line 7 of my_kernel (while i < n:)"``, from
+    its innermost frame outside the simulator and this module."""
+    while frame is not None and any(part in frame.f_code.co_filename for part in _SIMULATOR):
+        frame = frame.f_back
+    if frame is None:
+        return "a line the tracer cannot see"
+    text = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+    return f"line {frame.f_lineno} of {frame.f_code.co_name}" + (f" ({text})" if text else "")
+
+
+@contextmanager
+def _time_limit(seconds: float, stopped: list[str]):
+    """While open, a timer that after ``seconds`` raises :class:`KernelTimeoutError` inside
+    every simulated thread still alive (a Python thread takes such an exception at its next
+    bytecode), appending where each one was to ``stopped``."""
+    from numba.cuda.simulator.kernel import BlockThread
+
+    def stop() -> None:
+        frames = sys._current_frames()
+        for thread in threading.enumerate():
+            if isinstance(thread, BlockThread) and thread.is_alive():
+                stopped.append(_kernel_line(frames.get(thread.ident)))
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                           ctypes.py_object(KernelTimeoutError))
+
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()  # its thread ends at once once cancelled: none is left behind
+
+
+def _timeout_message(seconds: float, stopped: list[str]) -> str:
+    """What to say of a launch stopped by :func:`_time_limit`: how many threads were still
+    running, and where (the three most common lines)."""
+    where = Counter(stopped).most_common()
+    lines = "; ".join(f"{count} at {line}" for line, count in where[:3])
+    more = f"; and {len(where) - 3} other lines" if len(where) > 3 else ""
+    return (f"still running after {seconds:g} s, when these cases take well under a second: "
+            f"{len(stopped)} thread{'s' if len(stopped) > 1 else ''} stopped, {lines}{more}. A "
+            f"loop that never ends? Check that every loop's condition changes inside the loop")
 
 
 def _linear(index: tuple[int, ...], dims: tuple[int, ...]) -> int:
@@ -316,8 +380,9 @@ def launch_traced(kernel: Callable, grid: Any, block: Any, **arrays: Any
     are copied first, so they are left as they were. When the kernel raises (an index out of
     range, say), the exception carries the accesses made until then as ``error.access_log``; so
     does the :class:`DivergentBarrierError` raised when the threads of a block reached different
-    barriers, and the :class:`WriteRaceError` raised when two threads stored different values in
-    one element with nothing to order them. On a real GPU nothing can be traced (the kernel runs
+    barriers, the :class:`WriteRaceError` raised when two threads stored different values in
+    one element with nothing to order them, and the :class:`KernelTimeoutError` raised when the
+    launch ran past :data:`TIME_LIMIT_S`. On a real GPU nothing can be traced (the kernel runs
     compiled code, not Python): the kernel runs on copies and the log is None.
     """
     from kvlab.backends import cuda_mode
@@ -330,9 +395,15 @@ def launch_traced(kernel: Callable, grid: Any, block: Any, **arrays: Any
     log = AccessLog(grid_dim=_dim3(grid), block_dim=_dim3(block))
     args = {name: TracedArray(value, name, log) if isinstance(value, np.ndarray) else value
             for name, value in copies.items()}
+    stopped: list[str] = []
     try:
-        with _recording_barriers(log):
-            kernel[grid, block](*args.values())
+        try:
+            with _recording_barriers(log), _time_limit(TIME_LIMIT_S, stopped):
+                kernel[grid, block](*args.values())
+        except Exception:
+            if stopped:  # the threads raised because the timer stopped them
+                raise KernelTimeoutError(_timeout_message(TIME_LIMIT_S, stopped)) from None
+            raise
         divergent = log.divergent_barriers()
         if divergent:
             raise DivergentBarrierError(divergent)

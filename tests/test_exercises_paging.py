@@ -290,3 +290,22 @@ def test_write_kv_cases_include_padding_and_shuffled_slots():
     assert any(c.kwargs["k_pool"].dtype == np.float16 for c in cases)
     assert all(c.kwargs["k_pool"].shape[0] != c.kwargs["k_pool"].shape[1] for c in cases
                if not c.random)
+
+
+@cuda.jit
+def write_kv_loops_for_ever(k, v, k_pool, v_pool, slots):
+    """`dim` never changes inside its loop."""
+    token, dim = cuda.blockIdx.x, cuda.threadIdx.x
+    while dim < k.shape[2]:
+        k_pool[0, 0, 0, dim] = k[token, 0, dim]
+
+
+def test_a_kernel_that_never_ends_is_stopped_and_told_so(learner_view, monkeypatch, capsys):
+    from kvlab import trace
+
+    monkeypatch.setattr(trace, "TIME_LIMIT_S", 0.5)
+    assert EXERCISES["01.write_kv_kernel"].check(write_kv_loops_for_ever) is False
+    out = capsys.readouterr().out
+    assert "the tracer stopped your kernel: still running after 0.5 s" in out
+    assert "of write_kv_loops_for_ever (k_pool[0, 0, 0, dim] = k[token, 0, dim])" in out
+    assert "A loop that never ends?" in out

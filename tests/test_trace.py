@@ -185,3 +185,48 @@ def test_atomics_combine_on_purpose_and_are_no_race():
     after, log = launch_traced(largest_by_atomics, 1, 4, x=np.array([3.0, 9.0, 1.0, 4.0]),
                                out=np.zeros(1))
     assert after["out"][0] == 9.0 and log.owner_map("out", "write")[0] == -2
+
+
+@cuda.jit
+def spins_on_one_element(out):
+    """Threads 0-2 loop for ever: `i` never changes inside the loop."""
+    i = cuda.threadIdx.x
+    while i < 3:
+        out[i] = 1.0
+
+
+def test_a_kernel_that_never_ends_is_stopped_naming_the_line(monkeypatch):
+    """Past the time limit every simulated thread still running raises where it stands; the
+    launch raises KernelTimeoutError naming how many and the line they were at, with the
+    accesses made until then, and no simulated thread is left running."""
+    import threading
+    import time
+
+    from numba.cuda.simulator.kernel import BlockThread
+
+    from kvlab import trace
+
+    monkeypatch.setattr(trace, "TIME_LIMIT_S", 0.5)
+    start = time.perf_counter()
+    with pytest.raises(trace.KernelTimeoutError) as raised:
+        launch_traced(spins_on_one_element, 1, 4, out=np.zeros(4, np.float32))
+    assert time.perf_counter() - start < 10
+    message = str(raised.value)
+    assert message.startswith("still running after 0.5 s")
+    assert "3 threads stopped, 3 at line " in message
+    assert "of spins_on_one_element (out[i] = 1.0)" in message
+    assert raised.value.access_log.accesses("out", "write")  # what it did before it was stopped
+    time.sleep(0.2)
+    assert not [t for t in threading.enumerate() if isinstance(t, BlockThread) and t.is_alive()]
+    after, _ = launch_traced(double_rows, 2, 2, src=np.ones((3, 2), np.float32),
+                             dst=np.zeros((3, 2), np.float32))  # the simulator still works
+    np.testing.assert_array_equal(after["dst"], 2)
+
+
+def test_a_launch_within_the_limit_leaves_no_timer_behind():
+    import threading
+
+    launch_traced(double_rows, 2, 2, src=np.ones((3, 2), np.float32),
+                  dst=np.zeros((3, 2), np.float32))
+    assert not [t for t in threading.enumerate() if isinstance(t, threading.Timer)
+                and t.is_alive()]

@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from kvlab.trace import DivergentBarrierError, KernelTimeoutError, WriteRaceError
+
 SOLUTIONS_ENV = "KVLAB_SOLUTIONS"
 
 
@@ -328,7 +330,9 @@ class Exercise:
             except WrongResult as error:  # ran, but returned what cannot be compared
                 return self._fail(say, fn, case, str(error))
             except Exception as error:  # the learner's bug: report it as a failing case
-                return self._fail(say, fn, case, self._raised(fn, case, error))
+                # no picture of a kernel the time limit stopped: drawing it runs it again
+                return self._fail(say, fn, case, self._raised(fn, case, error),
+                                  explain=not isinstance(error, KernelTimeoutError))
             message = compare(got, expected, self.rtol, self.atol, names=self.outputs)
             if message:
                 return self._fail(say, fn, case, message, expected, got)
@@ -378,7 +382,7 @@ class Exercise:
             return GpuCompile(None, f"{type(error).__name__}: {error}")
 
     def _fail(self, say, fn, case: Case, message: str, expected: Any = None,
-              got: Any = None) -> bool:
+              got: Any = None, explain: bool = True) -> bool:
         lines = [f"✗ {self.name}: fails on case '{case.label}'"]
         lines += [f"  {name} = {_short(value)}" for name, value in case.kwargs.items()]
         if expected is not None:
@@ -386,7 +390,7 @@ class Exercise:
                       f"  got:      {_short(got, names=self.outputs)}"]
         lines += [f"  {message}"] + self._parameter_note(fn) + [f"  Hint: {self.hint}"]
         say("\n".join(lines))
-        if self.explain is not None and say is print:
+        if self.explain is not None and explain and say is print:
             try:
                 self.explain(fn, case)
             except Exception as error:  # the explanation is a help: it must not break check()
@@ -396,8 +400,8 @@ class Exercise:
     def _raised(self, fn: Callable, case: Case, error: Exception) -> str:
         """What to say of an exception from a case: the tracer's refusals as refusals, a
         function that cannot take the case's arguments by name as that."""
-        from kvlab.trace import DivergentBarrierError, WriteRaceError
-
+        if isinstance(error, KernelTimeoutError):
+            return f"the tracer stopped your kernel: {error}"
         if isinstance(error, (DivergentBarrierError, WriteRaceError)):
             return f"the tracer refuses your kernel ({type(error).__name__}): {error}"
         what = "kernel" if self.kernel else "function"
