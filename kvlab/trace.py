@@ -31,6 +31,13 @@ a run there, and any way on a GPU; a traced launch in which two threads stored d
 in one element, with no barrier between them (or from different blocks), raises
 :class:`WriteRaceError`. Stores by ``cuda.atomic.*`` are exempt: they combine on purpose.
 
+Shared memory (``cuda.shared.array``) is watched for races only (its accesses are not in the
+records: a kernel is judged by the bytes it moves to and from its arrays). A thread of a block
+reading an element of a shared array that another thread of that block writes, or two of them
+writing different values there, with no barrier between them, raises
+:class:`SharedMemoryRaceError`: the classic missing ``cuda.syncthreads()`` of a reduction, which
+the simulator, running threads one after another, often gets right.
+
 Last, a traced launch has a time limit (:data:`TIME_LIMIT_S`): a loop that never ends would hang
 the notebook cell, and the simulator's threads cannot be stopped from outside, so past the limit
 each one still running is made to raise where it stands, and the launch raises
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import ctypes
 import linecache
+import re
 import sys
 import threading
 from collections import Counter, defaultdict
@@ -67,6 +75,9 @@ class AccessLog:
     # what each thread last stored in each element, and after how many of its barriers:
     # {(array name, flat element): {(block, thread): (barriers passed, value)}}
     stored: dict = field(default_factory=lambda: defaultdict(dict))
+    # shared memory, watched for races only: {(array, element, block, barriers passed):
+    # {(kind, thread): (value stored or None for a read, where in the kernel)}}
+    shared: dict = field(default_factory=lambda: defaultdict(dict))
     # reentrant: a store is recorded, made and read back under it (see TracedArray.__setitem__)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -104,6 +115,55 @@ class AccessLog:
                             f"is not defined (in the simulator it came out one way this run). "
                             f"Give each element one writer, or use cuda.atomic if they must "
                             f"combine")
+        return None
+
+    def add_shared(self, name: str, kind: str, elements: np.ndarray,
+                   values: np.ndarray | None = None) -> None:
+        """A read (``values`` None) or a write of elements of a shared array, by the thread
+        running now, after the barriers it has passed; a thread's first read of an element in
+        a barrier interval is kept, and its last write."""
+        block, thread = _current_thread_ids()
+        site = _kernel_line(sys._getframe(1))
+        with self._lock:
+            passed = len(self.barriers.get((block, thread), ()))
+            flat = elements.ravel()
+            stored = [None] * len(flat) if values is None else list(values.ravel())
+            for element, value in zip(flat, stored):
+                by = self.shared[name, int(element), block, passed]
+                if kind == WRITE:
+                    by[WRITE, thread] = (value, site)
+                else:
+                    by.setdefault((READ, thread), (None, site))
+
+    def shared_race(self) -> str | None:
+        """None when no element of a shared array was read and written, or written twice with
+        different values, by two threads of a block between the same two barriers; else a
+        sentence naming the first such pair (in a fixed order, not the run's)."""
+        for (name, element, block, passed), by in sorted(self.shared.items()):
+            writes = sorted((t, v) for (kind, t), v in by.items() if kind == WRITE)
+            reads = sorted((t, v) for (kind, t), v in by.items() if kind == READ)
+            where = f"{name}{[int(i) for i in np.unravel_index(element, self.shapes[name])]}"
+            barriers = f"{passed} barrier{'s' if passed != 1 else ''}"
+            interval = (f"with no barrier between them (both had passed {barriers}): on a GPU "
+                        f"the threads of a block run at the same time")
+            for writer, (value, write_site) in writes:
+                w = f"thread {_linear(writer, self.block_dim)}"
+                for reader, (_, read_site) in reads:
+                    if reader != writer:
+                        return (f"in block {block}, thread {_linear(reader, self.block_dim)} "
+                                f"read shared {where} at {read_site}, and {w} wrote it at "
+                                f"{write_site}, {interval}, so whether the read sees the "
+                                f"write is not defined (the simulator ran them in one order "
+                                f"this run). Put a cuda.syncthreads() between the write and "
+                                f"the read, where every thread of the block reaches it")
+                for other, (other_value, other_site) in writes:
+                    if other > writer and value.tobytes() != other_value.tobytes():
+                        return (f"in block {block}, {w} (at {write_site}) and thread "
+                                f"{_linear(other, self.block_dim)} (at {other_site}) both wrote "
+                                f"shared {where}, different values ({value.item()!r} and "
+                                f"{other_value.item()!r}), {interval}, so which write lands is "
+                                f"not defined. Give each element one writer between two "
+                                f"barriers")
         return None
 
     def add_barrier(self, block: tuple[int, ...], thread: tuple[int, ...],
@@ -178,6 +238,11 @@ class KernelTimeoutError(RuntimeError):
     """A traced launch ran past :data:`TIME_LIMIT_S` (a loop that never ends, most likely)."""
 
 
+class SharedMemoryRaceError(RuntimeError):
+    """Two threads of a block met at one element of a shared array (a read and a write, or two
+    different writes) with no barrier between them."""
+
+
 class WriteRaceError(RuntimeError):
     """Two threads stored different values in one element with nothing to order them."""
 
@@ -237,6 +302,36 @@ def _recording_barriers(log: AccessLog):
     finally:
         for name, original in originals.items():
             setattr(BlockThread, name, original)
+
+
+@contextmanager
+def _tracing_shared(log: AccessLog):
+    """While open, every static ``cuda.shared.array`` a simulated kernel makes comes back as a
+    :class:`TracedArray` watched for races (one per array, named by the variable it is assigned
+    to). Dynamic shared memory (size 0) passes untraced."""
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    original = FakeCUDAShared.array
+    traced: dict[int, TracedArray] = {}
+
+    def array(shared, shape, dtype, alignment=None):
+        data = original(shared, shape, dtype, alignment)
+        if shape == 0:
+            return data
+        with log._lock:
+            if id(data) not in traced:  # every thread of the block asks for the same array
+                caller = sys._getframe(1)
+                line = linecache.getline(caller.f_code.co_filename, caller.f_lineno)
+                named = re.search(r"(\w+)\s*=\s*cuda\.shared\.array", line)
+                name = named.group(1) if named else f"array of line {caller.f_lineno}"
+                traced[id(data)] = TracedArray(data, name, log, shared=True)
+            return traced[id(data)]
+
+    FakeCUDAShared.array = array
+    try:
+        yield
+    finally:
+        FakeCUDAShared.array = original
 
 
 # A traced launch still running after this many seconds is stopped. The exercises' cases run in
@@ -315,6 +410,12 @@ def _current_thread_ids() -> tuple[tuple[int, ...], tuple[int, ...]]:
     return ((block_idx.x, block_idx.y, block_idx.z), (thread_idx.x, thread_idx.y, thread_idx.z))
 
 
+def _atomic(caller: Any) -> bool:
+    """Whether an access comes from the simulator's ``cuda.atomic.*``, which read and store
+    through the array one thread at a time by their own lock: combined on purpose, not raced."""
+    return caller.f_code.co_filename.endswith("kernelapi.py")
+
+
 class TracedArray:
     """A NumPy array that records each element read or written, with the thread that did it.
 
@@ -323,10 +424,11 @@ class TracedArray:
     """
 
     def __init__(self, data: np.ndarray, name: str, log: AccessLog,
-                 _flat_ids: np.ndarray | None = None):
+                 _flat_ids: np.ndarray | None = None, shared: bool = False):
         self._data = data
         self._ids = np.arange(data.size).reshape(data.shape) if _flat_ids is None else _flat_ids
         self.name, self._log = name, log
+        self._shared = shared  # a shared array: watched for races, not recorded
         if _flat_ids is None:
             log.shapes[name] = data.shape
 
@@ -350,21 +452,26 @@ class TracedArray:
     def __getitem__(self, index: Any) -> Any:
         value, ids = self._data[index], self._ids[index]
         if isinstance(value, np.ndarray) and value.ndim > 0:
-            return TracedArray(value, self.name, self._log, ids)
-        self._log.add(self.name, READ, np.asarray(ids))
+            return TracedArray(value, self.name, self._log, ids, self._shared)
+        if not self._shared:
+            self._log.add(self.name, READ, np.asarray(ids))
+        elif not _atomic(sys._getframe(1)):
+            self._log.add_shared(self.name, READ, np.asarray(ids))
         return value
 
     def __setitem__(self, index: Any, value: Any) -> None:
         ids = np.asarray(self._ids[index])
-        # the simulator's cuda.atomic.* store through here too, one thread at a time by their own
-        # lock: those are combined on purpose, not raced
-        atomic = sys._getframe(1).f_code.co_filename.endswith("kernelapi.py")
+        atomic = _atomic(sys._getframe(1))
         with self._log._lock:  # no other thread's store between this one and its read-back
-            self._log.add(self.name, WRITE, ids)
+            if not self._shared:
+                self._log.add(self.name, WRITE, ids)
             with np.errstate(over="ignore", invalid="ignore"):  # a GPU's store rounds to inf
                 self._data[index] = value.to_numpy() if isinstance(value, TracedArray) else value
-            if not atomic:
-                self._log.add_stored(self.name, ids, np.asarray(self._data[index]))  # rounded
+            stored = np.asarray(self._data[index])  # rounded to the array's dtype
+            if self._shared and not atomic:
+                self._log.add_shared(self.name, WRITE, ids, stored)
+            elif not atomic:
+                self._log.add_stored(self.name, ids, stored)
 
     def to_numpy(self) -> np.ndarray:
         """The array's values (recording nothing)."""
@@ -381,7 +488,9 @@ def launch_traced(kernel: Callable, grid: Any, block: Any, **arrays: Any
     range, say), the exception carries the accesses made until then as ``error.access_log``; so
     does the :class:`DivergentBarrierError` raised when the threads of a block reached different
     barriers, the :class:`WriteRaceError` raised when two threads stored different values in
-    one element with nothing to order them, and the :class:`KernelTimeoutError` raised when the
+    one element with nothing to order them, the :class:`SharedMemoryRaceError` raised when two
+    threads met at an element of a shared array between two barriers, and the
+    :class:`KernelTimeoutError` raised when the
     launch ran past :data:`TIME_LIMIT_S`. On a real GPU nothing can be traced (the kernel runs
     compiled code, not Python): the kernel runs on copies and the log is None.
     """
@@ -398,7 +507,8 @@ def launch_traced(kernel: Callable, grid: Any, block: Any, **arrays: Any
     stopped: list[str] = []
     try:
         try:
-            with _recording_barriers(log), _time_limit(TIME_LIMIT_S, stopped):
+            with _recording_barriers(log), _tracing_shared(log), \
+                    _time_limit(TIME_LIMIT_S, stopped):
                 kernel[grid, block](*args.values())
         except Exception:
             if stopped:  # the threads raised because the timer stopped them
@@ -410,6 +520,9 @@ def launch_traced(kernel: Callable, grid: Any, block: Any, **arrays: Any
         race = log.write_race()
         if race:
             raise WriteRaceError(race)
+        race = log.shared_race()
+        if race:
+            raise SharedMemoryRaceError(race)
     except Exception as error:  # keep what was recorded up to the fault: it shows where it went
         error.access_log = log
         raise

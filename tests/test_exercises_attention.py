@@ -179,8 +179,51 @@ def decode_without_the_max(q, k_pool, v_pool, block_table, context_len, scale, o
         out[head, d] = acc
 
 
+@cuda.jit
+def decode_without_the_second_barrier(q, k_pool, v_pool, block_table, context_len, scale, out):
+    """No barrier after thread 0's softmax: the other threads may read the scores before they
+    are weights (the tracer sees thread 1 read p[0] as thread 0 writes it)."""
+    head, t = cuda.blockIdx.x, cuda.threadIdx.x
+    kv_head = head // (q.shape[0] // k_pool.shape[2])
+    bs, head_dim = k_pool.shape[1], q.shape[1]
+    p = cuda.shared.array(MAX_KEYS, np.float32)
+    if t < context_len:
+        s = np.float32(0)
+        for d in range(head_dim):
+            s += q[head, d] * k_pool[block_table[t // bs], t % bs, kv_head, d]
+        p[t] = s * scale
+    cuda.syncthreads()
+    if t == 0:
+        m = p[0]
+        for j in range(1, context_len):
+            m = max(m, p[j])
+        total = np.float32(0)
+        for j in range(context_len):
+            p[j] = math.exp(p[j] - m)
+            total += p[j]
+        for j in range(context_len):
+            p[j] /= total
+    for d in range(t, head_dim, cuda.blockDim.x):
+        acc = np.float32(0)
+        for j in range(context_len):
+            acc += p[j] * v_pool[block_table[j // bs], j % bs, kv_head, d]
+        out[head, d] = acc
+
+
 WRONG_ANSWERS["05.decode_kernel"] = [decode_ignores_the_block_table,
-                                     decode_interleaves_the_gqa_groups, decode_without_the_max]
+                                     decode_interleaves_the_gqa_groups, decode_without_the_max,
+                                     decode_without_the_second_barrier]
+
+
+def test_a_missing_barrier_after_the_softmax_is_named(monkeypatch, capsys):
+    from kvlab.exercises import SOLUTIONS_ENV, get
+
+    monkeypatch.delenv(SOLUTIONS_ENV, raising=False)
+    assert get("05.decode_kernel").check(decode_without_the_second_barrier) is False
+    out = capsys.readouterr().out
+    assert "(SharedMemoryRaceError): in block (0, 0, 0), thread 1 read shared p[0] at line " in out
+    assert "(acc += p[j] * v_pool[block_table[j // bs], j % bs, kv_head, d])" in out
+    assert "and thread 0 wrote it at line " in out
 
 
 # --- 05.paged_decode_torch ---

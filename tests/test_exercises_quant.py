@@ -224,6 +224,27 @@ def scale_barrier_inside_the_if(x, scales):
         scales[token, head] = max(partial[0], np.float32(1e-8)) / np.float32(127)
 
 
+@cuda.jit
+def scale_without_the_barrier_in_the_loop(x, scales):
+    """The tree's steps with no barrier between them: a step reads slots the step before may not
+    have written yet (the simulator often runs it to the right scale; the tracer refuses it)."""
+    token, head, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    local = np.float32(0)
+    for d in range(tid, x.shape[2], THREADS):
+        local = max(local, abs(x[token, head, d]))
+    partial = cuda.shared.array(THREADS, np.float32)
+    partial[tid] = local
+    cuda.syncthreads()
+    width = THREADS // 2
+    while width > 0:
+        if tid < width:
+            partial[tid] = max(partial[tid], partial[tid + width])
+        width //= 2
+    cuda.syncthreads()
+    if tid == 0:
+        scales[token, head] = max(partial[0], np.float32(1e-8)) / np.float32(127)
+
+
 WRONG_ANSWERS = {
     "02.quantize_int8": [one_scale_per_tensor, rounds_half_away_from_zero,
                          codes_from_the_fp16_scale, keeps_float32_scales, drops_the_floor],
@@ -232,7 +253,8 @@ WRONG_ANSWERS = {
                            fp8_uses_the_fnuz_bias],
     "02.scale_kernel": [scale_from_max_not_abs, scale_from_thread_0_alone, scale_tree_the_wrong_way,
                         scale_tree_stops_a_step_early, scale_without_the_stride,
-                        scale_with_whole_turns_only, scale_barrier_inside_the_if],
+                        scale_with_whole_turns_only, scale_barrier_inside_the_if,
+                        scale_without_the_barrier_in_the_loop],
 }
 
 
@@ -344,6 +366,19 @@ def test_a_barrier_inside_the_if_is_named(learner_view, capsys):
         "scale_barrier_inside_the_if" in out
     assert re.search(r"\(thread 0: line (\d+), line (\d+) x3; thread 1: line \1, line \2 x2; "
                      r"threads 2-3: line \1, line \2; threads 4-7: line \1\)", out), out
+
+
+def test_a_missing_barrier_in_the_tree_is_named(learner_view, capsys):
+    """Thread 0 reads partial[1] in the step where thread 1 writes it: a race on a GPU, whatever
+    the simulator's order gave."""
+    assert get("02.scale_kernel").check(scale_without_the_barrier_in_the_loop) is False
+    out = capsys.readouterr().out
+    assert "the tracer refuses your kernel (SharedMemoryRaceError): in block (0, 0, 0), thread 0 " \
+        "read shared partial[1] at line " in out
+    assert "and thread 1 wrote it at line " in out
+    assert "(partial[tid] = max(partial[tid], partial[tid + width]))" in out
+    assert "with no barrier between them (both had passed 1 barrier)" in out
+    assert "Put a cuda.syncthreads() between the write and the read" in out
 
 
 @cuda.jit

@@ -230,3 +230,63 @@ def test_a_launch_within_the_limit_leaves_no_timer_behind():
                   dst=np.zeros((3, 2), np.float32))
     assert not [t for t in threading.enumerate() if isinstance(t, threading.Timer)
                 and t.is_alive()]
+
+
+@cuda.jit
+def block_max(x, out):
+    """A tree reduction in shared memory, one block per row of x (8 threads, 8 columns) into
+    out[row, 0]; when out has one column, the tree's steps run with no barrier between them."""
+    tid, row = cuda.threadIdx.x, cuda.blockIdx.x
+    partial = cuda.shared.array(8, np.float32)
+    partial[tid] = x[row, tid]
+    cuda.syncthreads()
+    width = 4
+    while width > 0:
+        if tid < width:
+            partial[tid] = max(partial[tid], partial[tid + width])
+        if out.shape[1] == 2:  # a second column asks for the barriers: the right kernel
+            cuda.syncthreads()
+        width //= 2
+    cuda.syncthreads()
+    if tid == 0:
+        out[row, 0] = partial[0]
+
+
+def test_a_shared_memory_race_is_refused_and_a_right_reduction_passes():
+    """The missing barrier between a tree's steps: thread 0 reads partial[1] while thread 1
+    writes it. With the barriers, two blocks reusing the simulator's one buffer for their shared
+    array are no race, and shared accesses are not in the records (only the arguments')."""
+    from kvlab.trace import SharedMemoryRaceError
+
+    x = np.arange(16, dtype=np.float32).reshape(2, 8)
+    after, log = launch_traced(block_max, 2, 8, x=x, out=np.zeros((2, 2), np.float32))
+    np.testing.assert_array_equal(after["out"][:, 0], [7, 15])
+    assert {name for name, *_ in log.records} == {"x", "out"}
+    with pytest.raises(SharedMemoryRaceError, match=r"in block \(0, 0, 0\), thread 0 read shared "
+                       r"partial\[1\] at line \d+ of block_max \(partial\[tid\] = max"):
+        launch_traced(block_max, 2, 8, x=x, out=np.zeros((2, 1), np.float32))
+
+
+@cuda.jit
+def shared_writes(out, same):
+    """Every thread writes slot[0] of a shared array (the same value or its own), then a
+    barrier, then thread 0 reads it; thread 1 bumps it by an atomic add (no race)."""
+    slot = cuda.shared.array(1, np.int32)
+    slot[0] = 7 if same else cuda.threadIdx.x
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        out[0] = slot[0]
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 1:
+        cuda.atomic.add(slot, 0, 1)
+
+
+def test_shared_writes_of_one_value_pass_and_of_different_values_are_refused():
+    from kvlab.trace import SharedMemoryRaceError
+
+    after, _ = launch_traced(shared_writes, 1, 4, out=np.zeros(1, np.int32), same=True)
+    assert after["out"][0] == 7
+    with pytest.raises(SharedMemoryRaceError, match=r"thread 0 \(at line \d+ of shared_writes "
+                       r"\(slot\[0\] = 7 if same else cuda.threadIdx.x\)\) and thread 1 .* both "
+                       r"wrote shared slot\[0\], different values \(0 and 1\)"):
+        launch_traced(shared_writes, 1, 4, out=np.zeros(1, np.int32), same=False)

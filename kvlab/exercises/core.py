@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kvlab.trace import DivergentBarrierError, KernelTimeoutError, WriteRaceError
+from kvlab.trace import (DivergentBarrierError, KernelTimeoutError, SharedMemoryRaceError,
+                         WriteRaceError)
 
 SOLUTIONS_ENV = "KVLAB_SOLUTIONS"
 
@@ -142,7 +143,8 @@ def launch_both(fn: Callable, solution: Callable, launch: Callable) -> list[tupl
 def work_note(yours: Any, solution: Any, label: str) -> str:
     """What a right kernel's trace says about its speed on a GPU, against the solution's (two
     :class:`~kvlab.trace.AccessLog` of one case): the accesses to its array arguments in all
-    (global memory: a kernel is judged by the bytes it moves; shared memory is not traced), and
+    (global memory: a kernel is judged by the bytes it moves; shared memory is watched for
+    races only), and
     those of the busiest thread (the threads of a block run side by side, so a block takes as
     long as its busiest one). "" when neither is far above the solution's (1.5x in all, 2x for
     the busiest thread)."""
@@ -402,7 +404,7 @@ class Exercise:
         function that cannot take the case's arguments by name as that."""
         if isinstance(error, KernelTimeoutError):
             return f"the tracer stopped your kernel: {error}"
-        if isinstance(error, (DivergentBarrierError, WriteRaceError)):
+        if isinstance(error, (DivergentBarrierError, WriteRaceError, SharedMemoryRaceError)):
             return f"the tracer refuses your kernel ({type(error).__name__}): {error}"
         what = "kernel" if self.kernel else "function"
         message = f"your {what} raised {type(error).__name__}: {error}"
