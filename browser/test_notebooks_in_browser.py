@@ -168,7 +168,7 @@ LEARNER_TRIES = {
          "s = [int(block_tables[q, p // bs]) * bs + p % bs for q, n in "
          "enumerate(context_lens.tolist()) for p in range(n)]; "
          "return k_pool.flatten(0, 1)[s], v_pool.flatten(0, 1)[s]",
-         ["✓ 01.gather_kv_torch", "it uses .tolist() and a Python loop"]),
+         ["✓ 01.gather_kv_torch", "it uses .tolist(), a Python loop and int() of an element"]),
     ],
     "02_quantization": [
         ("02.fake_quant_torch",  # always per token: the checker names the axes it used

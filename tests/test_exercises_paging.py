@@ -109,11 +109,11 @@ def write_kv_swaps_block_and_offset(k, v, k_pool, v_pool, slots):
 # --- 01.gather_kv_torch ------------------------------------------------------------------------
 
 def _gather(k_pool, v_pool, block_tables, context_lens, restart=True, table_row=None,
-            swap=False, v_from_k=False):
+            swap=False, v_from_k=False, block_axis=1):
     """A torch gather of a ragged batch, with one of the usual slips switched on."""
     import torch
 
-    block_size, lens = k_pool.shape[1], context_lens.long()
+    block_size, lens = k_pool.shape[block_axis], context_lens.long()
     seq = torch.repeat_interleave(torch.arange(len(lens)), lens)
     positions = torch.arange(len(seq))
     if restart:
@@ -146,6 +146,48 @@ def gather_block_and_offset_swapped(k_pool, v_pool, block_tables, context_lens):
 def gather_v_from_k_pool(k_pool, v_pool, block_tables, context_lens):
     """Copy-paste slip: v read from k_pool."""
     return _gather(k_pool, v_pool, block_tables, context_lens, v_from_k=True)
+
+
+def gather_block_size_from_the_heads_axis(k_pool, v_pool, block_tables, context_lens):
+    """block_size = k_pool.shape[2], which is num_kv_heads."""
+    return _gather(k_pool, v_pool, block_tables, context_lens, block_axis=2)
+
+
+def gather_k_and_v_swapped(k_pool, v_pool, block_tables, context_lens):
+    """Returns (v, k)."""
+    k, v = _gather(k_pool, v_pool, block_tables, context_lens)
+    return v, k
+
+
+def gather_v_over_the_batch(k_pool, v_pool, block_tables, context_lens):
+    """k right; v's positions counted over the whole batch (a slip in a copy-pasted line)."""
+    return (_gather(k_pool, v_pool, block_tables, context_lens)[0],
+            _gather(k_pool, v_pool, block_tables, context_lens, restart=False)[1])
+
+
+def gather_clamps_the_table_in_place(k_pool, v_pool, block_tables, context_lens):
+    """'Handles' the -1 entries by clamping the caller's table: right rows, a changed table."""
+    block_tables.clamp_(min=0)
+    return _gather(k_pool, v_pool, block_tables, context_lens)
+
+
+def gather_a_view_for_one_block(k_pool, v_pool, block_tables, context_lens):
+    """A shortcut for one sequence within one block: a slice of the pool, not a copy."""
+    length = int(context_lens.sum())
+    if len(context_lens) == 1 and 0 < length <= k_pool.shape[1]:
+        block = int(block_tables[0, 0])
+        return k_pool[block, :length], v_pool[block, :length]
+    return _gather(k_pool, v_pool, block_tables, context_lens)
+
+
+def gather_by_stacking_tokens(k_pool, v_pool, block_tables, context_lens):
+    """gather_in_a_python_loop without its guard for an empty batch, where torch.stack of no
+    tokens raises."""
+    import torch
+
+    if int(context_lens.sum()) == 0:
+        torch.stack([])  # what the loop's stack meets when there is no token
+    return gather_in_a_python_loop(k_pool, v_pool, block_tables, context_lens)
 
 
 def gather_padded(k_pool, v_pool, block_tables, context_lens):
@@ -191,7 +233,10 @@ WRONG_ANSWERS = {
     "01.write_kv_kernel": [write_kv_ignores_padding, write_kv_swaps_block_and_offset],
     "01.gather_kv_torch": [gather_positions_over_the_batch, gather_through_the_first_table,
                            gather_block_and_offset_swapped, gather_v_from_k_pool, gather_padded,
-                           gather_in_float32],
+                           gather_in_float32, gather_block_size_from_the_heads_axis,
+                           gather_k_and_v_swapped, gather_v_over_the_batch,
+                           gather_clamps_the_table_in_place, gather_a_view_for_one_block,
+                           gather_by_stacking_tokens],
 }
 
 
@@ -219,8 +264,26 @@ def test_the_gather_checker_names_the_slip(learner_view, capsys):
     exercise.check(gather_v_from_k_pool)
     assert "Your k is right; your v holds K: it came from k_pool." in capsys.readouterr().out
     exercise.check(gather_block_and_offset_swapped)
-    assert "block_tables has 3 columns: position p of a sequence is in column p // block_size" \
-        in capsys.readouterr().out
+    assert "An index ran past a tensor. block_tables is [1, 3]: row s is sequence s, column " \
+        "p // block_size holds the block of its position p" in capsys.readouterr().out
+    exercise.check(gather_block_size_from_the_heads_axis)
+    assert "block_size read from k_pool.shape[2] = 2: it is k_pool.shape[1] = 4" in \
+        capsys.readouterr().out
+    exercise.check(gather_k_and_v_swapped)
+    assert "Your k holds V and your v holds K: return them as (k, v)." in capsys.readouterr().out
+    exercise.check(gather_v_over_the_batch)
+    out = capsys.readouterr().out
+    assert "row by row (v):" in out and "Yours reads the slots of: positions counted over" in out
+    exercise.check(gather_clamps_the_table_in_place)
+    assert "your function changed block_tables: a gather only reads its inputs" in \
+        capsys.readouterr().out
+    exercise.check(gather_a_view_for_one_block)
+    assert "k is a view of k_pool (it shares the pool's memory): return a copy" in \
+        capsys.readouterr().out
+    exercise.check(gather_by_stacking_tokens)
+    out = capsys.readouterr().out
+    assert "fails on case 'nothing to gather: every sequence empty'" in out
+    assert "your function raised RuntimeError: stack expects a non-empty TensorList" in out
     exercise.check(gather_padded)
     assert "not [num_seqs, max_len, Hkv, D]" in capsys.readouterr().out
     exercise.check(gather_in_float32)
@@ -234,10 +297,40 @@ def test_a_gather_that_leaves_the_device_passes_with_a_note(learner_view, capsys
     assert exercise.check(gather_in_a_python_loop) is True
     out = capsys.readouterr().out
     assert out.startswith("✓ 01.gather_kv_torch")
-    assert "it uses .item() and .tolist() and a Python loop" in out
+    assert "it uses .item(), .tolist() and a Python loop" in out
     assert exercise.check(lambda k_pool, v_pool, block_tables, context_lens: _gather(
         k_pool, v_pool, block_tables, context_lens)) is True
     assert "It works; note" not in capsys.readouterr().out
+    assert exercise.check(gather_over_literal_pools) is True
+    assert "It works; note" not in capsys.readouterr().out
+    assert exercise.check(gather_in_a_while_loop) is True
+    assert "it uses a Python loop and int() of an element" in capsys.readouterr().out
+
+
+def gather_over_literal_pools(k_pool, v_pool, block_tables, context_lens):
+    """Whole-tensor ops; the loops run over the two pools and a shape, not over tokens."""
+    import torch
+
+    num_blocks, block_size, heads, dim = [int(n) for n in k_pool.shape]
+    lens = context_lens.long()
+    seq = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    positions = torch.arange(len(seq)) - (torch.cumsum(lens, 0) - lens)[seq]
+    slots = block_tables[seq, positions // block_size].long() * block_size + positions % block_size
+    return tuple(pool.reshape(-1, heads, dim)[slots] for pool in (k_pool, v_pool))
+
+
+def gather_in_a_while_loop(k_pool, v_pool, block_tables, context_lens):
+    """Right, token by token in a while loop, each block read back with int()."""
+    import torch
+
+    block_size, slots, seq = k_pool.shape[1], [], 0
+    while seq < len(context_lens):
+        for pos in range(int(context_lens[seq])):
+            slots.append(int(block_tables[seq, pos // block_size]) * block_size + pos % block_size)
+        seq += 1
+    slots = torch.tensor(slots, dtype=torch.long)
+    return (k_pool.reshape(-1, *k_pool.shape[2:])[slots],
+            v_pool.reshape(-1, *v_pool.shape[2:])[slots])
 
 
 def test_gather_cases_are_ragged_shuffled_and_padded_with_minus_one():
@@ -247,6 +340,7 @@ def test_gather_cases_are_ragged_shuffled_and_padded_with_minus_one():
     lens = [c.kwargs["context_lens"] for c in cases]
     assert any(len(n) > 1 and len(set(n)) > 1 for n in lens)
     assert any(0 in n and len(n) > 2 for n in lens)
+    assert any(len(n) > 1 and n[-1] == 0 for n in lens) and any(n.sum() == 0 for n in lens)
     assert any(c.kwargs["k_pool"].shape[1] == 1 for c in cases)
     for case in cases:
         table = case.kwargs["block_tables"]

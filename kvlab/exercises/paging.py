@@ -328,15 +328,31 @@ def _gather_kv_reference(k_pool, v_pool, block_tables, context_lens):
 
 def _run_gather_kv_torch(fn: Callable, case: Case) -> Any:
     """NumPy in for the reference; CPU tensors in for the learner's function, whose (k, v) must
-    be two tensors of the pools' dtype (then compared as NumPy)."""
+    be two new tensors of the pools' dtype, its inputs left as they were (then compared as
+    NumPy)."""
+    import torch
+
     if fn is _gather_kv_reference:
         return fn(**copy_args(case.kwargs))
-    got = fn(**torch_copies(case.kwargs))
+    args = torch_copies(case.kwargs)
+    got = fn(**args)
+    for name, tensor in args.items():
+        if not np.array_equal(tensor.numpy(), case.kwargs[name]):
+            raise WrongResult(f"your function changed {name}: a gather only reads its inputs "
+                              f"(the pools and tables are the cache's: other steps still read "
+                              f"them)")
     shape = " [sum(context_lens), Hkv, D]"
     if not isinstance(got, (tuple, list)) or len(got) != 2:
         raise WrongResult(f"the result should be a pair (k, v) of torch tensors{shape}, got "
                           f"{type(got).__name__}" + (f" of {len(got)}" if isinstance(
                               got, (tuple, list)) else ""))
+    for name, tensor in zip(("k", "v"), got):
+        for pool in ("k_pool", "v_pool"):
+            if (isinstance(tensor, torch.Tensor) and tensor.numel() and
+                    tensor.untyped_storage().data_ptr() == args[pool].untyped_storage().data_ptr()):
+                raise WrongResult(f"{name} is a view of {pool} (it shares the pool's memory): "
+                                  f"return a copy, which the next write to the pool cannot "
+                                  f"change (indexing with a tensor of slots copies)")
     dtype = str(case.kwargs["k_pool"].dtype)
     return tuple(tensor_result(tensor, dtype, name, shape)
                  for name, tensor in zip(("k", "v"), got))
@@ -356,27 +372,35 @@ def _source_slots(rows: np.ndarray, pool: np.ndarray) -> np.ndarray:
     return found
 
 
-def _gather_slips(table: np.ndarray, lens: np.ndarray, block_size: int,
-                  num_slots: int) -> dict[str, np.ndarray]:
+def _gather_slips(table: np.ndarray, lens: np.ndarray,
+                  pool_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """The slots each usual slip reads, by the words that name it (a slip whose indices fall
     outside the table or the pool is left out: it raises instead)."""
+    block_size, num_slots = pool_shape[1], pool_shape[0] * pool_shape[1]
     rows = np.repeat(np.arange(len(lens)), lens)
     positions = np.arange(lens.sum()) - (np.cumsum(lens) - lens)[rows]
-    over_batch = np.arange(lens.sum())
-    tries = {  # words: (each row's table row, table column, offset in the block)
+    # words: (each row's table row, its position, the block size used, block and offset swapped)
+    tries = {
         "positions counted over the whole batch: each sequence's positions start again at 0 "
-        "(the row minus where its sequence starts)": (
-            rows, over_batch // block_size, over_batch % block_size),
+        "(the row minus where its sequence starts)": (rows, np.arange(lens.sum()), block_size,
+                                                       False),
         "every sequence read through block_tables[0]: a row's sequence picks its table row": (
-            np.zeros_like(rows), positions // block_size, positions % block_size),
+            np.zeros_like(rows), positions, block_size, False),
         "block and offset swapped (block_tables[s, p % block_size], offset p // block_size)": (
-            rows, positions % block_size, positions // block_size),
+            rows, positions, block_size, True),
+        "positions counted from 1: a sequence's first token is its position 0": (
+            rows, positions + 1, block_size, False),
     }
+    for axis, size in enumerate(pool_shape):
+        if size not in (block_size, 0) and size not in [t[2] for t in tries.values()]:
+            tries[f"block_size read from k_pool.shape[{axis}] = {size}: it is k_pool.shape[1] = "
+                  f"{block_size}"] = (rows, positions, size, False)
     slips = {}
-    for words, (seqs, columns, offsets) in tries.items():
+    for words, (seqs, pos, size, swapped) in tries.items():
+        columns, offsets = (pos % size, pos // size) if swapped else (pos // size, pos % size)
         if len(columns) and columns.max() >= table.shape[1]:
             continue  # indexes past the table: it raises instead
-        slots = table[seqs, columns].astype(np.int64) * block_size + offsets
+        slots = table[seqs, columns].astype(np.int64) * size + offsets
         if len(slots) and (slots.min() < -num_slots or slots.max() >= num_slots):
             continue
         if len(slots) and slots.min() < 0:  # torch counts a negative index from the end
@@ -388,74 +412,101 @@ def _gather_slips(table: np.ndarray, lens: np.ndarray, block_size: int,
 
 
 def _explain_gather_kv(fn: Callable, case: Case) -> None:
-    """Row by row: the sequence and position it holds, the slot it should come from, and the slot
-    the learner's row came from (found by its bytes); then the slip that reads those slots."""
+    """Which pool each of the learner's k and v came from, then, for the first that is wrong,
+    row by row: the sequence and position it holds, the slot it should come from and the slot
+    it came from (found by its bytes); then the slip that reads those slots."""
     kw = case.kwargs
-    table, lens, block_size = kw["block_tables"], kw["context_lens"], kw["k_pool"].shape[1]
+    table, lens = kw["block_tables"], kw["context_lens"]
+    pools = {"k": kw["k_pool"], "v": kw["v_pool"]}
+    block_size = pools["k"].shape[1]
     try:
-        got = _run_gather_kv_torch(fn, case)
+        got = dict(zip(("k", "v"), _run_gather_kv_torch(fn, case)))
     except IndexError:
-        print(f"  block_tables has {table.shape[1]} columns: position p of a sequence is in "
-              f"column p // block_size (block_size = k_pool.shape[1] = {block_size}), at offset "
-              f"p % block_size, and p runs from 0 to that sequence's context_len - 1.")
+        print(f"  An index ran past a tensor. block_tables is {list(table.shape)}: row s is "
+              f"sequence s, column p // block_size holds the block of its position p (block_size "
+              f"= k_pool.shape[1] = {block_size}); the pools hold {pools['k'].shape[0]} x "
+              f"{block_size} = {pools['k'].shape[0] * block_size} slots, slot = block * "
+              f"block_size + p % block_size; and p runs from 0 to context_len - 1.")
         return
     except Exception:
         return  # the verdict said what was wrong
     expected = ref.gathered_slots(table, lens, block_size)
-    if got[0].shape != (len(expected), *kw["k_pool"].shape[2:]):
-        if got[0].ndim == 4:
+    if any(rows.shape != (len(expected), *pools["k"].shape[2:]) for rows in got.values()):
+        if any(rows.ndim == 4 for rows in got.values()):
             print("  One row per token, sequence after sequence, no padding: [sum(context_lens), "
                   "Hkv, D], not [num_seqs, max_len, Hkv, D].")
         return
-    yours = _source_slots(got[0], kw["k_pool"])
-    if np.array_equal(yours, expected) and not np.array_equal(got[1], kw["v_pool"].reshape(
-            -1, *kw["v_pool"].shape[2:])[expected]):
-        if np.array_equal(_source_slots(got[1], kw["k_pool"]), expected):
-            print("  Your k is right; your v holds K: it came from k_pool.")
+    right = {name: np.array_equal(_source_slots(got[name], pools[name]), expected)
+             for name in got}
+    other = {"k": "v", "v": "k"}
+    crossed = {name: np.array_equal(_source_slots(got[name], pools[other[name]]), expected)
+               for name in got}
+    if crossed["k"] and crossed["v"]:
+        print("  Your k holds V and your v holds K: return them as (k, v).")
         return
+    for name in ("k", "v"):
+        if crossed[name]:
+            first = f"Your {other[name]} is right; your" if right[other[name]] else "Your"
+            print(f"  {first} {name} holds {other[name].upper()}: it came from "
+                  f"{other[name]}_pool.")
+            return
+    name = "k" if not right["k"] else "v"
+    yours = _source_slots(got[name], pools[name])
     rows = np.repeat(np.arange(len(lens)), lens)
     positions = np.arange(len(expected)) - (np.cumsum(lens) - lens)[rows]
-    print("  row by row (k):")
+    print(f"  row by row ({name}):")
     for row, (seq, pos, slot) in enumerate(zip(rows, positions, expected)):
         mark = "" if yours[row] == slot else (
-            "   <- yours: not a row of k_pool" if yours[row] < 0 else
+            f"   <- yours: not a row of {name}_pool" if yours[row] < 0 else
             f"   <- yours: slot {yours[row]} (block {yours[row] // block_size}, offset "
             f"{yours[row] % block_size})")
         print(f"    {row}: sequence {seq}, position {pos} -> block_tables[{seq}, "
               f"{pos // block_size}] = {table[seq, pos // block_size]}, offset "
               f"{pos % block_size} -> slot {slot}{mark}")
-    named = [words for words, slots in _gather_slips(table, lens, block_size,
-                                                      kw["k_pool"].shape[0] * block_size).items()
+    named = [words for words, slots in _gather_slips(table, lens, pools["k"].shape).items()
              if np.array_equal(slots, yours) and not np.array_equal(slots, expected)]
     if named:
         print("  Yours reads the slots of: " + "; or of ".join(named) + ".")
 
 
 def _host_round_trips(fn: Callable) -> list[str]:
-    """What in ``fn``'s source leaves the device: ``.item()``, ``.tolist()``, ``.numpy()``,
-    ``.cpu()``, or a Python loop (each a wait for the device on a GPU)."""
+    """What in ``fn``'s source does host work per token or waits for the device: ``.item()``,
+    ``.tolist()``, ``.numpy()``, ``.cpu()``, ``int()``/``float()`` of a tensor's element, or a
+    Python loop (a loop over a literal tuple or list, or over a ``.shape``, is no such thing)."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
         return []
+
+    def shape(node: ast.AST) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "shape"
+
     found = []
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                 and node.func.attr in ("item", "tolist", "numpy", "cpu")):
             found.append(f".{node.func.attr}()")
-        elif isinstance(node, (ast.For, ast.comprehension)):
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("int", "float") and node.args
+              and isinstance(node.args[0], ast.Subscript) and not shape(node.args[0].value)):
+            found.append(f"{node.func.id}() of an element")
+        elif isinstance(node, ast.While) or (
+                isinstance(node, (ast.For, ast.comprehension))
+                and not isinstance(node.iter, (ast.Tuple, ast.List)) and not shape(node.iter)):
             found.append("a Python loop")
     return sorted(set(found))
 
 
 def _gather_pass_note(fn: Callable) -> str:
-    """After a pass: whether the learner's gather stayed on the device."""
+    """After a pass: whether the learner's gather does host work per token."""
     trips = _host_round_trips(fn)
     if not trips:
         return ""
-    return (f"\n  It works; note that it uses {' and '.join(trips)}: on a GPU each read-back (and "
-            f"each small op in a loop) waits for the device. Try it as whole-tensor ops: "
-            f"repeat_interleave, cumsum, arange and one index per pool.")
+    listed = ", ".join(trips[:-1]) + " and " + trips[-1] if len(trips) > 1 else trips[0]
+    return (f"\n  It works; note that it uses {listed}: host work per token, and "
+            f"on a GPU each read-back waits for the device. Try it as a few whole-tensor ops, "
+            f"the same number whatever the batch: repeat_interleave, cumsum, arange and one "
+            f"index per pool.")
 
 
 def _gather_case(label: str, context_lens, block_size: int = 4, heads: int = 2,
@@ -486,6 +537,8 @@ def _gather_cases() -> list[Case]:
         _gather_case("block_size 1: every token a block of its own", [3, 2], block_size=1, seed=2),
         _gather_case("a float32 pool: k and v keep the pools' dtype", [4, 7], dtype=np.float32,
                      seed=3),
+        _gather_case("empty sequences, one of them last (a padded batch)", [4, 0, 6, 0], seed=4),
+        _gather_case("nothing to gather: every sequence empty", [0, 0], seed=5),
     ]
     rng = np.random.default_rng(12)
     for i in range(4):
