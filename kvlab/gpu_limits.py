@@ -30,6 +30,10 @@ one definition:
   outcome (:func:`issue_rate`): an SM issues from the warps that are ready, so it is at most its
   resident warps ÷ the cycles each warp waits between two instructions, and at most 4.
 
+- **Coalescing** (:func:`sectors_touched`): the memory system serves a warp's load instruction
+  in 32-byte sectors, so what one instruction costs the memory is the sectors its 32 lanes'
+  bytes fall in, whatever the bytes it uses.
+
 The H200's figures come from the stored runs (:func:`h200`): its SM count and clock from Nsight
 Compute, its copy bandwidth from the benchmark's own copy. Its DRAM latency is **not measured
 here**: ``DRAM_LATENCY_S`` is an assumed round figure of the order of published GPU DRAM latencies
@@ -39,10 +43,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 WARP_SIZE = 32
 SUB_PARTITIONS = 4             # an SM's schedulers, each with a quarter of the register file
 ISSUE_PER_SM_PER_CYCLE = 4      # 4 schedulers per SM, one warp instruction per cycle each
 DRAM_LATENCY_S = 600e-9         # assumed, not measured here (see the module's docstring)
+SECTOR_BYTES = 32               # the unit in which the memory system serves a warp's loads
 
 
 @dataclass(frozen=True)
@@ -217,3 +224,14 @@ def time_floor(kv_bytes: float, instructions_per_byte: float, issue_per_cycle: f
                               machine)
     limit = min(bounds, key=bounds.get)
     return _positive("kv_bytes", kv_bytes) / bounds[limit], limit
+
+
+def sectors_touched(byte_addresses: np.ndarray, bytes_per_lane: int) -> int:
+    """The 32-byte sectors one warp-wide load instruction touches: lane i reads ``bytes_per_lane``
+    bytes from ``byte_addresses[i]`` (ints, one per lane; -1 for a lane that loads nothing). A
+    lane's bytes may straddle two sectors; lanes that read the same sector share it."""
+    per_lane = _int_at_least("bytes_per_lane", bytes_per_lane, 1)
+    addresses = np.asarray(byte_addresses, dtype=np.int64).ravel()
+    starts = addresses[addresses >= 0]
+    first, last = starts // SECTOR_BYTES, (starts + per_lane - 1) // SECTOR_BYTES
+    return len({int(sector) for a, b in zip(first, last) for sector in range(a, b + 1)})

@@ -137,10 +137,33 @@ def splits_can_be_zero(base_blocks, longest_context, num_sms, resident_blocks):
     return min(num_sms * resident_blocks // base_blocks, max(1, longest_context // 256))
 
 
+def sectors_counted_by_lane(byte_addresses, bytes_per_lane):
+    """One sector per lane that loads: what an uncoalesced load costs, not what v2's costs."""
+    return int((byte_addresses >= 0).sum())
+
+
+def sectors_of_first_bytes_only(byte_addresses, bytes_per_lane):
+    """Forgets that a lane's bytes can cross into the next sector."""
+    return len({int(a) // 32 for a in byte_addresses if a >= 0})
+
+
+def sectors_from_the_byte_count(byte_addresses, bytes_per_lane):
+    """The bytes the lanes use ÷ 32: right only when they are one aligned stretch."""
+    return -(-int((byte_addresses >= 0).sum()) * bytes_per_lane // 32)
+
+
+def sectors_of_idle_lanes_too(byte_addresses, bytes_per_lane):
+    """Counts lane -1's bytes (sectors -1 and 0)."""
+    return len({s for a in byte_addresses.tolist()
+                for s in range(a // 32, (a + bytes_per_lane - 1) // 32 + 1)})
+
+
 WRONG_ANSWERS = {
     "07.blocks_per_sm": [registers_per_thread_unrounded, registers_from_the_whole_file,
                          without_the_driver_reserve, shared_bytes_unrounded,
                          carve_out_fixed_at_132_kib, partial_warps, registers_only],
+    "07.sectors_per_load": [sectors_counted_by_lane, sectors_of_first_bytes_only,
+                            sectors_from_the_byte_count, sectors_of_idle_lanes_too],
     "07.time_floor": [floor_without_latency, floor_for_the_h200_only, floor_at_full_issue,
                       floor_from_the_largest],
     "07.one_wave_splits": [power_of_two_splits, splits_without_the_key_floor,
@@ -159,3 +182,22 @@ def test_a_failure_shows_each_limit_and_each_ceiling(monkeypatch, capsys):
     assert "registers 32, shared 12, warps 32, blocks 32 -> the smallest, 12" in out
     assert get("07.time_floor").check(floor_without_latency) is False
     assert "latency 0.225 TB/s" in capsys.readouterr().out
+
+
+def test_a_sector_count_gone_wrong_names_the_slip(learner_view, capsys):
+    from kvlab.exercises import get
+
+    for wrong, case, words in (
+            (sectors_counted_by_lane, "v2: 2 keys x 16 lanes", "32 is the count of the active "
+             "lanes, not the sectors they share"),
+            (sectors_from_the_byte_count, "v1: every lane its own key", "2 is the count of the "
+             "bytes ÷ 32, as if the lanes' bytes were one aligned stretch"),
+            (sectors_of_first_bytes_only, "five lanes of 8 bytes", "1 is the count of only the "
+             "sector of each lane's first byte"),
+            (sectors_of_idle_lanes_too, "five lanes of 8 bytes", "3 is the count of the idle "
+             "lanes' -1 taken as an address")):
+        assert get("07.sectors_per_load").check(wrong) is False
+        out = capsys.readouterr().out
+        assert f"fails on case '{case}" in out and words in out, out
+    get("07.sectors_per_load").check(sectors_counted_by_lane)
+    assert "the sectors it touches (byte address // 32): 0, 64\n" in capsys.readouterr().out

@@ -1,10 +1,12 @@
 """kvlab.gpu_limits: occupancy held against what Nsight Compute reported on an H200, and the
-three bandwidth ceilings held against the stored measurements they must bound."""
+three bandwidth ceilings held against the stored measurements they must bound, and the sectors a
+warp's load touches worked by hand."""
+import numpy as np
 import pytest
 
 from kvlab.data import load_json
 from kvlab.gpu_limits import (SM90, Machine, bandwidth_bounds, block_limits, blocks_per_sm, h200,
-                              issue_bound, time_floor)
+                              issue_bound, sectors_touched, time_floor)
 from kvlab.ncu import load_ncu_csv
 
 NCU = load_ncu_csv("bench/h200_2026-11-27_ncu.csv")
@@ -162,3 +164,22 @@ def test_occupancy_agrees_with_the_driver_for_every_registered_kernel():
                                     kernel.shared_mem_per_block, dynamic)
         checked += 1
     assert checked >= 20
+
+
+@pytest.mark.parametrize("addresses, per_lane, sectors", [
+    ([0, 2, 4, 30], 2, 1),                  # one sector, four lanes
+    ([30], 4, 2),                           # bytes 30-33 cross from sector 0 into 1
+    ([31, 63, 95], 1, 3),                   # a byte in each of three sectors
+    ([0, -1, -1, 2048], 16, 2),             # idle lanes load nothing; rows far apart
+    ([-1] * 32, 8, 0),                      # a warp with nothing to load
+    (list(range(0, 512, 16)), 16, 16),      # 32 lanes x 16 bytes: 512 bytes, 16 sectors
+])
+def test_sectors_touched_by_hand(addresses, per_lane, sectors):
+    assert sectors_touched(np.array(addresses), per_lane) == sectors
+
+
+def test_sectors_touched_refuses_a_lane_of_no_bytes():
+    with pytest.raises(ValueError, match="bytes_per_lane"):
+        sectors_touched(np.zeros(32, np.int64), 0)
+    with pytest.raises(TypeError, match="bytes_per_lane must be an int"):
+        sectors_touched(np.zeros(32, np.int64), 2.0)

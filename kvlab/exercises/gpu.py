@@ -1,9 +1,11 @@
-"""Exercises of notebook 07 (GPU performance): how many blocks an SM holds, which of three
-ceilings sets a kernel's speed, and how many split-K partitions fill one wave.
+"""Exercises of notebook 07 (GPU performance): how many blocks an SM holds, how many 32-byte
+sectors a warp's load touches, which of three ceilings sets a kernel's speed, and how many
+split-K partitions fill one wave.
 
 Each is checked against the code the project runs: occupancy against
 :func:`kvlab.gpu_limits.blocks_per_sm` (itself held against the block limits Nsight Compute
-reported on an H200, tests/test_gpu_limits.py), the ceilings against
+reported on an H200, tests/test_gpu_limits.py), the sectors against
+:func:`kvlab.gpu_limits.sectors_touched`, the ceilings against
 :func:`kvlab.gpu_limits.time_floor`, the split count against the rule decode kernel v8 launches
 with (:func:`kvlab.kernels.cuda.attention.one_wave_splits`).
 """
@@ -92,6 +94,103 @@ register(Exercise(
     reference=gpu_limits.blocks_per_sm,
     cases=_blocks_per_sm_cases,
     explain=_explain_blocks,
+))
+
+
+# --- 07.sectors_per_load: coalescing, counted -------------------------------------------------
+
+def sectors_per_load_solution(byte_addresses, bytes_per_lane: int) -> int:
+    """The 32-byte sectors one warp load instruction touches (int): lane i reads
+    ``bytes_per_lane`` bytes from ``byte_addresses[i]``; -1 is a lane that loads nothing."""
+    sectors = set()
+    for address in byte_addresses:
+        if address < 0:                                   # an idle lane loads nothing
+            continue
+        first = address // 32                             # the sector of the lane's first byte
+        last = (address + bytes_per_lane - 1) // 32       # and of its last: it may straddle two
+        sectors.update(range(first, last + 1))
+    return len(sectors)
+
+
+ROW_BYTES = 2_048  # one position of the bench's pool: 8 KV heads x 128 dims x fp16
+
+
+def _lanes(per_row: int, bytes_per_lane: int, rows: int = 2, start: int = 0) -> np.ndarray:
+    """Byte addresses of a warp-wide load in which ``per_row`` lanes read one row's neighbouring
+    ``bytes_per_lane``-byte pieces, ``rows`` rows ``ROW_BYTES`` apart (the rest of the 32 lanes
+    idle: -1)."""
+    lanes = [start + row * ROW_BYTES + lane * bytes_per_lane
+             for row in range(rows) for lane in range(per_row)]
+    return np.array(lanes + [-1] * (32 - len(lanes)), np.int64)
+
+
+def _sectors_cases() -> list[Case]:
+    def case(label, addresses, bytes_per_lane, random=False):
+        return Case(label, dict(byte_addresses=np.asarray(addresses, np.int64),
+                                bytes_per_lane=bytes_per_lane), random=random)
+
+    cases = [
+        case("v2: 2 keys x 16 lanes, 2 bytes each (a dim), the keys' rows 2,048 bytes apart",
+             _lanes(16, 2), 2),
+        case("v1: every lane its own key, 2 bytes of it", _lanes(1, 2, rows=32), 2),
+        case("v5: 2 keys x 16 lanes, an 8-byte word each", _lanes(16, 8), 8),
+        case("v8: 2 rows x 16 lanes, 16 bytes each", _lanes(16, 16), 16),
+        case("a stretch of 64 bytes that starts mid-sector (byte 16)", _lanes(32, 2, rows=1,
+                                                                             start=16), 2),
+        case("five lanes of 8 bytes at bytes 8 to 28: the last one crosses into the next sector",
+             [8, 12, 16, 20, 28] + [-1] * 27, 8),
+        case("every lane the same 4 bytes (a broadcast)", [4096] * 32, 4),
+    ]
+    rng = np.random.default_rng(31)
+    for i in range(4):
+        per_lane = int(rng.choice([1, 2, 4, 8, 16]))
+        addresses = rng.integers(0, 16, size=32) * int(rng.choice([4, 8, 32, 2048])) + int(
+            rng.integers(0, 32))
+        addresses[rng.random(32) < 0.2] = -1
+        cases.append(case(f"random {i}", addresses, per_lane, random=True))
+    return cases
+
+
+def _explain_sectors(fn, case: Case) -> None:
+    """The sectors the load touches, and the count a usual slip gives when it is the learner's."""
+    from kvlab.trace import index_runs
+
+    def spanned(lanes):  # the sectors from each lane's first byte to its last
+        return {s for a in lanes for s in range(a // 32, (a + per_lane - 1) // 32 + 1)}
+
+    addresses, per_lane = case.kwargs["byte_addresses"], case.kwargs["bytes_per_lane"]
+    active = addresses[addresses >= 0]
+    sectors = spanned(active)
+    print(f"  the sectors it touches (byte address // 32): {index_runs(sectors) or 'none'}")
+    try:
+        yours = fn(**case.kwargs)
+    except Exception:
+        return
+    slips = {
+        "the active lanes, not the sectors they share": len(active),
+        "only the sector of each lane's first byte (a lane's bytes can cross into the next)":
+            len({a // 32 for a in active}),
+        "the bytes ÷ 32, as if the lanes' bytes were one aligned stretch":
+            -(-len(active) * per_lane // 32),
+        "the distinct addresses": len(set(active.tolist())),
+        "the idle lanes' -1 taken as an address": len(spanned(addresses)),
+    }
+    named = [words for words, count in slips.items() if count == yours != len(sectors)]
+    if named:
+        print(f"  {yours} is the count of " + "; or of ".join(named) + ".")
+
+
+register(Exercise(
+    name="07.sectors_per_load", notebook=NOTEBOOK, section="3.3 v2, warps: lanes share a key",
+    signature="sectors_per_load(byte_addresses, bytes_per_lane) -> int  # byte_addresses: int64 "
+              "[32], -1 for an idle lane",
+    hint="a lane's bytes run from its address to address + bytes_per_lane - 1; the sectors are "
+         "address // 32 for each of those bytes' ends and all between; count each sector once, "
+         "and skip the lanes at -1.",
+    solution=sectors_per_load_solution,
+    reference=gpu_limits.sectors_touched,
+    cases=_sectors_cases,
+    explain=_explain_sectors,
 ))
 
 
