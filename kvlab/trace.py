@@ -31,17 +31,20 @@ a run there, and any way on a GPU; a traced launch in which two threads stored d
 in one element, with no barrier between them (or from different blocks), raises
 :class:`WriteRaceError`. Stores by ``cuda.atomic.*`` are exempt: they combine on purpose.
 
-Shared memory (``cuda.shared.array``) is watched for races only (its accesses are not in the
-records: a kernel is judged by the bytes it moves to and from its arrays). A thread of a block
-reading an element of a shared array that another thread of that block writes, or two of them
-writing different values there, with no barrier between them, raises
-:class:`SharedMemoryRaceError`: the classic missing ``cuda.syncthreads()`` of a reduction, which
-the simulator, running threads one after another, often gets right.
+Static shared arrays (``cuda.shared.array`` of a constant size) are watched for races only
+(their accesses are not in the records: a kernel is judged by the bytes it moves to and from its
+arrays). A thread of a block reading an element of a shared array that another thread of that
+block writes (or updates by an atomic), or two of them writing different values there, with no
+barrier between them, raises :class:`SharedMemoryRaceError`: the classic missing
+``cuda.syncthreads()`` of a reduction, which the simulator, running threads one after another,
+often gets right. Atomics on one element combine, and race with nothing but plain accesses.
+Dynamic shared memory (size 0, set at launch) is not watched.
 
-Last, a traced launch has a time limit (:data:`TIME_LIMIT_S`): a loop that never ends would hang
-the notebook cell, and the simulator's threads cannot be stopped from outside, so past the limit
-each one still running is made to raise where it stands, and the launch raises
-:class:`KernelTimeoutError` naming the lines they were at.
+Last, a traced launch has limits: a loop that never ends would hang the notebook cell (and grow
+the records without end), and the simulator's threads cannot be stopped from outside. Past
+:data:`TIME_LIMIT_S`, each thread still running is made to raise where it stands; past
+:data:`RECORD_LIMIT` reads and writes, the thread making the next one raises; either way the
+launch raises :class:`KernelTimeoutError` naming the lines the threads were at.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-READ, WRITE = "read", "write"
+READ, WRITE, ATOMIC = "read", "write", "atomic"
 
 
 @dataclass
@@ -78,12 +81,17 @@ class AccessLog:
     # shared memory, watched for races only: {(array, element, block, barriers passed):
     # {(kind, thread): (value stored or None for a read, where in the kernel)}}
     shared: dict = field(default_factory=lambda: defaultdict(dict))
+    # where the kernel was when the records reached RECORD_LIMIT (None: they did not)
+    stopped_at: tuple[str, int, str] | None = None
     # reentrant: a store is recorded, made and read back under it (see TracedArray.__setitem__)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def add(self, name: str, kind: str, elements: np.ndarray) -> None:
         block, thread = _current_thread_ids()
         with self._lock:
+            if len(self.records) >= RECORD_LIMIT:  # an endless loop: stop it while memory lasts
+                self.stopped_at = self.stopped_at or _kernel_site(sys._getframe(1))
+                raise KernelTimeoutError(f"over {RECORD_LIMIT:,} reads and writes")
             self.records.extend((name, kind, block, thread, int(e)) for e in elements.ravel())
 
     def add_stored(self, name: str, elements: np.ndarray, values: np.ndarray) -> None:
@@ -119,11 +127,13 @@ class AccessLog:
 
     def add_shared(self, name: str, kind: str, elements: np.ndarray,
                    values: np.ndarray | None = None) -> None:
-        """A read (``values`` None) or a write of elements of a shared array, by the thread
-        running now, after the barriers it has passed; a thread's first read of an element in
-        a barrier interval is kept, and its last write."""
+        """A read, a write (with the ``values`` stored) or an atomic update (``kind``) of
+        elements of a shared array, by the thread running now, after the barriers it has
+        passed. Per barrier interval, a thread's first read and first atomic of an element are
+        kept, and its last write; where in the kernel, as a site put in words only for a
+        report."""
         block, thread = _current_thread_ids()
-        site = _kernel_line(sys._getframe(1))
+        site = _kernel_site(sys._getframe(1))
         with self._lock:
             passed = len(self.barriers.get((block, thread), ()))
             flat = elements.ravel()
@@ -133,38 +143,52 @@ class AccessLog:
                 if kind == WRITE:
                     by[WRITE, thread] = (value, site)
                 else:
-                    by.setdefault((READ, thread), (None, site))
+                    by.setdefault((kind, thread), (None, site))
 
     def shared_race(self) -> str | None:
-        """None when no element of a shared array was read and written, or written twice with
-        different values, by two threads of a block between the same two barriers; else a
-        sentence naming the first such pair (in a fixed order, not the run's)."""
+        """None when no two threads of a block met at an element of a shared array between
+        the same two barriers (a read and a write, an atomic and a plain access, two writes of
+        different values); else a sentence naming the first such pair (in a fixed order, not
+        the run's)."""
         for (name, element, block, passed), by in sorted(self.shared.items()):
-            writes = sorted((t, v) for (kind, t), v in by.items() if kind == WRITE)
-            reads = sorted((t, v) for (kind, t), v in by.items() if kind == READ)
-            where = f"{name}{[int(i) for i in np.unravel_index(element, self.shapes[name])]}"
-            barriers = f"{passed} barrier{'s' if passed != 1 else ''}"
-            interval = (f"with no barrier between them (both had passed {barriers}): on a GPU "
-                        f"the threads of a block run at the same time")
-            for writer, (value, write_site) in writes:
-                w = f"thread {_linear(writer, self.block_dim)}"
-                for reader, (_, read_site) in reads:
-                    if reader != writer:
-                        return (f"in block {block}, thread {_linear(reader, self.block_dim)} "
-                                f"read shared {where} at {read_site}, and {w} wrote it at "
-                                f"{write_site}, {interval}, so whether the read sees the "
-                                f"write is not defined (the simulator ran them in one order "
-                                f"this run). Put a cuda.syncthreads() between the write and "
-                                f"the read, where every thread of the block reaches it")
-                for other, (other_value, other_site) in writes:
-                    if other > writer and value.tobytes() != other_value.tobytes():
-                        return (f"in block {block}, {w} (at {write_site}) and thread "
-                                f"{_linear(other, self.block_dim)} (at {other_site}) both wrote "
-                                f"shared {where}, different values ({value.item()!r} and "
-                                f"{other_value.item()!r}), {interval}, so which write lands is "
-                                f"not defined. Give each element one writer between two "
-                                f"barriers")
+            accesses = sorted((thread, kind, value, site) for (kind, thread), (value, site)
+                              in by.items())
+            for i, first in enumerate(accesses):
+                for second in accesses[i + 1:]:
+                    if first[0] != second[0] and _conflict(first, second):
+                        return self._shared_race_words(name, element, block, passed, first,
+                                                       second)
         return None
+
+    def _shared_race_words(self, name: str, element: int, block: tuple[int, ...], passed: int,
+                           first: tuple, second: tuple) -> str:
+        """The sentence :meth:`shared_race` returns for two conflicting accesses, each
+        ``(thread, kind, value stored, site)``."""
+        where = f"{name}{[int(i) for i in np.unravel_index(element, self.shapes[name])]}"
+        barriers = f"{passed} barrier{'s' if passed != 1 else ''}"
+        interval = (f"with no barrier between them (both had passed {barriers}): on a GPU the "
+                    f"threads of a block run at the same time")
+
+        def who(access):
+            return f"thread {_linear(access[0], self.block_dim)}"
+
+        kinds = {first[1], second[1]}
+        if kinds == {WRITE}:
+            return (f"in block {block}, {who(first)} (at {_site_words(first[3])}) and "
+                    f"{who(second)} (at {_site_words(second[3])}) both wrote shared {where}, "
+                    f"different values ({first[2].item()!r} and {second[2].item()!r}), "
+                    f"{interval}, so which write lands is not defined. Give each element one "
+                    f"writer between two barriers")
+        # the other pairs: one plain access against a write or an atomic update
+        order = {READ: 0, WRITE: 1, ATOMIC: 2}
+        plain, other = sorted((first, second), key=lambda access: order[access[1]])
+        did = {WRITE: "wrote it", ATOMIC: "updated it by an atomic"}[other[1]]
+        verb = {READ: "read", WRITE: "wrote"}[plain[1]]
+        return (f"in block {block}, {who(plain)} {verb} shared {where} at "
+                f"{_site_words(plain[3])}, and {who(other)} {did} at {_site_words(other[3])}, "
+                f"{interval}, so whether the {plain[1]} comes before or after is not defined "
+                f"(the simulator ran them in one order this run). Put a cuda.syncthreads() "
+                f"between them, where every thread of the block reaches it")
 
     def add_barrier(self, block: tuple[int, ...], thread: tuple[int, ...],
                     site: tuple[str, int]) -> None:
@@ -238,6 +262,16 @@ class KernelTimeoutError(RuntimeError):
     """A traced launch ran past :data:`TIME_LIMIT_S` (a loop that never ends, most likely)."""
 
 
+def _conflict(first: tuple, second: tuple) -> bool:
+    """Whether two accesses ``(thread, kind, value stored, site)`` of one element of a shared
+    array by two threads, between the same two barriers, race: a read and a write, an atomic
+    and a plain access, or two writes of different values (reads and atomics combine freely)."""
+    kinds = {first[1], second[1]}
+    if kinds == {WRITE}:
+        return first[2].tobytes() != second[2].tobytes()
+    return kinds in ({READ, WRITE}, {READ, ATOMIC}, {WRITE, ATOMIC})
+
+
 class SharedMemoryRaceError(RuntimeError):
     """Two threads of a block met at one element of a shared array (a read and a write, or two
     different writes) with no barrier between them."""
@@ -308,24 +342,33 @@ def _recording_barriers(log: AccessLog):
 def _tracing_shared(log: AccessLog):
     """While open, every static ``cuda.shared.array`` a simulated kernel makes comes back as a
     :class:`TracedArray` watched for races (one per array, named by the variable it is assigned
-    to). Dynamic shared memory (size 0) passes untraced."""
+    to, and by its line where that name is taken). Dynamic shared memory (size 0) passes
+    untraced."""
+    from numba.cuda import types
+    from numba.cuda.np import numpy_support
     from numba.cuda.simulator.kernelapi import FakeCUDAShared
 
     original = FakeCUDAShared.array
-    traced: dict[int, TracedArray] = {}
+    traced: dict[tuple[str, int], TracedArray] = {}
 
     def array(shared, shape, dtype, alignment=None):
-        data = original(shared, shape, dtype, alignment)
-        if shape == 0:
-            return data
+        if shape == 0 or alignment is not None:  # dynamic memory; the simulator refuses alignment
+            return original(shared, shape, dtype, alignment)
+        # One array per line of the kernel, as the simulator keys its own (calling it from here
+        # would key every array by this line: all would be one), kept for the whole launch.
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
         with log._lock:
-            if id(data) not in traced:  # every thread of the block asks for the same array
-                caller = sys._getframe(1)
-                line = linecache.getline(caller.f_code.co_filename, caller.f_lineno)
+            if key not in traced:  # the first thread to ask; the others get the same array
+                if isinstance(dtype, types.Type):
+                    dtype = numpy_support.as_dtype(dtype)
+                line = linecache.getline(*key)
                 named = re.search(r"(\w+)\s*=\s*cuda\.shared\.array", line)
-                name = named.group(1) if named else f"array of line {caller.f_lineno}"
-                traced[id(data)] = TracedArray(data, name, log, shared=True)
-            return traced[id(data)]
+                name = named.group(1) if named else "array"
+                if name in log.shapes:  # an argument's name, or another shared array's
+                    name = f"{name} (line {caller.f_lineno} of {caller.f_code.co_name})"
+                traced[key] = TracedArray(np.empty(shape, dtype), name, log, shared=True)
+            return traced[key]
 
     FakeCUDAShared.array = array
     try:
@@ -334,21 +377,32 @@ def _tracing_shared(log: AccessLog):
         FakeCUDAShared.array = original
 
 
+# A traced launch is stopped once it has recorded this many reads and writes of its arrays (the
+# exercises' cases record at most a few thousand; an endless loop gains ~100,000 a second, each
+# a few hundred bytes).
+RECORD_LIMIT = 500_000
 # A traced launch still running after this many seconds is stopped. The exercises' cases run in
 # well under a second each; the limit leaves room for a slow machine, and an endless loop records
 # an access at each turn, so it must not run long.
 TIME_LIMIT_S = 20.0
 
 
-def _kernel_line(frame: Any) -> str:
-    """Where a simulated thread is in the kernel: ``"line 7 of my_kernel (while i < n:)"``, from
-    its innermost frame outside the simulator and this module."""
+def _kernel_site(frame: Any) -> tuple[str, int, str] | None:
+    """Where a simulated thread is in the kernel: ``(file, line, function)`` of its innermost
+    frame outside the simulator and this module (None when there is none)."""
     while frame is not None and any(part in frame.f_code.co_filename for part in _SIMULATOR):
         frame = frame.f_back
-    if frame is None:
+    return None if frame is None else (frame.f_code.co_filename, frame.f_lineno,
+                                       frame.f_code.co_name)
+
+
+def _site_words(site: tuple[str, int, str] | None) -> str:
+    """A site of :func:`_kernel_site` in words: ``"line 7 of my_kernel (while i < n:)"``."""
+    if site is None:
         return "a line the tracer cannot see"
-    text = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
-    return f"line {frame.f_lineno} of {frame.f_code.co_name}" + (f" ({text})" if text else "")
+    filename, line, function = site
+    text = linecache.getline(filename, line).strip()
+    return f"line {line} of {function}" + (f" ({text})" if text else "")
 
 
 @contextmanager
@@ -362,7 +416,7 @@ def _time_limit(seconds: float, stopped: list[str]):
         frames = sys._current_frames()
         for thread in threading.enumerate():
             if isinstance(thread, BlockThread) and thread.is_alive():
-                stopped.append(_kernel_line(frames.get(thread.ident)))
+                stopped.append(_site_words(_kernel_site(frames.get(thread.ident))))
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
                                                            ctypes.py_object(KernelTimeoutError))
 
@@ -376,6 +430,9 @@ def _time_limit(seconds: float, stopped: list[str]):
         timer.join()  # its thread ends at once once cancelled: none is left behind
 
 
+LOOP_NOTE = "A loop that never ends? Check that every loop's condition changes inside the loop"
+
+
 def _timeout_message(seconds: float, stopped: list[str]) -> str:
     """What to say of a launch stopped by :func:`_time_limit`: how many threads were still
     running, and where (the three most common lines)."""
@@ -383,8 +440,8 @@ def _timeout_message(seconds: float, stopped: list[str]) -> str:
     lines = "; ".join(f"{count} at {line}" for line, count in where[:3])
     more = f"; and {len(where) - 3} other lines" if len(where) > 3 else ""
     return (f"still running after {seconds:g} s, when these cases take well under a second: "
-            f"{len(stopped)} thread{'s' if len(stopped) > 1 else ''} stopped, {lines}{more}. A "
-            f"loop that never ends? Check that every loop's condition changes inside the loop")
+            f"{len(stopped)} thread{'s' if len(stopped) > 1 else ''} stopped, {lines}{more}. "
+            f"{LOOP_NOTE}")
 
 
 def _linear(index: tuple[int, ...], dims: tuple[int, ...]) -> int:
@@ -412,7 +469,8 @@ def _current_thread_ids() -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def _atomic(caller: Any) -> bool:
     """Whether an access comes from the simulator's ``cuda.atomic.*``, which read and store
-    through the array one thread at a time by their own lock: combined on purpose, not raced."""
+    through the array one thread at a time by their own lock: atomics combine on purpose, so
+    they race only with plain accesses."""
     return caller.f_code.co_filename.endswith("kernelapi.py")
 
 
@@ -455,8 +513,9 @@ class TracedArray:
             return TracedArray(value, self.name, self._log, ids, self._shared)
         if not self._shared:
             self._log.add(self.name, READ, np.asarray(ids))
-        elif not _atomic(sys._getframe(1)):
-            self._log.add_shared(self.name, READ, np.asarray(ids))
+        else:
+            kind = ATOMIC if _atomic(sys._getframe(1)) else READ
+            self._log.add_shared(self.name, kind, np.asarray(ids))
         return value
 
     def __setitem__(self, index: Any, value: Any) -> None:
@@ -468,8 +527,9 @@ class TracedArray:
             with np.errstate(over="ignore", invalid="ignore"):  # a GPU's store rounds to inf
                 self._data[index] = value.to_numpy() if isinstance(value, TracedArray) else value
             stored = np.asarray(self._data[index])  # rounded to the array's dtype
-            if self._shared and not atomic:
-                self._log.add_shared(self.name, WRITE, ids, stored)
+            if self._shared:  # an atomic's read half was recorded as the update
+                if not atomic:
+                    self._log.add_shared(self.name, WRITE, ids, stored)
             elif not atomic:
                 self._log.add_stored(self.name, ids, stored)
 
@@ -490,8 +550,8 @@ def launch_traced(kernel: Callable, grid: Any, block: Any, **arrays: Any
     barriers, the :class:`WriteRaceError` raised when two threads stored different values in
     one element with nothing to order them, the :class:`SharedMemoryRaceError` raised when two
     threads met at an element of a shared array between two barriers, and the
-    :class:`KernelTimeoutError` raised when the
-    launch ran past :data:`TIME_LIMIT_S`. On a real GPU nothing can be traced (the kernel runs
+    :class:`KernelTimeoutError` raised when the launch ran past :data:`TIME_LIMIT_S` or
+    :data:`RECORD_LIMIT`. On a real GPU nothing can be traced (the kernel runs
     compiled code, not Python): the kernel runs on copies and the log is None.
     """
     from kvlab.backends import cuda_mode
@@ -513,6 +573,11 @@ def launch_traced(kernel: Callable, grid: Any, block: Any, **arrays: Any
         except Exception:
             if stopped:  # the threads raised because the timer stopped them
                 raise KernelTimeoutError(_timeout_message(TIME_LIMIT_S, stopped)) from None
+            if log.stopped_at is not None:  # a thread raised at the record limit
+                raise KernelTimeoutError(
+                    f"stopped after {RECORD_LIMIT:,} reads and writes of its arrays, when these "
+                    f"cases make a few thousand; the last at {_site_words(log.stopped_at)}. "
+                    f"{LOOP_NOTE}") from None
             raise
         divergent = log.divergent_barriers()
         if divergent:

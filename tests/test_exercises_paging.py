@@ -200,7 +200,8 @@ def gather_padded(k_pool, v_pool, block_tables, context_lens):
     start = 0
     flat_k, flat_v = _gather(k_pool, v_pool, block_tables, context_lens)
     for seq, length in enumerate(context_lens.tolist()):
-        k[seq, :length], v[seq, :length] = flat_k[start:start + length], flat_v[start:start + length]
+        k[seq, :length] = flat_k[start:start + length]
+        v[seq, :length] = flat_v[start:start + length]
         start += length
     return k, v
 
@@ -308,7 +309,8 @@ def test_a_gather_that_leaves_the_device_passes_with_a_note(learner_view, capsys
 
 
 def gather_over_literal_pools(k_pool, v_pool, block_tables, context_lens):
-    """Whole-tensor ops; the loops run over the two pools and a shape, not over tokens."""
+    """Whole-tensor ops; the loops run over a shape and over a name bound to a tuple of the two
+    pools' rows, not over tokens."""
     import torch
 
     num_blocks, block_size, heads, dim = [int(n) for n in k_pool.shape]
@@ -316,7 +318,8 @@ def gather_over_literal_pools(k_pool, v_pool, block_tables, context_lens):
     seq = torch.repeat_interleave(torch.arange(len(lens)), lens)
     positions = torch.arange(len(seq)) - (torch.cumsum(lens, 0) - lens)[seq]
     slots = block_tables[seq, positions // block_size].long() * block_size + positions % block_size
-    return tuple(pool.reshape(-1, heads, dim)[slots] for pool in (k_pool, v_pool))
+    rows = (k_pool.reshape(-1, heads, dim), v_pool.reshape(-1, heads, dim))
+    return tuple(pool_rows[slots] for pool_rows in rows)
 
 
 def gather_in_a_while_loop(k_pool, v_pool, block_tables, context_lens):

@@ -378,7 +378,8 @@ def test_a_missing_barrier_in_the_tree_is_named(learner_view, capsys):
     assert "and thread 1 wrote it at line " in out
     assert "(partial[tid] = max(partial[tid], partial[tid + width]))" in out
     assert "with no barrier between them (both had passed 1 barrier)" in out
-    assert "Put a cuda.syncthreads() between the write and the read" in out
+    assert "so whether the read comes before or after is not defined" in out
+    assert "Put a cuda.syncthreads() between them" in out
 
 
 @cuda.jit

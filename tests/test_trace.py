@@ -290,3 +290,99 @@ def test_shared_writes_of_one_value_pass_and_of_different_values_are_refused():
                        r"\(slot\[0\] = 7 if same else cuda.threadIdx.x\)\) and thread 1 .* both "
                        r"wrote shared slot\[0\], different values \(0 and 1\)"):
         launch_traced(shared_writes, 1, 4, out=np.zeros(1, np.int32), same=False)
+
+
+@cuda.jit
+def atomic_sum(x, out, barrier_after_reset):
+    """Thread 0 zeroes a shared total, the block adds its x by atomics, thread 0 stores it; with
+    barrier_after_reset 0 the atomics may land before the reset."""
+    t = cuda.threadIdx.x
+    total = cuda.shared.array(1, np.float32)
+    if t == 0:
+        total[0] = 0
+    if barrier_after_reset:
+        cuda.syncthreads()
+    cuda.atomic.add(total, 0, x[t])
+    cuda.syncthreads()
+    if t == 0:
+        out[0] = total[0]
+
+
+def test_an_atomic_races_a_plain_store_but_not_other_atomics():
+    from kvlab.trace import SharedMemoryRaceError
+
+    x = np.arange(4, dtype=np.float32)
+    after, _ = launch_traced(atomic_sum, 1, 4, x=x, out=np.zeros(1, np.float32),
+                             barrier_after_reset=1)
+    assert after["out"][0] == 6
+    with pytest.raises(SharedMemoryRaceError, match=r"thread 0 wrote shared total\[0\] at line "
+                       r"\d+ of atomic_sum \(total\[0\] = 0\), and thread 1 updated it by an "
+                       r"atomic at line \d+"):
+        launch_traced(atomic_sum, 1, 4, x=x, out=np.zeros(1, np.float32), barrier_after_reset=0)
+
+
+@cuda.jit
+def two_helpers_one_name(x, out):
+    """Two device functions, each with its own shared array called buf: no race between them."""
+    t = cuda.threadIdx.x
+    out[t] = _fill_and_read_back(x, t) + _fill_and_read_back_again(x, t)
+
+
+@cuda.jit(device=True)
+def _fill_and_read_back(x, t):
+    buf = cuda.shared.array(4, np.float32)
+    buf[t] = x[t]
+    cuda.syncthreads()
+    return buf[3 - t]
+
+
+@cuda.jit(device=True)
+def _fill_and_read_back_again(x, t):
+    buf = cuda.shared.array(4, np.float32)
+    buf[t] = 2 * x[t]
+    cuda.syncthreads()
+    return buf[3 - t]
+
+
+def test_shared_arrays_of_one_name_are_two_arrays():
+    """Each shared array is watched apart (the second buf is named by its line), so two helpers
+    that both call theirs buf do not race, and an argument keeps its own picture."""
+    x = np.arange(4, dtype=np.float32)
+    after, log = launch_traced(two_helpers_one_name, 1, 4, x=x, out=np.zeros(4, np.float32))
+    np.testing.assert_array_equal(after["out"], 3 * x[::-1])
+    assert "buf" in log.shapes and any(name.startswith("buf (line ") for name in log.shapes)
+
+
+@cuda.jit
+def loops_over_its_array(out):
+    i = 0
+    while i < 1:
+        out[0] = out[0]  # i never changes
+
+
+def test_an_endless_loop_is_stopped_at_the_record_limit(monkeypatch):
+    from kvlab import trace
+
+    monkeypatch.setattr(trace, "RECORD_LIMIT", 2_000)
+    with pytest.raises(trace.KernelTimeoutError, match=r"stopped after 2,000 reads and writes of "
+                       r"its arrays, when these cases make a few thousand; the last at line \d+ "
+                       r"of loops_over_its_array \(out\[0\] = out\[0\]"):
+        launch_traced(loops_over_its_array, 1, 2, out=np.zeros(1, np.float32))
+
+
+@cuda.jit
+def two_shared_arrays(x, out):
+    t = cuda.threadIdx.x
+    a = cuda.shared.array(4, np.float32)
+    b = cuda.shared.array(4, np.int32)
+    a[t] = x[t]
+    b[t] = 10 * t
+    cuda.syncthreads()
+    out[t] = a[3 - t] + b[3 - t]
+
+
+def test_two_shared_arrays_stay_two_arrays_of_their_own_dtype():
+    x = np.arange(4, dtype=np.float32) + 0.5
+    after, log = launch_traced(two_shared_arrays, 2, 4, x=x, out=np.zeros(4, np.float32))
+    np.testing.assert_array_equal(after["out"], x[::-1] + 10 * np.arange(4)[::-1])
+    assert log.shapes["a"] == (4,) and log.shapes["b"] == (4,)

@@ -143,8 +143,8 @@ def launch_both(fn: Callable, solution: Callable, launch: Callable) -> list[tupl
 def work_note(yours: Any, solution: Any, label: str) -> str:
     """What a right kernel's trace says about its speed on a GPU, against the solution's (two
     :class:`~kvlab.trace.AccessLog` of one case): the accesses to its array arguments in all
-    (global memory: a kernel is judged by the bytes it moves; shared memory is watched for
-    races only), and
+    (global memory: a kernel is judged by the bytes it moves; shared memory is watched for races
+    only), and
     those of the busiest thread (the threads of a block run side by side, so a block takes as
     long as its busiest one). "" when neither is far above the solution's (1.5x in all, 2x for
     the busiest thread)."""
@@ -334,7 +334,7 @@ class Exercise:
             except Exception as error:  # the learner's bug: report it as a failing case
                 # no picture of a kernel the time limit stopped: drawing it runs it again
                 return self._fail(say, fn, case, self._raised(fn, case, error),
-                                  explain=not isinstance(error, KernelTimeoutError))
+                                  draw=not isinstance(error, KernelTimeoutError))
             message = compare(got, expected, self.rtol, self.atol, names=self.outputs)
             if message:
                 return self._fail(say, fn, case, message, expected, got)
@@ -384,7 +384,7 @@ class Exercise:
             return GpuCompile(None, f"{type(error).__name__}: {error}")
 
     def _fail(self, say, fn, case: Case, message: str, expected: Any = None,
-              got: Any = None, explain: bool = True) -> bool:
+              got: Any = None, draw: bool = True) -> bool:
         lines = [f"✗ {self.name}: fails on case '{case.label}'"]
         lines += [f"  {name} = {_short(value)}" for name, value in case.kwargs.items()]
         if expected is not None:
@@ -392,7 +392,7 @@ class Exercise:
                       f"  got:      {_short(got, names=self.outputs)}"]
         lines += [f"  {message}"] + self._parameter_note(fn) + [f"  Hint: {self.hint}"]
         say("\n".join(lines))
-        if self.explain is not None and explain and say is print:
+        if self.explain is not None and draw and say is print:
             try:
                 self.explain(fn, case)
             except Exception as error:  # the explanation is a help: it must not break check()

@@ -17,8 +17,8 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import (Case, Exercise, WrongResult, copy_args, draw_accesses, launch_both,
-                                  print_slot_walk, register, tensor_result,
+from kvlab.exercises.core import (Case, Exercise, WrongResult, copy_args, draw_accesses,
+                                  launch_both, print_slot_walk, register, tensor_result,
                                   torch_copies)
 from kvlab.paging import BlockAllocator, blocks_needed
 from kvlab.ref import paging as ref
@@ -472,7 +472,8 @@ def _explain_gather_kv(fn: Callable, case: Case) -> None:
 def _host_round_trips(fn: Callable) -> list[str]:
     """What in ``fn``'s source does host work per token or waits for the device: ``.item()``,
     ``.tolist()``, ``.numpy()``, ``.cpu()``, ``int()``/``float()`` of a tensor's element, or a
-    Python loop (a loop over a literal tuple or list, or over a ``.shape``, is no such thing)."""
+    Python loop (one over a literal tuple or list, a name bound to one, or a ``.shape`` is no
+    such thing)."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
@@ -480,6 +481,14 @@ def _host_round_trips(fn: Callable) -> list[str]:
 
     def shape(node: ast.AST) -> bool:
         return isinstance(node, ast.Attribute) and node.attr == "shape"
+
+    literals = {target.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                and isinstance(node.value, (ast.Tuple, ast.List))
+                for target in node.targets if isinstance(target, ast.Name)}
+
+    def fixed(iterable: ast.AST) -> bool:  # a loop over a few things, not over tokens
+        return (isinstance(iterable, (ast.Tuple, ast.List)) or shape(iterable)
+                or (isinstance(iterable, ast.Name) and iterable.id in literals))
 
     found = []
     for node in ast.walk(tree):
@@ -491,8 +500,7 @@ def _host_round_trips(fn: Callable) -> list[str]:
               and isinstance(node.args[0], ast.Subscript) and not shape(node.args[0].value)):
             found.append(f"{node.func.id}() of an element")
         elif isinstance(node, ast.While) or (
-                isinstance(node, (ast.For, ast.comprehension))
-                and not isinstance(node.iter, (ast.Tuple, ast.List)) and not shape(node.iter)):
+                isinstance(node, (ast.For, ast.comprehension)) and not fixed(node.iter)):
             found.append("a Python loop")
     return sorted(set(found))
 
