@@ -171,6 +171,19 @@ LEARNER_TRIES = {
          ["✓ 01.gather_kv_torch", "it uses .tolist(), a Python loop and int() of an element"]),
     ],
     "02_quantization": [
+        ("02.scale_kernel",  # thread 0 reads the partials with no barrier after they are written
+         "@cuda.jit\n"
+         "def scale_kernel(x, scales):\n"
+         "    token, head, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x\n"
+         "    local = np.float32(0)\n"
+         "    for d in range(tid, x.shape[2], THREADS): "
+         "local = max(local, abs(x[token, head, d]))\n"
+         "    partial = cuda.shared.array(THREADS, np.float32)\n"
+         "    partial[tid] = local\n"
+         "    if tid == 0: scales[token, head] = max(max(partial[0], partial[1], partial[2], "
+         "partial[3], partial[4], partial[5], partial[6], partial[7]), np.float32(1e-8)) / 127",
+         ["✗ 02.scale_kernel: fails on case", "(SharedMemoryRaceError): in block (0, 0, 0), "
+          "thread 0 read shared partial[1]", "Put a cuda.syncthreads() between them"]),
         ("02.fake_quant_torch",  # always per token: the checker names the axes it used
          "def fake_quant_torch(x, granularity): s = x.abs().amax(dim=-1, keepdim=True).clamp("
          "min=1e-8) / 127; return torch.round(x / s).clamp(-127, 127) * s.half().float()",

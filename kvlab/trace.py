@@ -402,6 +402,7 @@ def _site_words(site: tuple[str, int, str] | None) -> str:
         return "a line the tracer cannot see"
     filename, line, function = site
     text = linecache.getline(filename, line).strip()
+    text = text if len(text) <= 80 else text[:77] + "..."  # a long line: its start says which
     return f"line {line} of {function}" + (f" ({text})" if text else "")
 
 
