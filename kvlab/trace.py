@@ -25,11 +25,11 @@ allows a barrier in conditional code only when the condition is the same for the
 traced launch in which the threads of one block reached different barriers (other lines, or
 other numbers of them) raises :class:`DivergentBarrierError`.
 
-And it records what each thread stores. The simulator runs a block's threads as Python threads,
-in whatever order its scheduler picks, so two threads that write one element come out one way in
-a run there, and any way on a GPU; a traced launch in which two threads stored different values
-in one element, with no barrier between them (or from different blocks), raises
-:class:`WriteRaceError`. Stores by ``cuda.atomic.*`` are exempt: they combine on purpose.
+And it records what each thread stores and first reads. The simulator runs a block's threads as
+Python threads, in whatever order its scheduler picks, so two threads that meet at one element
+come out one way in a run there, and any way on a GPU; a traced launch in which two threads stored
+different values in one element, or one stored and another read it, with no barrier between them
+(or from different blocks), raises :class:`WriteRaceError`. Stores by ``cuda.atomic.*`` are exempt: they combine on purpose.
 
 Static shared arrays (``cuda.shared.array`` of a constant size) are watched for races only
 (their accesses are not in the records: a kernel is judged by the bytes it moves to and from its
@@ -37,8 +37,9 @@ arrays). A thread of a block reading an element of a shared array that another t
 block writes (or updates by an atomic), or two of them writing different values there, with no
 barrier between them, raises :class:`SharedMemoryRaceError`: the classic missing
 ``cuda.syncthreads()`` of a reduction, which the simulator, running threads one after another,
-often gets right. Atomics on one element combine, and race with nothing but plain accesses.
-Dynamic shared memory (size 0, set at launch) is not watched.
+often gets right. Atomics on one element combine, and race with nothing but plain accesses. A
+traced shared array starts as NaN (bytes of 0xA5 for integers), so a read before any write goes
+wrong the same way every run. Dynamic shared memory (size 0, set at launch) is not watched.
 
 Last, a traced launch has limits: a loop that never ends would hang the notebook cell (and grow
 the records without end), and the simulator's threads cannot be stopped from outside. Past
@@ -75,9 +76,12 @@ class AccessLog:
     # the barriers each thread reached, in order, by (block index, thread index): the function
     # and line that called each, ("scale_kernel", 12); a thread that reached none is absent
     barriers: dict = field(default_factory=lambda: defaultdict(list))
-    # what each thread last stored in each element, and after how many of its barriers:
-    # {(array name, flat element): {(block, thread): (barriers passed, value)}}
+    # what each thread last stored in each element, after how many of its barriers, and where:
+    # {(array name, flat element): {(block, thread): (barriers passed, value, site)}}
     stored: dict = field(default_factory=lambda: defaultdict(dict))
+    # each thread's first read of each element, after how many of its barriers, and where:
+    # {(array name, flat element): {(block, thread): (barriers passed, site)}}
+    first_reads: dict = field(default_factory=lambda: defaultdict(dict))
     # shared memory, watched for races only: {(array, element, block, barriers passed):
     # {(kind, thread): (value stored or None for a read, where in the kernel)}}
     shared: dict = field(default_factory=lambda: defaultdict(dict))
@@ -93,36 +97,63 @@ class AccessLog:
                 self.stopped_at = self.stopped_at or _kernel_site(sys._getframe(1))
                 raise KernelTimeoutError(f"over {RECORD_LIMIT:,} reads and writes")
             self.records.extend((name, kind, block, thread, int(e)) for e in elements.ravel())
+            if kind == READ:  # for the races between a store and another thread's read
+                passed, site = len(self.barriers.get((block, thread), ())), None
+                for element in elements.ravel():
+                    by = self.first_reads[name, int(element)]
+                    if (block, thread) not in by:
+                        site = site or _kernel_site(sys._getframe(1))
+                        by[block, thread] = (passed, site)
 
     def add_stored(self, name: str, elements: np.ndarray, values: np.ndarray) -> None:
         who = _current_thread_ids()
+        site = _kernel_site(sys._getframe(1))
         with self._lock:
             passed = len(self.barriers.get(who, ()))
             for element, value in zip(elements.ravel(), values.ravel()):
-                self.stored[name, int(element)][who] = (passed, value)
+                self.stored[name, int(element)][who] = (passed, value, site)
 
     def write_race(self) -> str | None:
-        """None when no element was stored by two threads that a GPU may run in either order;
-        else a sentence naming the first such element. Two threads of one block are ordered
-        when a barrier stands between their stores (one had passed more barriers than the
-        other); threads of different blocks never are. Threads that store the same value do no
-        harm and are let pass."""
+        """None when no element of an array argument was stored by one thread and stored
+        (another value) or read by another that a GPU may run in either order; else a sentence
+        naming the first such element. Two threads of one block are ordered when a barrier
+        stands between their accesses (one had passed more barriers than the other); threads
+        of different blocks never are. Threads that store the same value do no harm and are
+        let pass."""
+        def where(name: str, element: int) -> str:
+            return f"{name}{[int(i) for i in np.unravel_index(element, self.shapes[name])]}"
+
         for (name, element), by_thread in sorted(self.stored.items()):  # not the run's order
             stores = sorted(by_thread.items())
-            for i, ((block_a, thread_a), (passed_a, value_a)) in enumerate(stores):
-                for (block_b, thread_b), (passed_b, value_b) in stores[i + 1:]:
+            for i, ((block_a, thread_a), (passed_a, value_a, _)) in enumerate(stores):
+                a = f"thread {_linear(thread_a, self.block_dim)} of block {block_a}"
+                for (block_b, thread_b), (passed_b, value_b, _) in stores[i + 1:]:
                     ordered = block_a == block_b and passed_a != passed_b
                     if ordered or value_a.tobytes() == value_b.tobytes():
                         continue
-                    where = tuple(int(i) for i in np.unravel_index(element, self.shapes[name]))
-                    a = f"thread {_linear(thread_a, self.block_dim)} of block {block_a}"
                     b = f"thread {_linear(thread_b, self.block_dim)} of block {block_b}"
-                    return (f"{a} and {b} both wrote {name}{list(where)}, different values "
+                    return (f"{a} and {b} both wrote {where(name, element)}, different values "
                             f"({value_a.item()!r} and {value_b.item()!r}), with no barrier "
                             f"between: on a GPU they run at the same time and which write lands "
                             f"is not defined (in the simulator it came out one way this run). "
                             f"Give each element one writer, or use cuda.atomic if they must "
                             f"combine")
+            for (block_a, thread_a), (passed_a, _, write_site) in stores:
+                reads = sorted(self.first_reads.get((name, element), {}).items())
+                for (block_b, thread_b), (passed_b, read_site) in reads:
+                    if (block_a, thread_a) == (block_b, thread_b) or (
+                            block_a == block_b and passed_a != passed_b):
+                        continue  # its own store, or one a barrier stands between
+                    return (f"thread {_linear(thread_b, self.block_dim)} of block {block_b} "
+                            f"read {where(name, element)} at {_site_words(read_site)}, and thread "
+                            f"{_linear(thread_a, self.block_dim)} of block {block_a} wrote it at "
+                            f"{_site_words(write_site)}, with no barrier between them"
+                            + (" (threads of different blocks are never ordered)"
+                               if block_a != block_b else "")
+                            + ": on a GPU whether the read comes before or after the write is "
+                            "not defined (the simulator ran them in one order this run). Read "
+                            "what another thread wrote only after a barrier, in the block that "
+                            "wrote it; use shared memory for a block's own scratch")
         return None
 
     def add_shared(self, name: str, kind: str, elements: np.ndarray,
@@ -153,9 +184,10 @@ class AccessLog:
         for (name, element, block, passed), by in sorted(self.shared.items()):
             accesses = sorted((thread, kind, value, site) for (kind, thread), (value, site)
                               in by.items())
+            own_write = {thread: value for thread, kind, value, _ in accesses if kind == WRITE}
             for i, first in enumerate(accesses):
                 for second in accesses[i + 1:]:
-                    if first[0] != second[0] and _conflict(first, second):
+                    if first[0] != second[0] and _conflict(first, second, own_write):
                         return self._shared_race_words(name, element, block, passed, first,
                                                        second)
         return None
@@ -262,14 +294,20 @@ class KernelTimeoutError(RuntimeError):
     """A traced launch ran past :data:`TIME_LIMIT_S` (a loop that never ends, most likely)."""
 
 
-def _conflict(first: tuple, second: tuple) -> bool:
+def _conflict(first: tuple, second: tuple, own_write: dict) -> bool:
     """Whether two accesses ``(thread, kind, value stored, site)`` of one element of a shared
     array by two threads, between the same two barriers, race: a read and a write, an atomic
-    and a plain access, or two writes of different values (reads and atomics combine freely)."""
+    and a plain access, or two writes of different values (reads and atomics combine freely).
+    A read by a thread that itself wrote the same value there (``own_write``: each thread's
+    write in this interval) sees that value whichever comes first: no race."""
     kinds = {first[1], second[1]}
     if kinds == {WRITE}:
         return first[2].tobytes() != second[2].tobytes()
-    return kinds in ({READ, WRITE}, {READ, ATOMIC}, {WRITE, ATOMIC})
+    if kinds == {READ, WRITE}:
+        read, write = sorted((first, second), key=lambda access: access[1] == WRITE)
+        mine = own_write.get(read[0])
+        return mine is None or mine.tobytes() != write[2].tobytes()
+    return kinds in ({READ, ATOMIC}, {WRITE, ATOMIC})
 
 
 class SharedMemoryRaceError(RuntimeError):
@@ -278,7 +316,8 @@ class SharedMemoryRaceError(RuntimeError):
 
 
 class WriteRaceError(RuntimeError):
-    """Two threads stored different values in one element with nothing to order them."""
+    """Two threads met at one element of an array argument with nothing to order them: two
+    stores of different values, or a store and another thread's read."""
 
 
 def _barrier_path(sites: tuple[tuple[str, int], ...], name_functions: bool) -> str:
@@ -354,20 +393,21 @@ def _tracing_shared(log: AccessLog):
     def array(shared, shape, dtype, alignment=None):
         if shape == 0 or alignment is not None:  # dynamic memory; the simulator refuses alignment
             return original(shared, shape, dtype, alignment)
-        # One array per line of the kernel, as the simulator keys its own (calling it from here
-        # would key every array by this line: all would be one), kept for the whole launch.
+        # One array per call in the kernel's source (its line and its place in the line, so two
+        # on one line are two), as a GPU allocates them, kept for the whole launch. (The
+        # simulator keys its own by its caller's line; called from here, all would be one.)
         caller = sys._getframe(1)
-        key = (caller.f_code.co_filename, caller.f_lineno)
+        key = (caller.f_code.co_filename, caller.f_lineno, caller.f_lasti)
         with log._lock:
             if key not in traced:  # the first thread to ask; the others get the same array
                 if isinstance(dtype, types.Type):
                     dtype = numpy_support.as_dtype(dtype)
-                line = linecache.getline(*key)
+                line = linecache.getline(caller.f_code.co_filename, caller.f_lineno)
                 named = re.search(r"(\w+)\s*=\s*cuda\.shared\.array", line)
                 name = named.group(1) if named else "array"
                 if name in log.shapes:  # an argument's name, or another shared array's
                     name = f"{name} (line {caller.f_lineno} of {caller.f_code.co_name})"
-                traced[key] = TracedArray(np.empty(shape, dtype), name, log, shared=True)
+                traced[key] = TracedArray(_uninitialized(shape, dtype), name, log, shared=True)
             return traced[key]
 
     FakeCUDAShared.array = array
@@ -375,6 +415,18 @@ def _tracing_shared(log: AccessLog):
         yield
     finally:
         FakeCUDAShared.array = original
+
+
+def _uninitialized(shape: Any, dtype: Any) -> np.ndarray:
+    """A new shared array's contents: NaN for floats, bytes of 0xA5 otherwise. A GPU's shared
+    memory starts as whatever was there; a fixed, conspicuous start makes a read before any
+    write wrong the same way every run."""
+    data = np.empty(shape, dtype)
+    if np.issubdtype(data.dtype, np.floating):
+        data.fill(np.nan)
+    else:
+        data.view(np.uint8).fill(0xA5)
+    return data
 
 
 # A traced launch is stopped once it has recorded this many reads and writes of its arrays (the

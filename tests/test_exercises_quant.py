@@ -245,6 +245,22 @@ def scale_without_the_barrier_in_the_loop(x, scales):
         scales[token, head] = max(partial[0], np.float32(1e-8)) / np.float32(127)
 
 
+@cuda.jit
+def scale_through_x_as_scratch(x, scales):
+    """Leaves each partial in x (global memory) and lets the last thread read them with no
+    barrier: right in the simulator's order, a race on a GPU (the tracer refuses it)."""
+    token, head, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    local = np.float32(0)
+    for d in range(tid, x.shape[2], THREADS):
+        local = max(local, abs(x[token, head, d]))
+    x[token, head, tid] = local
+    if tid == THREADS - 1:
+        amax = np.float32(0)
+        for i in range(THREADS):
+            amax = max(amax, x[token, head, i])
+        scales[token, head] = max(amax, np.float32(1e-8)) / np.float32(127)
+
+
 WRONG_ANSWERS = {
     "02.quantize_int8": [one_scale_per_tensor, rounds_half_away_from_zero,
                          codes_from_the_fp16_scale, keeps_float32_scales, drops_the_floor],
@@ -254,7 +270,7 @@ WRONG_ANSWERS = {
     "02.scale_kernel": [scale_from_max_not_abs, scale_from_thread_0_alone, scale_tree_the_wrong_way,
                         scale_tree_stops_a_step_early, scale_without_the_stride,
                         scale_with_whole_turns_only, scale_barrier_inside_the_if,
-                        scale_without_the_barrier_in_the_loop],
+                        scale_without_the_barrier_in_the_loop, scale_through_x_as_scratch],
 }
 
 

@@ -386,3 +386,73 @@ def test_two_shared_arrays_stay_two_arrays_of_their_own_dtype():
     after, log = launch_traced(two_shared_arrays, 2, 4, x=x, out=np.zeros(4, np.float32))
     np.testing.assert_array_equal(after["out"], x[::-1] + 10 * np.arange(4)[::-1])
     assert log.shapes["a"] == (4,) and log.shapes["b"] == (4,)
+
+
+@cuda.jit
+def max_through_global_scratch(x, out, barrier):
+    """Each thread leaves its value in x (global memory) and the last thread reads them all:
+    a race unless a barrier stands between (the block's own threads only)."""
+    t = cuda.threadIdx.x
+    x[t] = x[t] * 2
+    if barrier:
+        cuda.syncthreads()
+    if t == cuda.blockDim.x - 1:
+        best = x[0]
+        for i in range(1, cuda.blockDim.x):
+            best = max(best, x[i])
+        out[0] = best
+
+
+def test_a_read_of_another_threads_global_store_needs_a_barrier():
+    from kvlab.trace import WriteRaceError
+
+    x = np.array([3, 1, 4, 1], np.float32)
+    after, _ = launch_traced(max_through_global_scratch, 1, 4, x=x, out=np.zeros(1, np.float32),
+                             barrier=1)
+    assert after["out"][0] == 8
+    with pytest.raises(WriteRaceError, match=r"thread 3 of block \(0, 0, 0\) read x\[0\] at line "
+                       r"\d+ of max_through_global_scratch \(best = x\[0\]\), and thread 0 of "
+                       r"block \(0, 0, 0\) wrote it at line \d+ .*with no barrier between them: "):
+        launch_traced(max_through_global_scratch, 1, 4, x=x, out=np.zeros(1, np.float32),
+                      barrier=0)
+
+
+@cuda.jit
+def reads_the_next_blocks_output(out):
+    """Block b writes out[b] and reads out[b + 1]: blocks are never ordered."""
+    b = cuda.blockIdx.x
+    out[b] = b + 1
+    if b + 1 < out.shape[0]:
+        out[b] += out[b + 1]
+
+
+def test_a_read_of_another_blocks_store_is_a_race_whatever_the_barriers():
+    from kvlab.trace import WriteRaceError
+
+    with pytest.raises(WriteRaceError, match=r"thread 0 of block \(0, 0, 0\) read out\[1\] .* "
+                       r"\(threads of different blocks are never ordered\)"):
+        launch_traced(reads_the_next_blocks_output, 3, 1, out=np.zeros(3, np.float32))
+
+
+@cuda.jit
+def shared_odds_and_ends(x, out):
+    """Two shared arrays on one line (two arrays, as on a GPU); a value every thread writes
+    alike and reads back at once (no race); a slot nobody wrote (NaN, the same every run)."""
+    t = cuda.threadIdx.x
+    lo, hi = cuda.shared.array(4, np.float32), cuda.shared.array(4, np.float32)
+    n = cuda.shared.array(1, np.int32)
+    never = cuda.shared.array(1, np.float32)
+    n[0] = 4
+    lo[t] = x[t]
+    hi[t] = 10 * x[t] * (n[0] // 4)  # read back before the barrier: every thread wrote 4
+    cuda.syncthreads()
+    out[t] = lo[n[0] - 1 - t] + hi[t]
+    if t == 0:
+        out[4] = never[0]
+
+
+def test_shared_arrays_on_one_line_a_value_written_alike_and_an_unwritten_slot():
+    x = np.arange(4, dtype=np.float32)
+    after, _ = launch_traced(shared_odds_and_ends, 1, 4, x=x, out=np.zeros(5, np.float32))
+    np.testing.assert_array_equal(after["out"][:4], x[::-1] + 10 * x)
+    assert np.isnan(after["out"][4])
