@@ -521,3 +521,26 @@ def test_the_granularity_checker_names_the_axes_it_got(learner_view, capsys):
     get("02.fake_quant_torch").check(lambda x, granularity: x.double())
     assert "  the result should be float32, got torch.float64" in \
         capsys.readouterr().out
+
+
+@cuda.jit
+def scale_by_shuffles(x, scales):
+    """A warp-style reduction with shuffles: what a GPU kernel might do, but the simulator has
+    no shuffles; the checker says so and what to use instead."""
+    token, head, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    local = np.float32(0)
+    for d in range(tid, x.shape[2], THREADS):
+        local = max(local, abs(x[token, head, d]))
+    width = THREADS // 2
+    while width > 0:
+        local = max(local, cuda.shfl_down_sync(0xFFFFFFFF, local, width))
+        width //= 2
+    if tid == 0:
+        scales[token, head] = max(local, np.float32(1e-8)) / np.float32(127)
+
+
+def test_a_warp_shuffle_is_told_to_be_a_gpu_only_operation(learner_view, capsys):
+    assert get("02.scale_kernel").check(scale_by_shuffles) is False
+    out = capsys.readouterr().out
+    assert "The CUDA simulator that runs these puzzles has no cuda.shfl_down_sync: warp-level " \
+        "operations (shuffles, syncwarp) run only on a GPU" in out

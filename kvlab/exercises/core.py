@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import inspect
 import os
+import re
 import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
@@ -408,6 +409,12 @@ class Exercise:
             return f"the tracer refuses your kernel ({type(error).__name__}): {error}"
         what = "kernel" if self.kernel else "function"
         message = f"your {what} raised {type(error).__name__}: {error}"
+        missing = re.search(r"'FakeCUDAModule' object has no attribute '(\w+)'", str(error))
+        if self.kernel and missing:  # e.g. cuda.shfl_down_sync, cuda.syncwarp
+            return (f"{message}. The CUDA simulator that runs these puzzles has no "
+                    f"cuda.{missing.group(1)}: warp-level operations (shuffles, syncwarp) run "
+                    f"only on a GPU. Exchange values through a cuda.shared.array and "
+                    f"cuda.syncthreads() instead")
         if not self.kernel and isinstance(error, TypeError):
             try:
                 inspect.signature(fn).bind(**case.kwargs)
@@ -421,8 +428,6 @@ class Exercise:
     def _parameter_note(self, fn: Callable) -> list[str]:
         """For a kernel puzzle whose kernel names its parameters otherwise than the signature:
         a line saying so (a launch passes its arguments by position, so the order matters)."""
-        import re
-
         wanted = re.search(r"def \w+\(([^)]*)\)", self.signature)
         function = getattr(fn, "py_func", None) or getattr(fn, "fn", None)
         if not self.kernel or wanted is None or function is None:
