@@ -29,7 +29,8 @@ And it records what each thread stores and first reads. The simulator runs a blo
 Python threads, in whatever order its scheduler picks, so two threads that meet at one element
 come out one way in a run there, and any way on a GPU; a traced launch in which two threads stored
 different values in one element, or one stored and another read it, with no barrier between them
-(or from different blocks), raises :class:`WriteRaceError`. Stores by ``cuda.atomic.*`` are exempt: they combine on purpose.
+(or from different blocks), raises :class:`WriteRaceError`. Stores by ``cuda.atomic.*`` are
+exempt: they combine on purpose.
 
 Static shared arrays (``cuda.shared.array`` of a constant size) are watched for races only
 (their accesses are not in the records: a kernel is judged by the bytes it moves to and from its
@@ -120,9 +121,6 @@ class AccessLog:
         stands between their accesses (one had passed more barriers than the other); threads
         of different blocks never are. Threads that store the same value do no harm and are
         let pass."""
-        def where(name: str, element: int) -> str:
-            return f"{name}{[int(i) for i in np.unravel_index(element, self.shapes[name])]}"
-
         for (name, element), by_thread in sorted(self.stored.items()):  # not the run's order
             stores = sorted(by_thread.items())
             for i, ((block_a, thread_a), (passed_a, value_a, _)) in enumerate(stores):
@@ -132,8 +130,8 @@ class AccessLog:
                     if ordered or value_a.tobytes() == value_b.tobytes():
                         continue
                     b = f"thread {_linear(thread_b, self.block_dim)} of block {block_b}"
-                    return (f"{a} and {b} both wrote {where(name, element)}, different values "
-                            f"({value_a.item()!r} and {value_b.item()!r}), with no barrier "
+                    return (f"{a} and {b} both wrote {self._element(name, element)}, different "
+                            f"values ({value_a.item()!r} and {value_b.item()!r}), with no barrier "
                             f"between: on a GPU they run at the same time and which write lands "
                             f"is not defined (in the simulator it came out one way this run). "
                             f"Give each element one writer, or use cuda.atomic if they must "
@@ -145,8 +143,9 @@ class AccessLog:
                             block_a == block_b and passed_a != passed_b):
                         continue  # its own store, or one a barrier stands between
                     return (f"thread {_linear(thread_b, self.block_dim)} of block {block_b} "
-                            f"read {where(name, element)} at {_site_words(read_site)}, and thread "
-                            f"{_linear(thread_a, self.block_dim)} of block {block_a} wrote it at "
+                            f"read {self._element(name, element)} at {_site_words(read_site)}, "
+                            f"and thread {_linear(thread_a, self.block_dim)} of block {block_a} "
+                            f"wrote it at "
                             f"{_site_words(write_site)}, with no barrier between them"
                             + (" (threads of different blocks are never ordered)"
                                if block_a != block_b else "")
@@ -155,6 +154,10 @@ class AccessLog:
                             "what another thread wrote only after a barrier, in the block that "
                             "wrote it; use shared memory for a block's own scratch")
         return None
+
+    def _element(self, name: str, element: int) -> str:
+        """A flat element of array ``name`` as a reader writes it: ``"x[0, 1, 3]"``."""
+        return f"{name}{[int(i) for i in np.unravel_index(element, self.shapes[name])]}"
 
     def add_shared(self, name: str, kind: str, elements: np.ndarray,
                    values: np.ndarray | None = None) -> None:
@@ -196,7 +199,7 @@ class AccessLog:
                            first: tuple, second: tuple) -> str:
         """The sentence :meth:`shared_race` returns for two conflicting accesses, each
         ``(thread, kind, value stored, site)``."""
-        where = f"{name}{[int(i) for i in np.unravel_index(element, self.shapes[name])]}"
+        where = self._element(name, element)
         barriers = f"{passed} barrier{'s' if passed != 1 else ''}"
         interval = (f"with no barrier between them (both had passed {barriers}): on a GPU the "
                     f"threads of a block run at the same time")

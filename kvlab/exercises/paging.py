@@ -377,8 +377,7 @@ def _gather_slips(table: np.ndarray, lens: np.ndarray,
     """The slots each usual slip reads, by the words that name it (a slip whose indices fall
     outside the table or the pool is left out: it raises instead)."""
     block_size, num_slots = pool_shape[1], pool_shape[0] * pool_shape[1]
-    rows = np.repeat(np.arange(len(lens)), lens)
-    positions = np.arange(lens.sum()) - (np.cumsum(lens) - lens)[rows]
+    rows, positions = ref.gathered_positions(lens)
     # words: (each row's table row, its position, the block size used, block and offset swapped)
     tries = {
         "positions counted over the whole batch: each sequence's positions start again at 0 "
@@ -452,8 +451,7 @@ def _explain_gather_kv(fn: Callable, case: Case) -> None:
             return
     name = "k" if not right["k"] else "v"
     yours = _source_slots(got[name], pools[name])
-    rows = np.repeat(np.arange(len(lens)), lens)
-    positions = np.arange(len(expected)) - (np.cumsum(lens) - lens)[rows]
+    rows, positions = ref.gathered_positions(lens)
     print(f"  row by row ({name}):")
     for row, (seq, pos, slot) in enumerate(zip(rows, positions, expected)):
         mark = "" if yours[row] == slot else (

@@ -60,13 +60,19 @@ def table_slots(table: np.ndarray, positions: np.ndarray, block_size: int,
     return slots
 
 
-def gathered_slots(table: np.ndarray, context_lens: np.ndarray, block_size: int) -> np.ndarray:
-    """The slots ``gather_kv`` reads, in output order: sequence 0's positions ``0 ..
-    context_lens[0]-1``, then sequence 1's, ... (table ``[num_seqs, max_blocks]``, checked)."""
+def gathered_positions(context_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(sequence, position)`` of each row ``gather_kv`` returns, int64 ``[sum(context_lens)]``
+    each: sequence 0's positions ``0 .. context_lens[0]-1``, then sequence 1's, ..."""
     # Output row r belongs to sequence rows[r], at position r - (rows before that sequence).
     rows = np.repeat(np.arange(len(context_lens)), context_lens)
     first_row = np.cumsum(context_lens) - context_lens
-    positions = np.arange(context_lens.sum()) - first_row[rows]
+    return rows, np.arange(np.sum(context_lens)) - first_row[rows]
+
+
+def gathered_slots(table: np.ndarray, context_lens: np.ndarray, block_size: int) -> np.ndarray:
+    """The slots ``gather_kv`` reads, in output order (:func:`gathered_positions`; table
+    ``[num_seqs, max_blocks]``, checked)."""
+    rows, positions = gathered_positions(context_lens)
     return table_slots(table, positions, block_size, rows)
 
 
