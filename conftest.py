@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from kvlab.backends import BACKENDS  # imports neither numba nor torch
+
 
 def pytest_configure(config):
     markexpr = config.option.markexpr or ""
@@ -28,6 +30,22 @@ def learner_view(monkeypatch):
     """For a test of an exercise checker: check the function given, not the reference solution
     the swap above puts in its place."""
     monkeypatch.delenv("KVLAB_SOLUTIONS", raising=False)
+
+
+@pytest.fixture(params=[*BACKENDS, "torch-tiles"])
+def backend(request, monkeypatch):
+    """Every backend for an op's parity suite, and torch on the CPU once more with a tile of one
+    token (``kvlab.kernels.mps.token_tiles``), so the tiled loops' edges are checked at the small
+    sizes the suites use (where the CPU's 2 MiB tiles would hold every token at once). A test
+    module with its own ``backend`` fixture overrides this one."""
+    from kvlab.backends import get_backend
+
+    if request.param != "torch-tiles":
+        return get_backend(request.param)
+    from kvlab.kernels import mps
+
+    monkeypatch.setattr(mps, "CPU_TILE_BYTES", 1)
+    return get_backend("torch", "cpu")
 
 
 def pytest_collection_modifyitems(config, items):

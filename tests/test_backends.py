@@ -36,6 +36,19 @@ def test_torch_picks_the_best_device_and_accepts_cpu():
     assert get_backend("numpy").device == "cpu"
 
 
+def test_torch_ops_take_tokens_in_cpu_sized_tiles_on_the_cpu_only():
+    from kvlab.kernels.mps import CPU_TILE_BYTES, token_tiles
+
+    per_token = CPU_TILE_BYTES // 3 + 1  # two tokens fit in a tile, not three
+    tiles = token_tiles(5, per_token, "cpu")
+    assert [(t.start, t.stop) for t in tiles] == [(0, 2), (2, 4), (4, 6)]
+    assert [len(range(5)[t]) for t in tiles] == [2, 2, 1]  # the last tile is cut at the end
+    assert token_tiles(5, 2 * CPU_TILE_BYTES, "cpu") == [slice(i, i + 1) for i in range(5)]
+    assert token_tiles(0, per_token, "cpu") == []
+    # a GPU or MPS launches a kernel per op: all the tokens in one (no device needed to ask)
+    assert token_tiles(5, per_token, "cuda") == token_tiles(5, per_token, "mps") == [slice(0, 5)]
+
+
 def test_unknown_stage_is_a_clear_attribute_error():
     with pytest.raises(AttributeError, match="no stage 'nope'"):
         get_backend("numpy").nope

@@ -163,6 +163,24 @@ def test_measure_cuts_repeats_when_a_run_is_slow(monkeypatch):
     assert len(bench.measure(timer, lambda: None, warmup=0, repeats=1)) == 1
 
 
+def test_side_by_side_takes_turns_and_reports_each_median():
+    class Clock:  # a timer whose "seconds" are the call's order, and records who ran when
+        def __init__(self):
+            self.order = []
+
+        def run(self, fn):
+            fn()
+            return float(len(self.order))
+
+    clock = Clock()
+    medians = bench.side_by_side({"a": lambda: clock.order.append("a"),
+                                  "b": lambda: clock.order.append("b")}, clock, warmup=1, rounds=3)
+    assert clock.order == ["a", "b"] + ["a", "b"] * 3  # warm-up, then one of each per round
+    assert medians == {"a": 5.0, "b": 6.0}  # a ran 3rd, 5th, 7th; b 4th, 6th, 8th
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        bench.side_by_side({"a": lambda: None}, clock, rounds=0)
+
+
 @pytest.mark.gpu
 def test_gpu_bench_events_flush_and_copy_bandwidth(tmp_path):
     """On a real GPU: CUDA events, L2 flush, copy bandwidth, torch-on-CUDA baselines, card name."""

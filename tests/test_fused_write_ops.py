@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvlab.backends import BACKENDS, cuda_mode, get_backend
+from kvlab.backends import cuda_mode, get_backend
 from kvlab.cache import KvLayer
 from kvlab.ref.fused_write import split_qkv_norm_rope, token_positions
 from kvlab.ref.paging import slot_mapping, write_kv
@@ -24,11 +24,6 @@ from kvlab.ref.quant import write_kv_quant
 from kvlab.ref.rope import rope_tables
 
 STORAGE = {None: None, "int8": np.int8, "fp8_e4m3": np.uint8}
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return get_backend(request.param)
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:

@@ -17,17 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvlab.backends import BACKENDS, get_backend
+from kvlab.backends import get_backend
 from kvlab.ref.rope import apply_rope, pair_dims, rope_tables
 
 REFERENCE = get_backend("numpy")
 LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return get_backend(request.param)
 
 
 def assert_same_bits(actual: np.ndarray, expected: np.ndarray) -> None:

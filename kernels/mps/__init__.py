@@ -56,6 +56,24 @@ def asarray(array: Any, device: str | None = None) -> torch.Tensor:
     return torch.from_numpy(array.copy()).to(device or "cpu")
 
 
+# On the CPU an op over many tokens runs a tile of tokens at a time, so that each step's float32
+# temporaries are still in the caches when the next step reads them: the same reason a kernel
+# fuses its steps. Measured on a 2-core CPU (RoPE of 2048 tokens x 32 heads x 128, fp16): one
+# whole-tensor pass 82 ms, tiles of 1-4 MiB of float32 12-13 ms, 8 MiB 20 ms, 128 KiB 39 ms (the
+# per-op overhead). On a GPU or MPS every op is a kernel launch and the device's bandwidth, not a
+# cache, is the budget: there an op takes all its tokens in one tile.
+CPU_TILE_BYTES = 2 * 2**20
+
+
+def token_tiles(num_tokens: int, bytes_per_token: int, device: str | torch.device) -> list[slice]:
+    """The token ranges an op takes one at a time: tiles of :data:`CPU_TILE_BYTES`
+    (``bytes_per_token``: the float32 bytes one token's step holds) on the CPU, one elsewhere."""
+    if torch.device(device).type != "cpu":
+        return [slice(0, num_tokens)]
+    size = max(1, CPU_TILE_BYTES // max(bytes_per_token, 1))
+    return [slice(start, start + size) for start in range(0, num_tokens, size)]
+
+
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 

@@ -1,14 +1,20 @@
 """The fused write as PyTorch ops: :mod:`kvlab.ref.fused_write` on MPS, CUDA or the CPU.
 
 A framework cannot fuse by hand the way a kernel does, so this backend does the next best thing:
-the fewest whole-tensor steps, each over Q and K together (one norm, one rotation for both)::
+the fewest steps, each over Q and K together (one norm, one rotation for both), and on the CPU a
+tile of tokens at a time, so that each step finds the last one's float32 result still in the
+caches (what fusing buys a kernel: the intermediate never goes to memory)::
 
-    qk = qkv.view(T, Hq + 2 Hkv, D)[:, :Hq + Hkv].float()     Q and K heads, one tensor
-    ss = tree sum of qk * qk (log2 D halvings)                 the reference's order, exactly
-    qk = w * dtype(qk / sqrt(ss / D + eps))                    (qk_mode 1; w = Hq rows of
-                                                               q_norm_w, then Hkv of k_norm_w)
-    qk = rotate(qk, cos[pos], sin[pos]).to(dtype)              (qk_mode 1-3)
-    q_out = qk[:, :Hq];  index_copy_ K and V rows into the pool slots (quantized first, if so)
+    for each tile of tokens (all of them at once on a GPU or MPS):
+        qk = qkv.view(T, Hq + 2 Hkv, D)[tile, :Hq + Hkv].float()     Q and K heads, one tensor
+        ss = tree sum of qk * qk (log2 D halvings)            the reference's order, exactly
+        qk = w * dtype(qk / sqrt(ss / D + eps))               (qk_mode 1; w = Hq rows of
+                                                              q_norm_w, then Hkv of k_norm_w)
+        q_out[tile], k[tile] = rotate(qk, cos[pos], sin[pos]).to(dtype)       (qk_mode 1-3)
+    index_copy_ K and V rows into the pool slots (quantized first, if so)
+
+The stores come after every tile: a K that a quantized cache must refuse (checked before and
+after the rotation) leaves the pools as they were.
 
 Every step is one float32 operation in the reference's order, so the results equal NumPy's bit
 for bit on the CPU (tested); ``torch.rsqrt`` is avoided (not correctly rounded), and so is
@@ -24,10 +30,10 @@ import numpy as np
 import torch
 
 from kvlab.checks import check_fused_write, raise_for_values
-from kvlab.kernels.mps import has_float64, require_tensors
+from kvlab.kernels.mps import has_float64, require_tensors, token_tiles
 from kvlab.kernels.mps.quant import quantize
+from kvlab.kernels.mps.rope import rotate_into
 from kvlab.ref.fused_write import _one_sequence
-from kvlab.ref.rope import pair_dims
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -58,35 +64,47 @@ def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.double()).float()
 
 
+def _normed(qk: torch.Tensor, weight: torch.Tensor, eps32: torch.Tensor, dtype: torch.dtype
+            ) -> torch.Tensor:
+    """Qwen3's RMSNorm of every head of ``qk`` float32 ``[t, heads, D]``, in the reference's
+    order: ``weight * dtype(qk / sqrt(mean(qk * qk) + eps))``, float32."""
+    mean = _tree_sum_of_squares(qk) / qk.shape[-1]
+    r = 1 / _sqrt_rn(mean + eps32)
+    return weight * (qk * r.unsqueeze(-1)).to(dtype).float()  # Hugging Face's cast back
+
+
 def _rotated(qkv: torch.Tensor, q_norm_w, k_norm_w, cos, sin, positions: torch.Tensor,
              num_q_heads: int, num_kv_heads: int, head_dim: int, eps: float, qk_mode: int
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q, k, v)`` in qkv's dtype, as :func:`kvlab.ref.fused_write.split_qkv_norm_rope`."""
+    """``(q, k, v)`` in qkv's dtype, as :func:`kvlab.ref.fused_write.split_qkv_norm_rope`.
+
+    Q and K are normed and rotated a tile of tokens at a time on the CPU
+    (:func:`kvlab.kernels.mps.token_tiles`), so that every step reads the last one's float32
+    result from the caches rather than from memory; q and k are new tensors, v a view of qkv.
+    """
     num_tokens = qkv.shape[0]
     heads = qkv.view(num_tokens, num_q_heads + 2 * num_kv_heads, head_dim)
     split = num_q_heads + num_kv_heads
     v = heads[:, split:]
     if qk_mode == 0:
         return heads[:, :num_q_heads].clone(), heads[:, num_q_heads:split], v
-    qk = heads[:, :split].float()
     if qk_mode == 1:
         eps32 = torch.tensor(np.float32(eps), device=qkv.device)
-        mean = _tree_sum_of_squares(qk) / head_dim
-        r = 1 / _sqrt_rn(mean + eps32)
-        normed = (qk * r.unsqueeze(-1)).to(qkv.dtype).float()  # Hugging Face's cast back
         weight = torch.cat([q_norm_w.float().expand(num_q_heads, head_dim),
                             k_norm_w.float().expand(num_kv_heads, head_dim)])
-        qk = weight * normed
-    first, second = (torch.from_numpy(d).to(qkv.device)
-                     for d in pair_dims(2 * cos.shape[1], "gptj" if qk_mode == 3 else "neox"))
-    c = cos[positions].unsqueeze(1)  # [T, 1, rotary_dim / 2]
-    s = sin[positions].unsqueeze(1)
-    a, b = qk[..., first], qk[..., second]
-    out = qk.clone()
-    out[..., first] = a * c - b * s
-    out[..., second] = b * c + a * s
-    out = out.to(qkv.dtype)
-    return out[:, :num_q_heads], out[:, num_q_heads:], v
+    style, rotary_dim = "gptj" if qk_mode == 3 else "neox", 2 * cos.shape[1]
+    q = torch.empty((num_tokens, num_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    for tile in token_tiles(num_tokens, 4 * split * head_dim, qkv.device):
+        qk = heads[tile, :split].float()
+        if qk_mode == 1:
+            qk = _normed(qk, weight, eps32, qkv.dtype)
+        c = cos[positions[tile]].unsqueeze(1)  # [t, 1, rotary_dim / 2]
+        s = sin[positions[tile]].unsqueeze(1)
+        for out, part in ((q[tile], qk[:, :num_q_heads]), (k[tile], qk[:, num_q_heads:])):
+            out[..., rotary_dim:].copy_(part[..., rotary_dim:])  # dims past rotary_dim: as is
+            rotate_into(out, part, c, s, style, rotary_dim)
+    return q, k, v
 
 
 def _rows(pool: torch.Tensor) -> torch.Tensor:
@@ -112,7 +130,7 @@ def _write(qkv, q_norm_w, k_norm_w, cos, sin, positions, slots, k_pool, v_pool, 
             codes, scales = quantize(x.contiguous(), kv_dtype)  # checks K again, rotated
             _rows(pool).index_copy_(0, slots, codes)
             _rows(scale_pool).index_copy_(0, slots, scales)
-    return q.contiguous()
+    return q
 
 
 def paged_write_batched(qkv: torch.Tensor, q_norm_w: Any, k_norm_w: Any, cos: Any, sin: Any,

@@ -46,7 +46,7 @@ Where each part lives:
 - :mod:`~kvlab.bench.presets`: the sizes (``PRESETS``), the kernel sweeps (``SPLIT_SWEEP``,
   ``TOKENS_SWEEP``) and the model constants;
 - :mod:`~kvlab.bench.traffic`: the bytes-moved formulas (``bytes_*``);
-- :mod:`~kvlab.bench.timers`: the timers and :func:`measure`;
+- :mod:`~kvlab.bench.timers`: the timers, :func:`measure` and :func:`side_by_side`;
 - :mod:`~kvlab.bench.context`: :class:`Row` and :class:`Ctx`, what a stage function runs in;
 - :mod:`~kvlab.bench.inputs`: the random decode batch and prefill every stage times on;
 - :mod:`~kvlab.bench.stages` (paging, quant, rope), :mod:`~kvlab.bench.fused_write` and
@@ -73,6 +73,7 @@ from kvlab.bench.stages import bench_paging, bench_quant, bench_rope
 from kvlab.bench.timers import (
     BACK_TO_BACK_MIN_BYTES, KERNEL_CALLS_PER_RUN, L2_FLUSH_BYTES, MIN_REPEATS,
     SECONDS_PER_MEASUREMENT, BackToBackTimer, CpuTimer, NumbaCudaTimer, TorchCudaTimer, measure,
+    side_by_side,
 )
 from kvlab.bench.traffic import (
     bytes_apply_rope, bytes_copy_blocks, bytes_dequantize, bytes_gather_kv, bytes_gather_kv_quant,
@@ -90,7 +91,7 @@ __all__ = [
     # timers
     "BACK_TO_BACK_MIN_BYTES", "KERNEL_CALLS_PER_RUN", "L2_FLUSH_BYTES", "MIN_REPEATS",
     "SECONDS_PER_MEASUREMENT", "BackToBackTimer", "CpuTimer", "NumbaCudaTimer", "TorchCudaTimer",
-    "measure",
+    "measure", "side_by_side",
     # rows, context and stages
     "Ctx", "Row", "bench_attention", "bench_fused_write", "bench_paging", "bench_quant",
     "bench_rope",

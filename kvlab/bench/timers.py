@@ -114,3 +114,26 @@ def measure(timer: Any, fn: Callable[[], Any], warmup: int, repeats: int) -> lis
     while len(times) < min(repeats, target):
         times.append(timer.run(fn))
     return times
+
+
+def side_by_side(fns: dict[str, Callable[[], Any]], timer: Any, warmup: int = 1,
+                 rounds: int = 7) -> dict[str, float]:
+    """Median seconds per call of each of ``fns``, timed in turns: one call of each per round,
+    ``rounds`` rounds, after ``warmup`` untimed calls of each.
+
+    Interleaved, a busy moment of a shared machine (another process taking a core for a second)
+    slows one call of every function, not all the calls of one: on a 2-core CPU the ratio of two
+    ops timed one after the other moved from 0.6 to 1.0 between runs, where both ops were
+    unchanged. For the ratios a notebook shows on the reader's own machine.
+    """
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds}, "
+                         f"warmup={warmup}")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timer.run(fn))
+    return {name: float(np.median(t)) for name, t in times.items()}
