@@ -152,6 +152,28 @@ def test_compare_names_the_first_difference():
     assert compare(3, 4) == "result is 3, expected 4"
 
 
+def test_compare_tells_a_missing_return_a_float_for_an_integer_and_float32_precision():
+    assert "without a `return`" in compare(None, np.array([1, 2]))
+    assert "without a `return`" in compare(None, (np.zeros(2), np.zeros(2)))
+    # equal values, but a slot or a code is an integer
+    message = compare(np.array([1.0, 2.0]), np.array([1, 2], np.int32))
+    assert message == "result holds float64 values; expected integers (int32)"
+    # right to float32's precision against a float64 reference: the dtype is named
+    want = np.array([0.8146172338565447, 1.0])
+    message = compare(want.astype(np.float32), want, rtol=1e-9, atol=0)
+    assert "result[0]" in message and "compute in float64" in message
+    # a float32 answer that is wrong, not merely rounded, gets no such note
+    assert "compute in" not in compare(np.array([0.81, 1.0], np.float32), want, rtol=1e-9, atol=0)
+
+
+def test_a_torch_result_is_shown_as_its_values_on_one_line():
+    import torch
+
+    from kvlab.exercises.core import _short
+
+    assert _short(torch.tensor([1.5, 2.0])) == "[1.5, 2. ] (float32) (torch, cpu)"
+
+
 def test_a_registered_name_cannot_be_registered_twice():
     from kvlab.exercises.core import register
 

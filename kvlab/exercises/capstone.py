@@ -52,7 +52,9 @@ def _paged_bytes_cases() -> list[Case]:
                                 block_size=block_size, kv_dtype=kv_dtype), random=random)
 
     cases = [
-        case("the tiny model, 48 tokens in fp16 (6 full blocks)", 48),
+        case("the table above: the tiny model, 54 tokens in fp16 (7 blocks, the last not full)",
+             54),
+        case("48 tokens: 6 full blocks", 48),
         case("50 tokens: a partly full last block", 50),
         case("50 tokens in int8: 1-byte codes plus an fp16 scale per head", 50, kv_dtype="int8"),
         case("one token, block_size 16", 1, block_size=16),

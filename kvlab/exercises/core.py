@@ -195,8 +195,12 @@ def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
 
     Tuples and lists compare item by item (named by ``names`` when given, e.g. ``("q_out",
     "k_pool")``, else ``result[i]``); arrays by shape, then value (exact for integers and
-    booleans, ``rtol``/``atol`` for floats, NaN equal to NaN); anything else by ``==``.
+    booleans, which a float array does not match however equal its values, ``rtol``/``atol`` for
+    floats, NaN equal to NaN; a float32 answer right to float32's precision against a float64
+    reference is told so); anything else by ``==``. A None result is named as a missing return.
     """
+    if got is None and expected is not None:
+        return f"{path} is None: does your function end without a `return`?"
     if isinstance(expected, (tuple, list)):
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
             return f"{path} should be a tuple of {len(expected)} items, got {_short(got)}"
@@ -213,6 +217,8 @@ def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
         if got_array.shape != expected.shape:
             return f"{path} has shape {got_array.shape}, expected {expected.shape}"
         if expected.dtype.kind in "iub":
+            if got_array.dtype.kind not in "iub":  # 3.0 == 3, but a slot or a code is an integer
+                return f"{path} holds {got_array.dtype} values; expected integers ({expected.dtype})"
             same = got_array == expected
         else:
             same = np.isclose(got_array.astype(np.float64), expected.astype(np.float64),
@@ -222,7 +228,8 @@ def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
         bad = np.argwhere(~same)
         where = tuple(int(i) for i in bad[0])
         return (f"{path}{list(where) if where else ''} is {got_array[where]!r}, expected "
-                f"{expected[where]!r} ({len(bad)} of {expected.size} elements differ)")
+                f"{expected[where]!r} ({len(bad)} of {expected.size} elements differ)"
+                + _precision_note(got_array, expected))
     if isinstance(expected, float) or isinstance(got, float):
         try:
             ok = np.isclose(float(got), float(expected), rtol=rtol, atol=atol, equal_nan=True)
@@ -232,6 +239,17 @@ def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
     return None if got == expected else f"{path} is {got!r}, expected {expected!r}"
 
 
+def _precision_note(got: np.ndarray, expected: np.ndarray) -> str:
+    """A float32 answer to a float64 reference that is right to float32's precision says so: the
+    numbers look equal when printed, and the fix is the dtype, not the formula."""
+    if got.dtype != np.float32 or expected.dtype != np.float64:
+        return ""
+    if not np.allclose(got, expected, rtol=1e-6, atol=0, equal_nan=True):
+        return ""
+    return (". Your result is float32 and right to float32's precision (~1e-7 relative); the "
+            "reference keeps float64's: compute in float64 (np.float64, torch.float64)")
+
+
 def _short(value: Any, limit: int = 220, names: tuple[str, ...] = ()) -> str:
     """A one-line picture of an argument: small arrays in full, large ones by shape and dtype;
     a tuple's items named by ``names`` when given."""
@@ -239,6 +257,8 @@ def _short(value: Any, limit: int = 220, names: tuple[str, ...] = ()) -> str:
         if names and len(names) == len(value):
             return ", ".join(f"{name} {_short(item, limit)}" for name, item in zip(names, value))
         return "(" + ", ".join(_short(item, limit) for item in value) + ")"
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        return f"{_short(value.detach().cpu().numpy(), limit)} (torch, {value.device})"
     if isinstance(value, np.ndarray):
         if value.size <= 12:
             text = np.array2string(value, separator=", ", threshold=12).replace("\n", "")

@@ -134,7 +134,7 @@ register(Exercise(
 def fp8_e4m3_encode_solution(value: float) -> int:
     """The E4M3FN byte (an int 0..255) nearest to ``value``, rounding half to even; |value| > 448
     saturates to ±448. ``value`` is a finite float."""
-    sign = 0x80 if value < 0 else 0
+    sign = 0x80 if np.signbit(value) else 0            # -0.0 has its sign bit set too
     magnitude = min(abs(float(value)), 448.0)          # saturate: no infinities in E4M3FN
     exponent = -6                                      # subnormals share the smallest exponent
     while exponent < 8 and magnitude >= 2.0 ** (exponent + 1):
@@ -160,6 +160,7 @@ def _fp8_cases() -> list[Case]:
         ("2**-10: a tie between 0 and 2**-9, to even (0)", 2.0 ** -10),
         ("0.0155: a subnormal that rounds up to the smallest normal", 0.0155),
         ("zero", 0.0),
+        ("-0.0: zero has a sign bit too (-0.0 < 0 is False, np.signbit(-0.0) True)", -0.0),
     ]
     cases = [Case(label, dict(value=float(np.float32(v)))) for label, v in hand]
     rng = np.random.default_rng(4)
