@@ -1,5 +1,7 @@
 """Wrong answers the 07 (GPU performance) checkers must reject (gathered by
 tests/test_exercises.py)."""
+import pytest
+
 from kvlab.exercises.gpu import blocks_per_sm_solution, time_floor_solution
 from kvlab.gpu_limits import Machine
 
@@ -170,6 +172,78 @@ WRONG_ANSWERS = {
                            splits_rounding_keys_up, splits_while_the_average_partition_is_long,
                            splits_can_be_zero],
 }
+
+
+def band_upside_down(run_a, run_b):
+    """run_b / run_a: the band of the other direction."""
+    ratios = [run_b[row] / run_a[row] for row in run_a if row in run_b]
+    return min(ratios), max(ratios)
+
+
+def band_paired_by_position(run_a, run_b):
+    """Pairs the rows by their place in each dict, as if both runs listed the same rows in the
+    same order."""
+    ratios = [a / b for a, b in zip(run_a.values(), run_b.values())]
+    return min(ratios), max(ratios)
+
+
+def band_of_every_row_of_run_a(run_a, run_b):
+    """Takes every row of run_a: a row run_b lacks is a KeyError."""
+    ratios = [run_a[row] / run_b[row] for row in run_a]
+    return min(ratios), max(ratios)
+
+
+def band_as_the_mean(run_a, run_b):
+    """One number for the noise: the mean ratio, twice."""
+    ratios = [run_a[row] / run_b[row] for row in run_a if row in run_b]
+    mean = sum(ratios) / len(ratios)
+    return mean, mean
+
+
+def band_reversed(run_a, run_b):
+    """(highest, lowest)."""
+    ratios = [run_a[row] / run_b[row] for row in run_a if row in run_b]
+    return max(ratios), min(ratios)
+
+
+def band_around_one(run_a, run_b):
+    """The largest distance from 1, either way: a symmetric band that is wider than the runs'."""
+    ratios = [run_a[row] / run_b[row] for row in run_a if row in run_b]
+    far = max(abs(r - 1) for r in ratios)
+    return 1 - far, 1 + far
+
+
+WRONG_ANSWERS["07.noise_band"] = [band_upside_down, band_paired_by_position,
+                                  band_of_every_row_of_run_a, band_as_the_mean, band_reversed,
+                                  band_around_one]
+
+
+def test_a_noise_band_gone_wrong_names_the_slip(learner_view, capsys):
+    from kvlab.exercises import get
+
+    for wrong, case, words in (
+            (band_upside_down, "three rows", "run_b / run_a, upside down"),
+            (band_paired_by_position, "the same rows in another order",
+             "rows paired by their place in each dict, not by name"),
+            (band_as_the_mean, "three rows", "the mean ratio, not the lowest and highest"),
+            (band_reversed, "three rows", "(highest, lowest): the pair reversed")):
+        assert get("07.noise_band").check(wrong) is False
+        out = capsys.readouterr().out
+        assert f"fails on case '{case}" in out and f"your band is {words}." in out, out
+    assert get("07.noise_band").check(band_of_every_row_of_run_a) is False
+    out = capsys.readouterr().out
+    assert "fails on case 'a row only run_a has'" in out and "KeyError" in out
+    assert "rows both runs timed: 2 (of 3 and 2)" in out
+
+
+def test_the_noise_band_of_two_runs_by_hand():
+    from kvlab.bench import noise_band
+
+    # v7 only in run b; v2 and v3 in both: ratios 2.0/1.6 = 1.25 and 1.0/1.25 = 0.8
+    assert noise_band({"v2": 2.0, "v3": 1.0}, {"v3": 1.25, "v7": 9.0, "v2": 1.6}) == (0.8, 1.25)
+    assert noise_band({"v6": 1.5}, {"v6": 1.5}) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="share no row"):
+        noise_band({"v1": 1.0}, {"v2": 1.0})
 
 
 def test_a_failure_shows_each_limit_and_each_ceiling(monkeypatch, capsys):

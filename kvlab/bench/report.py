@@ -1,8 +1,9 @@
 """A result as text: the per-stage table ``python -m kvlab bench`` prints, and the Markdown table
-the README, docs/perf.md and notebook 05 quote."""
+the README, docs/perf.md and notebook 05 quote; and what two results of the same code say about
+their own noise (:func:`noise_band`)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 
 def format_time(seconds: float) -> str:
@@ -76,3 +77,19 @@ def markdown_summary(result: dict[str, Any], stages: tuple[str, ...] = ("attenti
             lines.append(f"| {r['stage']} | {r['op']} | {r['impl']} | "
                          f"{format_time(r['median_s'])} | {r['gb_per_s']:,.0f} | {copy} |")
     return "\n".join(lines)
+
+
+def noise_band(run_a: Mapping[str, float], run_b: Mapping[str, float]) -> tuple[float, float]:
+    """How far two runs of the same code disagree: over the rows both timed, the lowest and the
+    highest ratio ``run_a[row] / run_b[row]`` (times in seconds, keyed by row name).
+
+    Two runs of one binary on one card should give ratios of 1; what they give instead is the
+    noise of the measurement (clocks, temperature, the other processes, which SM got which block).
+    A speedup between two rows of one run that falls inside the band cannot be told from it.
+    Raises ValueError when the runs share no row.
+    """
+    shared = [row for row in run_a if row in run_b]
+    if not shared:
+        raise ValueError("run_a and run_b share no row: the band needs rows both runs timed")
+    ratios = [run_a[row] / run_b[row] for row in shared]
+    return min(ratios), max(ratios)

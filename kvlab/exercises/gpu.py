@@ -1,19 +1,21 @@
 """Exercises of notebook 07 (GPU performance): how many blocks an SM holds, how many 32-byte
-sectors a warp's load touches, which of three ceilings sets a kernel's speed, and how many
-split-K partitions fill one wave.
+sectors a warp's load touches, which of three ceilings sets a kernel's speed, how many
+split-K partitions fill one wave, and how far two runs of the same kernels disagree.
 
 Each is checked against the code the project runs: occupancy against
 :func:`kvlab.gpu_limits.blocks_per_sm` (itself held against the block limits Nsight Compute
 reported on an H200, tests/test_gpu_limits.py), the sectors against
 :func:`kvlab.gpu_limits.sectors_touched`, the ceilings against
 :func:`kvlab.gpu_limits.time_floor`, the split count against the rule decode kernel v8 launches
-with (:func:`kvlab.kernels.cuda.attention.one_wave_splits`).
+with (:func:`kvlab.kernels.cuda.attention.one_wave_splits`), the noise band against
+:func:`kvlab.bench.report.noise_band`.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from kvlab import gpu_limits
+from kvlab.bench.report import noise_band
 from kvlab.exercises.core import Case, Exercise, register
 from kvlab.gpu_limits import SM90, Machine
 
@@ -314,4 +316,90 @@ register(Exercise(
     solution=one_wave_splits_solution,
     reference=one_wave_splits_reference,
     cases=_one_wave_cases,
+))
+
+
+# --- 07.noise_band -----------------------------------------------------------------------------
+
+def noise_band_solution(run_a: dict, run_b: dict) -> tuple[float, float]:
+    """The lowest and highest run_a[row] / run_b[row] over the rows both runs timed."""
+    ratios = [run_a[row] / run_b[row] for row in run_a if row in run_b]  # by name, both runs
+    return min(ratios), max(ratios)
+
+
+def h200_kernel_medians(result: dict) -> dict[str, float]:
+    """A stored bench result's decode-kernel rows (``kernel v…``) as {row: median seconds}."""
+    return {r["op"]: r["median_s"] for r in result["rows"]
+            if r["impl"] == "cuda" and r["op"].startswith("kernel v")}
+
+
+def _noise_cases() -> list[Case]:
+    from kvlab.data import load_json
+
+    def case(label, run_a, run_b, random=False):
+        return Case(label, dict(run_a=dict(run_a), run_b=dict(run_b)), random=random)
+
+    run_1 = h200_kernel_medians(load_json("bench/h200_2026-11-27_before_v7.json"))
+    run_2 = h200_kernel_medians(load_json("bench/h200_2026-11-27.json"))
+    cases = [
+        case("three rows, run_b a little faster on two", {"v2": 2.0, "v3": 1.5, "v4": 1.2},
+             {"v2": 1.9, "v3": 1.5, "v4": 1.25}),
+        case("the same rows in another order: pair them by name", {"v2": 2.0, "v3": 1.0},
+             {"v3": 1.1, "v2": 2.0}),
+        case("a row only run_b has (v7, written between the runs)", {"v5": 1.8, "v6": 1.6},
+             {"v5": 1.7, "v6": 1.6, "v7": 1.4}),
+        case("a row only run_a has", {"v1": 36.2, "v5": 1.8, "v6": 1.6}, {"v5": 1.8, "v6": 1.5}),
+        case("one shared row: the band is one ratio", {"v6": 1.6, "v2": 2.4}, {"v6": 1.5}),
+        case("the two H200 runs' kernel rows (run 1, run 2)", run_1, run_2),
+    ]
+    rng = np.random.default_rng(71)
+    for i in range(4):
+        rows = [f"kernel v{v} splits={s}" for v in range(1, 8) for s in (1, 16)]
+        times = {row: float(rng.uniform(0.5, 40)) for row in rows}
+        a = {row: t for row, t in times.items() if rng.random() < 0.8}
+        b = {row: t * float(rng.uniform(0.85, 1.15)) for row, t in times.items()
+             if rng.random() < 0.8 or row not in a}
+        b.setdefault(next(iter(a)), times[next(iter(a))])  # at least one row in both
+        cases.append(case(f"random {i}", a, dict(reversed(list(b.items()))), random=True))
+    return cases
+
+
+def _explain_noise(fn, case: Case) -> None:
+    """Which slip gives the learner's band: the ratio upside down, the pair reversed, rows paired
+    by position, a mean or a median instead of the extremes."""
+    run_a, run_b = case.kwargs["run_a"], case.kwargs["run_b"]
+    shared = [row for row in run_a if row in run_b]
+    print(f"  rows both runs timed: {len(shared)} (of {len(run_a)} and {len(run_b)})")
+    try:
+        yours = tuple(float(x) for x in fn(**dict(run_a=dict(run_a), run_b=dict(run_b))))
+    except Exception:
+        return
+    ratios = [run_a[row] / run_b[row] for row in shared]
+    by_position = [a / b for a, b in zip(run_a.values(), run_b.values())]
+    low, high = min(ratios), max(ratios)
+    mean, median = float(np.mean(ratios)), float(np.median(ratios))
+    slips = {
+        "run_b / run_a, upside down": (1 / high, 1 / low),
+        "(highest, lowest): the pair reversed": (high, low),
+        "rows paired by their place in each dict, not by name": (min(by_position),
+                                                                 max(by_position)),
+        "the mean ratio, not the lowest and highest": (mean, mean),
+        "the median ratio, not the lowest and highest": (median, median),
+    }
+    for words, band in slips.items():
+        if len(yours) == 2 and np.allclose(yours, band, rtol=1e-9) and not np.allclose(
+                band, (low, high), rtol=1e-9):
+            print(f"  your band is {words}.")
+            return
+
+
+register(Exercise(
+    name="07.noise_band", notebook=NOTEBOOK, section="6.2 How sure is a measurement?",
+    signature="noise_band(run_a, run_b) -> (low, high)  # run_a, run_b: {row name: seconds}",
+    hint="only the rows both runs timed, paired by name; each one's run_a / run_b; the band is the "
+         "smallest and the largest of those ratios.",
+    solution=noise_band_solution,
+    reference=noise_band,
+    cases=_noise_cases,
+    explain=_explain_noise,
 ))
