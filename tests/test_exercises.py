@@ -166,6 +166,31 @@ def test_compare_tells_a_missing_return_a_float_for_an_integer_and_float32_preci
     assert "compute in" not in compare(np.array([0.81, 1.0], np.float32), want, rtol=1e-9, atol=0)
 
 
+def test_compare_lists_exact_dtypes_and_an_array_as_a_pair():
+    assert compare([1, 2], [1, 2, 3]) == "result has 2 items, expected 3: [1, 2]"
+    assert compare(5, [1, 2]) == "result should be a list of 2 items, got 5"
+    assert compare(np.array([0.5, 2.0]), (0.5, 2.0)) is None  # two numbers, as an array
+    scales = np.array([0.02], np.float16)
+    assert compare(scales.astype(np.float32), scales, rtol=1, atol=1) is None
+    assert compare(scales.astype(np.float32), scales, exact_dtypes=True) == (
+        "result holds float32 values; expected float16")
+
+
+def test_read_only_refuses_an_input_changed_in_place():
+    from kvlab.exercises.core import Case, WrongResult, read_only
+
+    def rotate_in_place(x):
+        x *= -1
+        return x
+
+    run = read_only("x")
+    case = Case("a case", dict(x=np.ones(3, np.float32)))
+    with pytest.raises(WrongResult, match="changed x in place"):
+        run(rotate_in_place, case)
+    assert run(lambda x: -x, case).tolist() == [-1, -1, -1]
+    assert case.kwargs["x"].tolist() == [1, 1, 1]  # the checker's own copy is untouched
+
+
 def test_a_torch_result_is_shown_as_its_values_on_one_line():
     import torch
 

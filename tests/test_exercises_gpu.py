@@ -193,6 +193,13 @@ def band_of_every_row_of_run_a(run_a, run_b):
     return min(ratios), max(ratios)
 
 
+def band_of_the_extreme_times(run_a, run_b):
+    """The slowest row of each run over each other, and the fastest: not a row against itself."""
+    shared = [row for row in run_a if row in run_b]
+    return (max(run_a[r] for r in shared) / max(run_b[r] for r in shared),
+            min(run_a[r] for r in shared) / min(run_b[r] for r in shared))
+
+
 def band_as_the_mean(run_a, run_b):
     """One number for the noise: the mean ratio, twice."""
     ratios = [run_a[row] / run_b[row] for row in run_a if row in run_b]
@@ -214,8 +221,8 @@ def band_around_one(run_a, run_b):
 
 
 WRONG_ANSWERS["07.noise_band"] = [band_upside_down, band_paired_by_position,
-                                  band_of_every_row_of_run_a, band_as_the_mean, band_reversed,
-                                  band_around_one]
+                                  band_of_the_extreme_times, band_of_every_row_of_run_a,
+                                  band_as_the_mean, band_reversed, band_around_one]
 
 
 def test_a_noise_band_gone_wrong_names_the_slip(learner_view, capsys):
@@ -223,6 +230,8 @@ def test_a_noise_band_gone_wrong_names_the_slip(learner_view, capsys):
 
     for wrong, case, words in (
             (band_upside_down, "three rows", "run_b / run_a, upside down"),
+            (band_of_the_extreme_times, "three rows",
+             "the ratio of the slowest rows and of the fastest, not of each row with itself"),
             (band_paired_by_position, "the same rows in another order",
              "rows paired by their place in each dict, not by name"),
             (band_as_the_mean, "three rows", "the mean ratio, not the lowest and highest"),

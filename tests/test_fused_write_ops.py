@@ -211,6 +211,12 @@ def test_gpu_kernel_steps_under_sanitizer(kv_dtype):
     check_kernel_steps(16, kv_dtype, 1, True, tokens=64, hq=8, hkv=2, d=128)
 
 
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8_e4m3"])
+def test_no_tokens_write_nothing(backend, kv_dtype):
+    case = make_case(0, 2, 1, 16, 4, kv_dtype=kv_dtype)  # a step in which this layer gets none
+    assert_fused_equals_unfused(run_paged_write(backend, case, 1), unfused(case, 1))
+
+
 def test_partial_rotary_and_unshuffled_table(backend):
     case = make_case(4, 2, 1, 64, 12, rotary_dim=32, shuffled=False)
     assert_fused_equals_unfused(run_paged_write(backend, case, 1), unfused(case, 1))

@@ -2,10 +2,10 @@
 
 The rotation is elementwise once each token's table row is gathered: take the two coordinates of
 every pair as views (:func:`pair_halves`: rotate-half or interleaved), rotate in float32, write
-them into a copy of x, a tile of tokens at a time on the CPU. Only ops MPS supports are used (no float64: the tables are built in float64 on the host by
-:func:`kvlab.ref.rope.rope_tables`, the same numbers every backend uses). Arguments are checked by
-:mod:`kvlab.checks`; results are tensors on x's device. Unverified on MPS: no machine this project
-is tested on has one.
+them into a copy of x, a tile of tokens at a time on the CPU. Only ops MPS supports are used (no
+float64: the tables are built in float64 on the host by :func:`kvlab.ref.rope.rope_tables`, the
+same numbers every backend uses). Arguments are checked by :mod:`kvlab.checks`; results are tensors
+on x's device. Unverified on MPS: no machine this project is tested on has one.
 """
 from __future__ import annotations
 

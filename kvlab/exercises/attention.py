@@ -15,8 +15,8 @@ from typing import Any, Callable
 import numpy as np
 
 from kvlab.backends import cuda_mode
-from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both, register,
-                                  run_torch)
+from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both,
+                                  read_only, register, run_torch)
 from kvlab.ref import attention as ref
 from kvlab.trace import launch_traced
 
@@ -45,9 +45,10 @@ def tiles(scores: np.ndarray, tile: int) -> list[slice]:
     return [slice(start, start + tile) for start in range(0, len(scores), tile)]
 
 
-def _states_by_definition(scores: np.ndarray, values: np.ndarray, tile: int) -> list[tuple]:
-    """After each tile, ``(m, l, acc)`` over all keys seen so far, computed in one go: the max,
-    the max-subtracted sum, and ``l`` times kvlab's attention output over those keys."""
+def _states_by_definition(scores: np.ndarray, values: np.ndarray, tile: int) -> tuple:
+    """After each tile, ``m, l, acc`` over all keys seen so far, computed in one go: the max,
+    the max-subtracted sum, and ``l`` times kvlab's attention output over those keys; every
+    tile's three in one flat tuple (named by :data:`ONLINE_OUTPUTS`)."""
     states = []
     for part in tiles(scores, tile):
         seen = slice(0, part.stop)
@@ -56,13 +57,14 @@ def _states_by_definition(scores: np.ndarray, values: np.ndarray, tile: int) -> 
         l = float(np.exp(s - m).sum())
         # attend_max_subtracted(q, k, ...) with k = s as one-dimensional keys, q = 1, scale = 1
         out = ref.attend_max_subtracted(np.ones(1, np.float32), s[:, None], v, 1.0)
-        states.append((m, l, out * np.float32(l)))
-    return states
+        states += [m, l, out * np.float32(l)]
+    return tuple(states)
 
 
 def _run_online(fn: Callable, case: Case) -> Any:
-    """The state after every tile: ``fn`` applied tile by tile from the empty state, or (for the
-    reference) the same quantities by definition."""
+    """The state after every tile, ``m, l, acc`` one tile after the other in a flat tuple: ``fn``
+    applied tile by tile from the empty state, or (for the reference) the same quantities by
+    definition."""
     scores, values, tile = (case.kwargs[k] for k in ("scores", "values", "tile"))
     if fn is _states_by_definition:
         return _states_by_definition(scores, values, tile)
@@ -70,8 +72,14 @@ def _run_online(fn: Callable, case: Case) -> Any:
     states = []
     for part in tiles(scores, tile):
         m, l, acc = fn(m, l, acc.copy(), scores[part].copy(), values[part].copy())
-        states.append((m, l, acc))
-    return states
+        states += [m, l, acc]
+    return tuple(states)
+
+
+MAX_TILES = 64  # more than any case walks
+# a verdict names what differs: "acc after tile 2[0] is ..."
+ONLINE_OUTPUTS = tuple(f"{name} after tile {i}" for i in range(1, MAX_TILES + 1)
+                       for name in ("m", "l", "acc"))
 
 
 def _online_cases() -> list[Case]:
@@ -107,6 +115,7 @@ register(Exercise(
     reference=_states_by_definition,
     cases=_online_cases,
     run=_run_online,
+    outputs=ONLINE_OUTPUTS,
     rtol=1e-5, atol=1e-5,
 ))
 
@@ -158,6 +167,7 @@ register(Exercise(
     solution=merge_solution,
     reference=ref.merge_partials,
     cases=_merge_cases,
+    run=read_only("lse", "out"),
     # float32 lse near 1000 has an ulp of 6e-5, and e^(lse_j - LSE) inherits it: a right float32
     # answer by the log-sum-exp form is off by up to ~3e-5 relative on the (1000, 998) case
     rtol=1e-4,

@@ -104,6 +104,22 @@ def call(fn: Callable, case: Case) -> Any:
     return fn(**copy_args(case.kwargs))
 
 
+def read_only(*names: str) -> Callable[[Callable, Case], Any]:
+    """A ``run`` like :func:`call` that also refuses a function which changed any of the
+    arguments ``names`` in place (the checker hands it copies, so the answer would otherwise pass,
+    and a caller that still needs its input would find it changed)."""
+    def run(fn: Callable, case: Case) -> Any:
+        args = copy_args(case.kwargs)
+        before = {name: args[name].copy() for name in names}
+        result = fn(**args)
+        for name, was in before.items():
+            if not np.array_equal(args[name], was, equal_nan=was.dtype.kind in "fc"):
+                raise WrongResult(f"your function changed {name} in place: leave the inputs as "
+                                  f"they were and return a new array")
+        return result
+    return run
+
+
 def print_slot_walk(fn: Callable, case: Case, steps: list[str], expected: np.ndarray) -> None:
     """For a slot exercise's failure: one line per token — how its slot is found (``steps[i]``,
     e.g. ``"position 5 -> block_table[1] = 2, offset 1"``), the slot, and the learner's slot
@@ -112,8 +128,8 @@ def print_slot_walk(fn: Callable, case: Case, steps: list[str], expected: np.nda
         got = np.asarray(call(fn, case))
     except Exception:
         return
-    if got.shape != np.shape(expected) or got.dtype.kind not in "iuf":
-        return  # the verdict already said the shape or type is wrong
+    if got.shape != np.shape(expected) or got.dtype.kind not in "iuf" or not steps:
+        return  # the verdict already said the shape or type is wrong, or no token to walk
     print("  token by token:")
     for row, (step, slot) in enumerate(zip(steps, expected)):
         yours = got[row] if row < got.size else "missing"
@@ -190,7 +206,8 @@ def draw_accesses(yours: np.ndarray, reference: np.ndarray, title: str) -> None:
 
 
 def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
-            path: str = "result", names: tuple[str, ...] = ()) -> str | None:
+            path: str = "result", names: tuple[str, ...] = (), exact_dtypes: bool = False
+            ) -> str | None:
     """None when ``got`` matches ``expected``; else one sentence saying where they first differ.
 
     Tuples and lists compare item by item (named by ``names`` when given, e.g. ``("q_out",
@@ -198,14 +215,23 @@ def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
     booleans, which a float array does not match however equal its values, ``rtol``/``atol`` for
     floats, NaN equal to NaN; a float32 answer right to float32's precision against a float64
     reference is told so); anything else by ``==``. A None result is named as a missing return.
+    ``exact_dtypes``: an array must also have the reference's dtype (where the dtype is the lesson:
+    fp16 scales, a float32 result).
     """
     if got is None and expected is not None:
         return f"{path} is None: does your function end without a `return`?"
     if isinstance(expected, (tuple, list)):
-        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
-            return f"{path} should be a tuple of {len(expected)} items, got {_short(got)}"
+        kind = "tuple" if isinstance(expected, tuple) else "list"
+        if (isinstance(got, np.ndarray) and got.ndim == 1
+                and all(np.ndim(item) == 0 for item in expected)):
+            got = tuple(got.tolist())  # an array of two numbers is as good a pair as a tuple
+        if not isinstance(got, (tuple, list)):
+            return f"{path} should be a {kind} of {len(expected)} items, got {_short(got)}"
+        if len(got) != len(expected):
+            return f"{path} has {len(got)} items, expected {len(expected)}: {_short(got)}"
         for i, (g, e) in enumerate(zip(got, expected)):
-            message = compare(g, e, rtol, atol, names[i] if i < len(names) else f"{path}[{i}]")
+            message = compare(g, e, rtol, atol, names[i] if i < len(names) else f"{path}[{i}]",
+                              exact_dtypes=exact_dtypes)
             if message:
                 return message
         return None
@@ -216,8 +242,11 @@ def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
             return f"{path} should be an array, got {type(got).__name__}"
         if got_array.shape != expected.shape:
             return f"{path} has shape {got_array.shape}, expected {expected.shape}"
+        if exact_dtypes and got_array.dtype != expected.dtype:
+            return f"{path} holds {got_array.dtype} values; expected {expected.dtype}"
         if expected.dtype.kind in "iub":
-            if got_array.dtype.kind not in "iub":  # 3.0 == 3, but a slot or a code is an integer
+            # 3.0 == 3, but a slot or a code is an integer (an empty list has no dtype to judge)
+            if got_array.dtype.kind not in "iub" and (got_array.size or hasattr(got, "dtype")):
                 return f"{path} holds {got_array.dtype} values; expected integers ({expected.dtype})"
             same = got_array == expected
         else:
@@ -305,6 +334,7 @@ class Exercise:
         which a passing kernel's work is compared with the solution's (:func:`work_note`).
     outputs: names of what ``run`` returns when it is a tuple (e.g. ``q_out`` and the pools the
         function wrote), so a verdict says ``k_pool[...]``, not ``result[1][...]``.
+    exact_dtypes: the result's arrays must have the reference's dtypes, not only its values.
     pass_note: optional ``fn -> str`` added to a pass of the learner's function: what it does
         right but could do better (a torch answer that reads back to the host, say).
     """
@@ -324,6 +354,7 @@ class Exercise:
     kernel: bool = False
     trace: Callable[[Callable, Case], tuple[Any, Any]] | None = field(default=None, repr=False)
     outputs: tuple[str, ...] = ()
+    exact_dtypes: bool = False
     pass_note: Callable[[Callable], str] | None = field(default=None, repr=False)
 
     def check(self, fn: Callable, *, quiet: bool = False) -> bool:
@@ -356,7 +387,8 @@ class Exercise:
                 # no picture of a kernel the time limit stopped: drawing it runs it again
                 return self._fail(say, fn, case, self._raised(fn, case, error),
                                   draw=not isinstance(error, KernelTimeoutError))
-            message = compare(got, expected, self.rtol, self.atol, names=self.outputs)
+            message = compare(got, expected, self.rtol, self.atol, names=self.outputs,
+                              exact_dtypes=self.exact_dtypes)
             if message:
                 return self._fail(say, fn, case, message, expected, got)
         hand = sum(not c.random for c in cases)

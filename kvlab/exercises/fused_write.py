@@ -15,8 +15,8 @@ import numpy as np
 
 from kvlab.backends import cuda_mode
 from kvlab.exercises.core import (FP16_KERNEL_ATOL, FP16_KERNEL_RTOL, ROUNDING_NOTE, Case,
-                                  Exercise, copy_args, draw_accesses, launch_both, register,
-                                  rounding_apart, run_torch)
+                                  Exercise, copy_args, draw_accesses, launch_both, read_only,
+                                  register, rounding_apart, run_torch)
 from kvlab.ref import fused_write as ref
 from kvlab.ref.rope import rope_tables
 from kvlab.trace import index_runs, launch_traced
@@ -91,6 +91,8 @@ register(Exercise(
     solution=split_and_norm_solution,
     reference=split_and_norm_reference,
     cases=_split_and_norm_cases,
+    run=read_only("qkv"),
+    outputs=("q", "k", "v"),
 ))
 
 

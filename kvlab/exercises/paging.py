@@ -18,8 +18,8 @@ import numpy as np
 
 from kvlab.backends import cuda_mode
 from kvlab.exercises.core import (Case, Exercise, WrongResult, copy_args, draw_accesses,
-                                  launch_both, print_slot_walk, register, tensor_result,
-                                  torch_copies)
+                                  launch_both, print_slot_walk, read_only, register,
+                                  tensor_result, torch_copies)
 from kvlab.paging import BlockAllocator, blocks_needed
 from kvlab.ref import paging as ref
 from kvlab.trace import launch_traced
@@ -51,6 +51,9 @@ def _slot_mapping_cases() -> list[Case]:
                                                      block_size=4)),
         Case("block_size 1", dict(block_table=table, positions=np.arange(4, dtype=np.int32),
                                   block_size=1)),
+        Case("no tokens: an empty positions array", dict(block_table=table,
+                                                         positions=np.zeros(0, np.int32),
+                                                         block_size=4)),
     ]
     rng = np.random.default_rng(1)
     for i in range(4):
@@ -78,6 +81,7 @@ register(Exercise(
     solution=slot_mapping_solution,
     reference=ref.slot_mapping,
     cases=_slot_mapping_cases,
+    run=read_only("block_table", "positions"),
     explain=_explain_slot_mapping,
 ))
 
@@ -128,7 +132,8 @@ def _write_kv_kernel_cases() -> list[Case]:
 
 
 def _write_kv_cases() -> list[Case]:
-    cases = _write_kv_kernel_cases()[:3]
+    cases = _write_kv_kernel_cases()[:3] + [
+        _write_kv_case("every token is padding: nothing to write", [-1, -1])]
     rng = np.random.default_rng(11)
     for i in range(4):
         num_blocks, block_size = int(rng.integers(3, 9)), int(rng.choice([2, 4, 16]))
@@ -150,6 +155,7 @@ register(Exercise(
     reference=ref.write_kv,
     cases=_write_kv_cases,
     run=_pools_after,
+    outputs=("k_pool", "v_pool"),
 ))
 
 
@@ -178,20 +184,26 @@ def _run_append(fn: Callable, case: Case) -> Any:
     blocks = fn(**args)
     allocator = args["allocator"]
     refs = [allocator.ref_count(b) for b in range(allocator.num_blocks)]
-    return (None if blocks is None else [int(b) for b in blocks], args["k_pool"], args["v_pool"],
-            refs)
+    if blocks is not None:
+        try:
+            blocks = [int(b) for b in blocks]
+        except (TypeError, ValueError):
+            raise WrongResult(f"append_token should return the sequence's blocks, a list of block "
+                              f"ids (growth.blocks, say), got {type(blocks).__name__}") from None
+    return blocks, args["k_pool"], args["v_pool"], refs
 
 
 def _append_case(label: str, num_tokens: int, forked: bool, block_size: int = 4,
                  num_blocks: int = 8, heads: int = 2, head_dim: int = 4, seed: int = 0,
-                 random: bool = False) -> Case:
+                 spare: int = 0, random: bool = False) -> Case:
     """A sequence of ``num_tokens`` tokens (forked: its blocks shared with a parent) in a pool
-    whose free list is shuffled and whose every slot holds stale values, as after real use."""
+    whose free list is shuffled and whose every slot holds stale values, as after real use;
+    ``spare`` blocks reserved past its last token (a block list may run ahead of its tokens)."""
     rng = np.random.default_rng(seed)
     allocator = BlockAllocator(num_blocks, block_size)
     everything = allocator.allocate(num_blocks)
     allocator.free([everything[i] for i in rng.permutation(num_blocks)])  # a shuffled free list
-    parent = allocator.allocate(blocks_needed(num_tokens, block_size))
+    parent = allocator.allocate(blocks_needed(num_tokens, block_size) + spare)
     blocks = allocator.fork(parent) if forked else parent
     pool_shape = (num_blocks, block_size, heads, head_dim)
     return Case(label, dict(
@@ -208,6 +220,8 @@ def _append_cases() -> list[Case]:
         _append_case("not shared, the last block is full", 8, forked=False),
         _append_case("forked, the shared last block is half full", 6, forked=True),
         _append_case("forked, every shared block is full", 8, forked=True),
+        _append_case("a spare block reserved past the last token: the token goes before it", 5,
+                     forked=False, spare=1),
     ]
     rng = np.random.default_rng(5)
     for i in range(4):
@@ -228,6 +242,7 @@ register(Exercise(
     reference=append_token_solution,
     cases=_append_cases,
     run=_run_append,
+    outputs=("blocks", "k_pool", "v_pool", "ref_counts"),  # ref_counts[b]: the allocator's count
 ))
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from kvlab.backends import cuda_mode
 from kvlab.exercises.core import (Case, Exercise, copy_args, draw_accesses, launch_both,
-                                  register, run_torch)
+                                  read_only, register, run_torch)
 from kvlab.ref import quant as ref
 from kvlab.trace import launch_traced
 
@@ -84,6 +84,9 @@ register(Exercise(
     solution=quantize_int8_solution,
     reference=_quantize_reference,
     cases=_quantize_cases,
+    run=read_only("x"),
+    outputs=("codes", "scales"),
+    exact_dtypes=True,  # int8 codes, fp16 scales: the bytes a cache stores
     rtol=0.0, atol=0.0,  # codes and fp16 scales are exact: any difference is a different rule
 ))
 
@@ -125,6 +128,8 @@ register(Exercise(
     solution=dequantize_int8_solution,
     reference=_dequantize_reference,
     cases=_dequantize_cases,
+    run=read_only("codes", "scales"),
+    exact_dtypes=True,  # float32, as attention reads it: float64 would double the bytes
     rtol=0.0, atol=0.0,  # code * fp16(scale) is exact in float32
 ))
 

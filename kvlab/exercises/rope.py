@@ -16,8 +16,8 @@ import numpy as np
 
 from kvlab.backends import cuda_mode
 from kvlab.exercises.core import (FP16_KERNEL_ATOL, FP16_KERNEL_RTOL, ROUNDING_NOTE, Case,
-                                  Exercise, copy_args, draw_accesses, launch_both, register,
-                                  rounding_apart, run_torch)
+                                  Exercise, copy_args, draw_accesses, launch_both, read_only,
+                                  register, rounding_apart, run_torch)
 from kvlab.ref import rope as ref
 from kvlab.trace import index_runs, launch_traced
 
@@ -93,8 +93,10 @@ register(Exercise(
     solution=rope_neox_solution,
     reference=lambda x, cos, sin, positions: ref.apply_rope(x, cos, sin, positions, "neox"),
     cases=_rotation_cases,
-    # float32 math in another order may move a float32 result by a few ulps (an fp16 one: rarely)
-    rtol=1e-6, atol=0.0,
+    run=read_only("x"),
+    # float32 math in another order (complex64, an FMA, float64 rounded once) may move a result by
+    # an ulp of the products, |x| <~ 8 here: 5e-7, which a pair that nearly cancels cannot hide
+    rtol=1e-6, atol=2e-6,
 ))
 
 register(Exercise(
@@ -105,7 +107,8 @@ register(Exercise(
     solution=rope_gptj_solution,
     reference=lambda x, cos, sin, positions: ref.apply_rope(x, cos, sin, positions, "gptj"),
     cases=_rotation_cases,
-    rtol=1e-6, atol=0.0,
+    run=read_only("x"),
+    rtol=1e-6, atol=2e-6,  # as 03.rope_neox
 ))
 
 

@@ -156,7 +156,7 @@ def _check_cache_values(qkv: np.ndarray, shape) -> None:
     """A quantized cache cannot hold NaN/inf: refuse K/V inputs that are not finite (or too big)."""
     if shape.kv_dtype is None:
         return
-    heads = qkv.reshape(qkv.shape[0], -1, shape.head_dim)
+    heads = qkv.reshape(qkv.shape[0], shape.num_q_heads + 2 * shape.num_kv_heads, shape.head_dim)
     for name, part in (("qkv's K", heads[:, shape.num_q_heads:shape.num_q_heads
                                          + shape.num_kv_heads]),
                        ("qkv's V", heads[:, shape.num_q_heads + shape.num_kv_heads:])):
