@@ -544,3 +544,21 @@ def test_a_warp_shuffle_is_told_to_be_a_gpu_only_operation(learner_view, capsys)
     out = capsys.readouterr().out
     assert "The CUDA simulator that runs these puzzles has no cuda.shfl_down_sync: warp-level " \
         "operations (shuffles, syncwarp) run only on a GPU" in out
+
+
+@cuda.jit
+def scale_with_a_typo(x, scales):
+    """The solution with one typo: cuda.syncthread, which no numba has."""
+    token, head, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    partial = cuda.shared.array(THREADS, np.float32)
+    partial[tid] = 0
+    cuda.syncthread()
+    if tid == 0:
+        scales[token, head] = partial[0]
+
+
+def test_a_misspelt_cuda_name_is_told_the_names_close_to_it(learner_view, capsys):
+    assert get("02.scale_kernel").check(scale_with_a_typo) is False
+    out = capsys.readouterr().out
+    assert "numba.cuda has no syncthread: did you mean cuda.syncthreads" in out
+    assert "warp-level" not in out

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvlab.backends import BACKENDS, get_backend
+from kvlab.backends import get_backend
 from kvlab.cache import KvCacheManager, KvLayer, KvPool
 from kvlab.dtypes import get_dtype
 from kvlab.ref.quant import (
@@ -28,11 +28,6 @@ REFERENCE = get_backend("numpy")
 DTYPES = ["int8", "fp8_e4m3", "int4"]
 CACHE_DTYPES = ["int8", "fp8_e4m3"]
 BLOCK_SIZE = 16
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return get_backend(request.param)
 
 
 def ints(*values: int) -> np.ndarray:

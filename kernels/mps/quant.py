@@ -1,6 +1,7 @@
 """Quantized KV as PyTorch ops: the ops of :mod:`kvlab.ref.quant`, on MPS, CUDA or the CPU.
 
-Each op is a few whole-tensor steps: group, ``amax``, scale, divide, round, store. Only ops MPS
+Each op is a few whole-tensor steps: group, ``amax``, scale, divide, round, store (on the CPU a
+tile of tokens at a time, so that the float32 steps stay in the caches). Only ops MPS
 supports are used (float16/float32/int32/int8/uint8; no float64), which rules out two shortcuts:
 
 - **No FP8 dtype on MPS.** ``torch.float8_e4m3fn`` exists on the CPU and CUDA, not on Apple GPUs, so
@@ -16,6 +17,7 @@ machine this project is tested on has one.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ from kvlab.checks import (
     raise_for_values,
 )
 from kvlab.dtypes import KvDtype
-from kvlab.kernels.mps import require_tensors
+from kvlab.kernels.mps import require_tensors, token_tiles
 from kvlab.kernels.mps.paging import as_words, slots_to_read, without_padding
 
 AMAX_FLOOR = 1e-8
@@ -107,7 +109,18 @@ def quantize(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Tensor
 
 def quantize_checked(x: torch.Tensor, dt: KvDtype) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize` of an x whose shape and values are already checked (a write's K and V:
-    their values are checked once, before anything is written, not again per step)."""
+    their values are checked once, before anything is written, not again per step). On the CPU
+    a tile of tokens at a time (:func:`kvlab.kernels.mps.token_tiles`): the steps' float32
+    temporaries stay in the caches, and only the codes and scales are put together."""
+    tiles = token_tiles(x.shape[0], 4 * math.prod(x.shape[1:]), x.device)
+    if len(tiles) <= 1:
+        return _quantize_tile(x, dt)
+    parts = [_quantize_tile(x[tile], dt) for tile in tiles]
+    return torch.cat([codes for codes, _ in parts]), torch.cat([scales for _, scales in parts])
+
+
+def _quantize_tile(x: torch.Tensor, dt: KvDtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantization of some tokens ``[t, Hkv, D]``: group, amax, scale, divide, round."""
     kv_dtype = dt.name
     groups = _grouped(x.float(), dt.group_size)                     # [T, H, G, group]
     floor = torch.tensor(AMAX_FLOOR, dtype=torch.float32, device=x.device)

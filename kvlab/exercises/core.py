@@ -18,6 +18,7 @@ still executes every checker, so a notebook cannot silently break.
 from __future__ import annotations
 
 import ast
+import difflib
 import inspect
 import os
 import re
@@ -279,6 +280,25 @@ def _precision_note(got: np.ndarray, expected: np.ndarray) -> str:
             "reference keeps float64's: compute in float64 (np.float64, torch.float64)")
 
 
+WARP_LEVEL = re.compile(r"shfl|syncwarp|ballot|activemask|lanemask|match_|_sync$")
+
+
+def _missing_cuda_name(name: str) -> str:
+    """What to tell a kernel puzzle that used ``cuda.<name>``, which the simulator lacks: a
+    warp-level operation runs only on a GPU; anything else is likely a typo of one it has."""
+    if WARP_LEVEL.search(name):  # e.g. cuda.shfl_down_sync, cuda.syncwarp
+        return (f"The CUDA simulator that runs these puzzles has no cuda.{name}: warp-level "
+                f"operations (shuffles, syncwarp) run only on a GPU. Exchange values through a "
+                f"cuda.shared.array and cuda.syncthreads() instead")
+    from numba.cuda.simulator.kernelapi import FakeCUDAModule
+
+    known = [n for n in dir(FakeCUDAModule) if not n.startswith("_")]
+    close = [f"cuda.{n}" for n in difflib.get_close_matches(name, known, n=2)]
+    if close:
+        return f"numba.cuda has no {name}: did you mean {' or '.join(close)}?"
+    return f"numba.cuda has no {name} (in the simulator it has {', '.join(known)})"
+
+
 def _short(value: Any, limit: int = 220, names: tuple[str, ...] = ()) -> str:
     """A one-line picture of an argument: small arrays in full, large ones by shape and dtype;
     a tuple's items named by ``names`` when given."""
@@ -462,11 +482,8 @@ class Exercise:
         what = "kernel" if self.kernel else "function"
         message = f"your {what} raised {type(error).__name__}: {error}"
         missing = re.search(r"'FakeCUDAModule' object has no attribute '(\w+)'", str(error))
-        if self.kernel and missing:  # e.g. cuda.shfl_down_sync, cuda.syncwarp
-            return (f"{message}. The CUDA simulator that runs these puzzles has no "
-                    f"cuda.{missing.group(1)}: warp-level operations (shuffles, syncwarp) run "
-                    f"only on a GPU. Exchange values through a cuda.shared.array and "
-                    f"cuda.syncthreads() instead")
+        if self.kernel and missing:
+            return f"{message}. {_missing_cuda_name(missing.group(1))}"
         if not self.kernel and isinstance(error, TypeError):
             try:
                 inspect.signature(fn).bind(**case.kwargs)
