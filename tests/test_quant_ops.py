@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvlab.backends import get_backend
+from kvlab.backends import BACKENDS, get_backend
 from kvlab.cache import KvCacheManager, KvLayer, KvPool
 from kvlab.dtypes import get_dtype
 from kvlab.ref.quant import (
@@ -28,6 +28,11 @@ REFERENCE = get_backend("numpy")
 DTYPES = ["int8", "fp8_e4m3", "int4"]
 CACHE_DTYPES = ["int8", "fp8_e4m3"]
 BLOCK_SIZE = 16
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return get_backend(request.param)
 
 
 def ints(*values: int) -> np.ndarray:
@@ -108,6 +113,17 @@ def test_fp8_encode_bit_exact_with_torch_over_a_dense_sweep():
     x = fp8_sweep()
     expected = torch.from_numpy(x).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
     np.testing.assert_array_equal(fp8_e4m3_encode(x), expected)
+
+
+def test_torch_fp8_encode_bit_exact_with_torch_over_the_sweep():
+    """The torch backend's encoder (exponent read from the float32 bits; MPS has no FP8 dtype)
+    over the same sweep, where its input is allowed: finite, |x| <= 448 (zeros, subnormals and
+    the rounding midpoints included)."""
+    from kvlab.kernels.mps.quant import fp8_e4m3_encode as torch_encode
+
+    x = fp8_sweep()
+    x = torch.from_numpy(x[np.isfinite(x) & (np.abs(x) <= 448)])
+    assert torch.equal(torch_encode(x), x.to(torch.float8_e4m3fn).view(torch.uint8))
 
 
 def test_fp8_encode_by_hand():

@@ -1,13 +1,12 @@
 """Quantized KV as PyTorch ops: the ops of :mod:`kvlab.ref.quant`, on MPS, CUDA or the CPU.
 
-Each op is a few whole-tensor steps: group, ``amax``, scale, divide, round, store (on the CPU a
-tile of tokens at a time, so that the float32 steps stay in the caches). Only ops MPS
+Each op is a few whole-tensor steps: group, ``amax``, scale, divide, round, store. Only ops MPS
 supports are used (float16/float32/int32/int8/uint8; no float64), which rules out two shortcuts:
 
 - **No FP8 dtype on MPS.** ``torch.float8_e4m3fn`` exists on the CPU and CUDA, not on Apple GPUs, so
-  codes are stored as ``uint8`` and encoded and decoded by hand: the encoder finds each value's
-  power of two by comparing against a table of powers (exact, unlike ``log2``), the decoder looks
-  every byte up in a 256-entry table. Both agree bit for bit with ``torch.float8_e4m3fn`` (tested).
+  codes are stored as ``uint8`` and encoded and decoded by hand: the encoder reads each value's
+  power of two off its float32 exponent bits (exact, unlike ``log2``), the decoder looks every
+  byte up in a 256-entry table. Both agree bit for bit with ``torch.float8_e4m3fn`` (tested).
 - ``torch.round`` rounds half to even, as the reference's ``np.rint`` does; ``.to(torch.int8)``
   wraps instead of saturating, so every code is clamped first.
 
@@ -17,7 +16,6 @@ machine this project is tested on has one.
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 import torch
@@ -31,7 +29,7 @@ from kvlab.checks import (
     raise_for_values,
 )
 from kvlab.dtypes import KvDtype
-from kvlab.kernels.mps import require_tensors, token_tiles
+from kvlab.kernels.mps import require_tensors
 from kvlab.kernels.mps.paging import as_words, slots_to_read, without_padding
 
 AMAX_FLOOR = 1e-8
@@ -40,12 +38,10 @@ INT4_GROUP = 32
 
 
 @functools.lru_cache(maxsize=None)
-def _fp8_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(powers, steps_scale, decode)``: the powers of two 2**-5 .. 2**8 that bound each
-    exponent, ``2**(3 - E)`` for E = -6 .. 8, and the float32 value of each of the 256 bytes
-    (built from bit patterns, so the NaNs carry torch's own payload, 0x7FF00000). Built once per
-    device."""
-    powers = torch.tensor([2.0**k for k in range(-5, 9)], dtype=torch.float32, device=device)
+def _fp8_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(steps_scale, decode)``: ``2**(3 - E)`` for E = -6 .. 8, and the float32 value of each
+    of the 256 bytes (built from bit patterns, so the NaNs carry torch's own payload,
+    0x7FF00000). Built once per device."""
     steps_scale = torch.tensor([2.0**(3 - e) for e in range(-6, 9)], dtype=torch.float32,
                                device=device)
     bits = np.zeros(256, dtype=np.uint32)
@@ -58,22 +54,24 @@ def _fp8_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch
             bits[code] = np.array(value, dtype=np.float32).view(np.uint32)
         bits[code] |= sign << 31
     decode = torch.from_numpy(bits.view(np.float32).copy()).to(device)
-    return powers, steps_scale, decode
+    return steps_scale, decode
 
 
 def fp8_e4m3_encode(y: torch.Tensor) -> torch.Tensor:
     """uint8 E4M3FN bytes of float32 ``y`` with |y| <= 448 (finite): as the reference's."""
-    powers, steps_scale, _ = _fp8_tables(y.device)
+    steps_scale, _ = _fp8_tables(y.device)
     magnitude = y.abs()
-    exponent_index = (magnitude.unsqueeze(-1) >= powers).sum(-1)  # floor(log2) + 6, at least 0
+    # floor(log2) + 6, at least 0: read off the float32's exponent field (bits 23-30, bias 127),
+    # exact for every float32; a zero or a subnormal reads -127 and is raised to -6
+    exponent_index = ((magnitude.view(torch.int32) >> 23) - 127).clamp(-6, 8) + 6
     steps = torch.round(magnitude * steps_scale[exponent_index]).to(torch.int32)
-    code = exponent_index.to(torch.int32) * 8 + steps + 128 * torch.signbit(y).to(torch.int32)
+    code = exponent_index * 8 + steps + 128 * torch.signbit(y).to(torch.int32)
     return code.to(torch.uint8)
 
 
 def fp8_e4m3_decode(codes: torch.Tensor) -> torch.Tensor:
     """float32 value of each uint8 E4M3FN byte: a table lookup."""
-    _, _, decode = _fp8_tables(codes.device)
+    _, decode = _fp8_tables(codes.device)
     return decode[codes.long()]
 
 
@@ -109,18 +107,7 @@ def quantize(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Tensor
 
 def quantize_checked(x: torch.Tensor, dt: KvDtype) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize` of an x whose shape and values are already checked (a write's K and V:
-    their values are checked once, before anything is written, not again per step). On the CPU
-    a tile of tokens at a time (:func:`kvlab.kernels.mps.token_tiles`): the steps' float32
-    temporaries stay in the caches, and only the codes and scales are put together."""
-    tiles = token_tiles(x.shape[0], 4 * math.prod(x.shape[1:]), x.device)
-    if len(tiles) <= 1:
-        return _quantize_tile(x, dt)
-    parts = [_quantize_tile(x[tile], dt) for tile in tiles]
-    return torch.cat([codes for codes, _ in parts]), torch.cat([scales for _, scales in parts])
-
-
-def _quantize_tile(x: torch.Tensor, dt: KvDtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The quantization of some tokens ``[t, Hkv, D]``: group, amax, scale, divide, round."""
+    their values are checked once, before anything is written, not again per step)."""
     kv_dtype = dt.name
     groups = _grouped(x.float(), dt.group_size)                     # [T, H, G, group]
     floor = torch.tensor(AMAX_FLOOR, dtype=torch.float32, device=x.device)
