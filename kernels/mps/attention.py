@@ -20,9 +20,12 @@ project's 2-core CPU, for 4 x 4096 cached tokens (32 q / 8 kv heads of 128, fp16
 blocks of 16), ``python -m kvlab bench --backend torch --size medium`` times the tiles beside one
 gather of the whole context followed by one softmax (exercise 05.paged_decode_torch's solution):
 28-29 ms against 135-138 ms, 4.7x, in two runs (one tile of this module, 64 MiB, was 5x slower
-when TILE_BYTES was chosen); and beside torch's own SDPA on the same K/V already laid out
-contiguously in float32, in the same process: 0.8-1.0x (on a busy CPU the many small ops of the
-tiles suffer more than SDPA's one).
+when TILE_BYTES was chosen). Beside torch's own SDPA on the same K/V already laid out
+contiguously in float32, timed in turns (``kvlab.bench.side_by_side``, notebook 05 §5; 4 x 2048
+tokens): 0.43-0.47x in three runs (int8 pools 0.47-0.55x), and 0.59x at 4 x 4096. Earlier bench
+runs, which time one op after the other, read 0.5-1.0x on this busy machine. Where the rest goes:
+each tile is gathered (one pass), widened and laid out head-major (a second, strided one) before
+its matmul, and a tile takes ~25 small ops, which SDPA on contiguous K/V does in one.
 
 Ragged batches pad every sequence to the longest context and the most query rows; a key past a
 sequence's length is masked (its V row zeroed: a stale NaN there must not reach ``0 * NaN``), a
