@@ -54,6 +54,7 @@ import ctypes
 import linecache
 import re
 import sys
+import sysconfig
 import threading
 from collections import Counter, defaultdict
 from contextlib import contextmanager
@@ -337,7 +338,9 @@ def _barrier_path(sites: tuple[tuple[str, int], ...], name_functions: bool) -> s
                      (f" x{n}" if n > 1 else "") for (function, line), n in folded)
 
 
-_SIMULATOR = ("numba", "threading.py", __file__)  # frames that are not the kernel's own
+# frames that are not the kernel's own: the simulator, this module, and what they call (NumPy,
+# Python's standard library); a thread stopped mid-store may be deep inside any of them
+_SIMULATOR = ("numba", "numpy", sysconfig.get_paths()["stdlib"], __file__)
 
 
 def _calling_line() -> tuple[str, int]:

@@ -18,6 +18,7 @@ RTOL = 1e-5
 BLOCK = 4
 
 
+# the three backends, not the root conftest's extra "torch-tiles": these torch ops take no tiles
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return get_backend(request.param)

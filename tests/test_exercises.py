@@ -155,6 +155,9 @@ def test_compare_names_the_first_difference():
 def test_compare_tells_a_missing_return_a_float_for_an_integer_and_float32_precision():
     assert "without a `return`" in compare(None, np.array([1, 2]))
     assert "without a `return`" in compare(None, (np.zeros(2), np.zeros(2)))
+    assert compare((np.zeros(1), None), (np.zeros(1), np.ones(1)), names=("codes", "scales")) == (
+        "scales is None, expected [1.] (float64)")  # an item, not the function, came back None
+    assert compare(np.array([]), np.zeros(0, np.int32)) is None  # np.array of an empty list
     # equal values, but a slot or a code is an integer
     message = compare(np.array([1.0, 2.0]), np.array([1, 2], np.int32))
     assert message == "result holds float64 values; expected integers (int32)"
@@ -197,6 +200,13 @@ def test_a_torch_result_is_shown_as_its_values_on_one_line():
     from kvlab.exercises.core import _short
 
     assert _short(torch.tensor([1.5, 2.0])) == "[1.5, 2. ] (float32) (torch, cpu)"
+
+
+def test_a_missing_cuda_name_is_matched_against_the_simulator_s_names():
+    from kvlab.exercises.core import _missing_cuda_name
+
+    assert "did you mean cuda.blockDim or" in _missing_cuda_name("blockdim")
+    assert "warp-level" in _missing_cuda_name("shfl_xor_sync")
 
 
 def test_a_registered_name_cannot_be_registered_twice():

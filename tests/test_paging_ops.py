@@ -21,6 +21,7 @@ REFERENCE = get_backend("numpy")
 BLOCK_SIZE = 16
 
 
+# the three backends, not the root conftest's extra "torch-tiles": these torch ops take no tiles
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return get_backend(request.param)

@@ -13,6 +13,7 @@ from kvlab.ref.rope import rope_tables
 HQ, HKV, D, BS = 4, 2, 32, 4
 
 
+# the three backends, not the root conftest's extra "torch-tiles": these torch ops take no tiles
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return get_backend(request.param)

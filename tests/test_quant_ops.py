@@ -30,6 +30,7 @@ CACHE_DTYPES = ["int8", "fp8_e4m3"]
 BLOCK_SIZE = 16
 
 
+# the three backends, not the root conftest's extra "torch-tiles": these torch ops take no tiles
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return get_backend(request.param)
@@ -124,6 +125,8 @@ def test_torch_fp8_encode_bit_exact_with_torch_over_the_sweep():
     x = fp8_sweep()
     x = torch.from_numpy(x[np.isfinite(x) & (np.abs(x) <= 448)])
     assert torch.equal(torch_encode(x), x.to(torch.float8_e4m3fn).view(torch.uint8))
+    half = torch.tensor([1.0, 2.0, 0.3, -448.0], dtype=torch.float16)  # widened first
+    assert torch.equal(torch_encode(half), half.float().to(torch.float8_e4m3fn).view(torch.uint8))
 
 
 def test_fp8_encode_by_hand():

@@ -58,9 +58,10 @@ def _fp8_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_e4m3_encode(y: torch.Tensor) -> torch.Tensor:
-    """uint8 E4M3FN bytes of float32 ``y`` with |y| <= 448 (finite): as the reference's."""
+    """uint8 E4M3FN bytes of ``y`` (float16 or float32, finite, |y| <= 448): as the
+    reference's."""
     steps_scale, _ = _fp8_tables(y.device)
-    magnitude = y.abs()
+    magnitude = y.float().abs()  # float32: the exponent is read from its bits below
     # floor(log2) + 6, at least 0: read off the float32's exponent field (bits 23-30, bias 127),
     # exact for every float32; a zero or a subnormal reads -127 and is raised to -6
     exponent_index = ((magnitude.view(torch.int32) >> 23) - 127).clamp(-6, 8) + 6

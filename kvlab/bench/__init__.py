@@ -53,7 +53,8 @@ Where each part lives:
   :mod:`~kvlab.bench.attention`: the stage functions;
 - :mod:`~kvlab.bench.machine`: the device's name, copy bandwidth, float32 matmul rate, versions;
 - :mod:`~kvlab.bench.runner`: :func:`run_bench` and ``STAGES``;
-- :mod:`~kvlab.bench.report`: :func:`format_report`, :func:`markdown_summary` and :func:`noise_band`;
+- :mod:`~kvlab.bench.report`: :func:`format_report`, :func:`markdown_summary`,
+  :func:`noise_band`;
 - :mod:`~kvlab.bench.cli`: :func:`cmd_bench`, the ``python -m kvlab bench`` subcommand.
 
 The public names are re-exported here (``from kvlab.bench import run_bench``). Each is read in

@@ -124,7 +124,9 @@ def side_by_side(fns: dict[str, Callable[[], Any]], timer: Any, warmup: int = 1,
     Interleaved, a busy moment of a shared machine (another process taking a core for a second)
     slows one call of every function, not all the calls of one: on a 2-core CPU the ratio of two
     ops timed one after the other moved from 0.6 to 1.0 between runs, where both ops were
-    unchanged. For the ratios a notebook shows on the reader's own machine.
+    unchanged. For the ratios a notebook shows on the reader's own machine. It evens out a
+    passing burst, not a steady load: on a loaded machine an op of many small steps (a tiled torch
+    op) loses more than one of a few large ones (SDPA), so compare ratios from an idle machine.
     """
     if rounds < 1 or warmup < 0:
         raise ValueError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds}, "

@@ -215,12 +215,14 @@ def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
     "k_pool")``, else ``result[i]``); arrays by shape, then value (exact for integers and
     booleans, which a float array does not match however equal its values, ``rtol``/``atol`` for
     floats, NaN equal to NaN; a float32 answer right to float32's precision against a float64
-    reference is told so); anything else by ``==``. A None result is named as a missing return.
+    reference whose tolerance is tighter than that is told so); anything else by ``==``. A None
+    result is named as a missing return.
     ``exact_dtypes``: an array must also have the reference's dtype (where the dtype is the lesson:
     fp16 scales, a float32 result).
     """
     if got is None and expected is not None:
-        return f"{path} is None: does your function end without a `return`?"
+        return (f"{path} is None: does your function end without a `return`?" if path == "result"
+                else f"{path} is None, expected {_short(expected)}")
     if isinstance(expected, (tuple, list)):
         kind = "tuple" if isinstance(expected, tuple) else "list"
         if (isinstance(got, np.ndarray) and got.ndim == 1
@@ -246,9 +248,10 @@ def compare(got: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
         if exact_dtypes and got_array.dtype != expected.dtype:
             return f"{path} holds {got_array.dtype} values; expected {expected.dtype}"
         if expected.dtype.kind in "iub":
-            # 3.0 == 3, but a slot or a code is an integer (an empty list has no dtype to judge)
-            if got_array.dtype.kind not in "iub" and (got_array.size or hasattr(got, "dtype")):
-                return f"{path} holds {got_array.dtype} values; expected integers ({expected.dtype})"
+            # 3.0 == 3, but a slot or a code is an integer (an empty result has no value to judge)
+            if got_array.dtype.kind not in "iub" and got_array.size:
+                return (f"{path} holds {got_array.dtype} values; expected integers "
+                        f"({expected.dtype})")
             same = got_array == expected
         else:
             same = np.isclose(got_array.astype(np.float64), expected.astype(np.float64),
@@ -292,7 +295,7 @@ def _missing_cuda_name(name: str) -> str:
                 f"cuda.shared.array and cuda.syncthreads() instead")
     from numba.cuda.simulator.kernelapi import FakeCUDAModule
 
-    known = [n for n in dir(FakeCUDAModule) if not n.startswith("_")]
+    known = [n for n in dir(FakeCUDAModule) if not n.startswith("_")] + ["blockDim", "gridDim"]
     close = [f"cuda.{n}" for n in difflib.get_close_matches(name, known, n=2)]
     if close:
         return f"numba.cuda has no {name}: did you mean {' or '.join(close)}?"
