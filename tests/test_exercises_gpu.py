@@ -255,6 +255,15 @@ def test_the_noise_band_of_two_runs_by_hand():
         noise_band({"v1": 1.0}, {"v2": 1.0})
 
 
+def test_kernel_medians_takes_the_kernels_alone_from_a_bench_result():
+    from kvlab.bench import kernel_medians
+
+    rows = [dict(impl="cuda", op="kernel v6 fp16 splits=16", median_s=1.6),
+            dict(impl="cuda", op="paged decode fp16 splits=16", median_s=2.4),  # the public op
+            dict(impl="torch-cuda", op="kernel v6 fp16 splits=16", median_s=9.0)]
+    assert kernel_medians({"rows": rows}) == {"kernel v6 fp16 splits=16": 1.6}
+
+
 def test_a_failure_shows_each_limit_and_each_ceiling(monkeypatch, capsys):
     from kvlab.exercises import SOLUTIONS_ENV, get
 

@@ -54,7 +54,7 @@ Where each part lives:
 - :mod:`~kvlab.bench.machine`: the device's name, copy bandwidth, float32 matmul rate, versions;
 - :mod:`~kvlab.bench.runner`: :func:`run_bench` and ``STAGES``;
 - :mod:`~kvlab.bench.report`: :func:`format_report`, :func:`markdown_summary`,
-  :func:`noise_band`;
+  :func:`kernel_medians` and :func:`noise_band`;
 - :mod:`~kvlab.bench.cli`: :func:`cmd_bench`, the ``python -m kvlab bench`` subcommand.
 
 The public names are re-exported here (``from kvlab.bench import run_bench``). Each is read in
@@ -68,7 +68,7 @@ from kvlab.bench.context import Ctx, Row
 from kvlab.bench.fused_write import bench_fused_write
 from kvlab.bench.machine import COPY_BW_BYTES
 from kvlab.bench.presets import EPS, PRESETS, SIZES, SPLIT_SWEEP, THETA, TOKENS_SWEEP
-from kvlab.bench.report import format_report, markdown_summary, noise_band
+from kvlab.bench.report import format_report, kernel_medians, markdown_summary, noise_band
 from kvlab.bench.runner import STAGES, Interrupted, run_bench, stage_built
 from kvlab.bench.stages import bench_paging, bench_quant, bench_rope
 from kvlab.bench.timers import (
@@ -98,5 +98,5 @@ __all__ = [
     "bench_rope",
     # runner, machine, report, command line
     "COPY_BW_BYTES", "STAGES", "Interrupted", "run_bench", "stage_built", "format_report",
-    "markdown_summary", "noise_band", "cmd_bench",
+    "kernel_medians", "markdown_summary", "noise_band", "cmd_bench",
 ]

@@ -79,6 +79,13 @@ def markdown_summary(result: dict[str, Any], stages: tuple[str, ...] = ("attenti
     return "\n".join(lines)
 
 
+def kernel_medians(result: dict[str, Any]) -> dict[str, float]:
+    """A bench result's decode-kernel rows (``kernel v…``, timed alone on the cuda backend) as
+    ``{row name: median seconds}``: what :func:`noise_band` compares between two runs."""
+    return {r["op"]: r["median_s"] for r in result["rows"]
+            if r["impl"] == "cuda" and r["op"].startswith("kernel v")}
+
+
 def noise_band(run_a: Mapping[str, float], run_b: Mapping[str, float]) -> tuple[float, float]:
     """How far two runs of the same code disagree: over the rows both timed, the lowest and the
     highest ratio ``run_a[row] / run_b[row]`` (times in seconds, keyed by row name).

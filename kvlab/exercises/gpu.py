@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvlab import gpu_limits
-from kvlab.bench.report import noise_band
+from kvlab.bench.report import kernel_medians, noise_band
 from kvlab.exercises.core import Case, Exercise, register
 from kvlab.gpu_limits import SM90, Machine
 
@@ -327,20 +327,14 @@ def noise_band_solution(run_a: dict, run_b: dict) -> tuple[float, float]:
     return min(ratios), max(ratios)
 
 
-def h200_kernel_medians(result: dict) -> dict[str, float]:
-    """A stored bench result's decode-kernel rows (``kernel v…``) as {row: median seconds}."""
-    return {r["op"]: r["median_s"] for r in result["rows"]
-            if r["impl"] == "cuda" and r["op"].startswith("kernel v")}
-
-
 def _noise_cases() -> list[Case]:
     from kvlab.data import load_json
 
     def case(label, run_a, run_b, random=False):
         return Case(label, dict(run_a=dict(run_a), run_b=dict(run_b)), random=random)
 
-    run_1 = h200_kernel_medians(load_json("bench/h200_2026-11-27_before_v7.json"))
-    run_2 = h200_kernel_medians(load_json("bench/h200_2026-11-27.json"))
+    run_1 = kernel_medians(load_json("bench/h200_2026-11-27_before_v7.json"))
+    run_2 = kernel_medians(load_json("bench/h200_2026-11-27.json"))
     cases = [
         case("three rows: one the same, one faster in run_b, one slower",
              {"v2": 2.0, "v3": 1.5, "v4": 1.2}, {"v2": 2.0, "v3": 1.4, "v4": 1.25}),
